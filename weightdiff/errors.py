@@ -47,3 +47,19 @@ class ConditionError(WeightDiffError):
 
 class ModelDirError(WeightDiffError):
     """An exported generator directory is incomplete or does not match the requested task."""
+
+
+class TargetMismatchError(WeightDiffError):
+    """Tensors do not fit a target network: a missing or unexpected key, or a wrong shape."""
+
+
+class CanonicalizationError(WeightDiffError):
+    """A state dict cannot be canonicalised (unpaired LoRA factors, not a plain sequential stack)."""
+
+
+class ZooBuildError(WeightDiffError):
+    """A zoo build request is invalid (a malformed shard or worker count) or a trainer broke its contract."""
+
+
+class BenchmarkError(WeightDiffError):
+    """Benchmark inputs disagree (suite, zoo and generator of different kinds or families) or are unknown."""

@@ -124,10 +124,16 @@ def load_weights(path: str | os.PathLike, *, check_nonfinite: bool = True) -> di
     if not path.is_file():
         raise WeightFileError(f"weight file not found: {path}")
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    if any(head.startswith(m) for m in _PICKLE_MAGIC):
-        raise WeightFileError(f"{path} is a pickle/torch.save file; only safetensors weights are accepted "
-                              "(pickles can execute code and are never loaded)")
+        head = fh.read(9)
+    size = path.stat().st_size
+    # A safetensors file starts with a little-endian u64 header length, then the JSON header.
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if not (len(head) == 9 and head[8:9] == b"{" and 0 < header_len <= size - 8):
+        if any(head.startswith(m) for m in _PICKLE_MAGIC):
+            raise WeightFileError(f"{path} is a pickle/torch.save file; only safetensors weights are accepted "
+                                  "(pickles can execute code and are never loaded)")
+        raise WeightFileError(f"{path} is not a safetensors file (bad header: {size} bytes, "
+                              f"declared header length {header_len})")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

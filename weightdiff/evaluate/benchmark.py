@@ -1,0 +1,394 @@
+"""The honest benchmark: a generator beside every baseline, on the same tasks, in one run.
+
+:func:`run_benchmark` evaluates, for each task, the rows of the protocol (see ``DESIGN.md``):
+zoo checkpoints, generated samples, base without adapter (LoRA), retrieval, linear and MLP
+hypernetworks, average, gaussian, noise-added at several scales, few-shot SGD and the floor;
+with the novelty of every model (wrong-set IoU, nearest-zoo distance). Seen tasks (training
+tasks of the zoo) and unseen tasks (the zoo's held-out tasks, also split by near / far / combo)
+are reported apart. Full-network suites have a single task, which the generator saw: it is the
+"seen" section, and there is no unseen section.
+
+Outputs under ``out``: ``results.json``, ``results.md``, ``predictions/*.npz`` (every model's
+test predictions) and the plots ``accuracy_distributions.png`` and ``accuracy_vs_iou.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from weightdiff.errors import BenchmarkError, ModelDirError
+from weightdiff.evaluate.baselines import (
+    NOISE_SCALES, average_params, canonical_params, floor_predictions, gaussian_params, nearest_task,
+    noise_added_params, select, stack_params, zero_adapter,
+)
+from weightdiff.evaluate.fewshot import DEFAULT_KS, few_shot_sgd
+from weightdiff.evaluate.hypernet import HypernetTrainConfig, ParamCodec, RidgeHypernet, train_mlp_hypernet
+from weightdiff.evaluate.novelty import ComparisonSpace, wrong_set_iou
+from weightdiff.evaluate.report import (
+    aggregate, plot_accuracy_distributions, plot_accuracy_vs_iou, save_predictions, task_stats, write_results,
+)
+from weightdiff.evaluate.weights import evaluate_params
+from weightdiff.tasks import Task, get_task
+
+log = logging.getLogger(__name__)
+
+SUITES: dict[str, tuple[str, str]] = {  # suite → (zoo kind, task family)
+    "digits-cnn": ("full", "digits"),
+    "mnist1d-cnn": ("full", "mnist1d"),
+    "adapt-lora": ("lora", "rotdigits"),
+}
+
+
+def heldout_description(task: Task) -> str:
+    """A paraphrase of the task phrased unlike any training template (for ``--from-description``).
+
+    ``rotdigits``: "Recognise handwritten digits that were [mirrored, then ]turned {|A|} degrees
+    anticlockwise|clockwise" (the mirroring comes first, as in the task).
+    """
+    if task.family == "rotdigits":
+        angle = float(task.factors["angle"])
+        way = " anticlockwise" if angle > 0 else " clockwise" if angle < 0 else ""
+        mirrored = "mirrored, then " if int(task.factors["flip"]) else ""
+        return f"Recognise handwritten digits that were {mirrored}turned {abs(angle):g} degrees{way}"
+    if task.family == "digits":
+        return "Identify which digit appears in each tiny handwritten scan."
+    if task.family == "mnist1d":
+        return "Identify the digit behind each short, noisy one-dimensional MNIST-1D signal."
+    raise BenchmarkError(f"no held-out description for task family '{task.family}'")
+
+
+def _spread(items: Sequence[Any], k: int | None) -> list[Any]:
+    """``k`` items evenly spread over ``items`` (all when ``k`` is None or large enough)."""
+    items = list(items)
+    if k is None or k >= len(items):
+        return items
+    if k <= 1:
+        return items[:max(k, 0)]
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+@dataclass
+class _Models:
+    """One row's models on one task: params (or fixed predictions), ids, zoo indices to exclude."""
+
+    ids: list[str]
+    params: dict[str, torch.Tensor] | None = None
+    preds: torch.Tensor | None = None
+    exclude: list[int | None] | None = None
+
+
+class _ZooState:
+    """The training zoo loaded once, with everything the baselines and novelty derive from it."""
+
+    def __init__(self, zoo: Any, *, num: int, seed: int) -> None:
+        self.zoo, self.kind = zoo, zoo.kind
+        self.target = zoo.target()
+        self.rows = list(zoo.rows("train"))
+        if not self.rows:
+            raise BenchmarkError(f"zoo {getattr(zoo, 'path', '')} has no training checkpoints")
+        self.heldout = list(zoo.rows("heldout"))
+        log.info("loading %d training checkpoints", len(self.rows))
+        self.params = stack_params([zoo.load(r["id"]) for r in self.rows])     # (Z, *shape)
+        self.target.check(self.params, "zoo checkpoints", batched=True)
+        self.canon, _ = canonical_params(self.params, self.kind)
+        self.codec = ParamCodec.fit(self.canon)
+        self.space = ComparisonSpace(self.target, self.params)
+        self.spacing = self.space.spacing()
+        self.index: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(self.rows):
+            self.index[r["task"]].append(i)
+        self.codes = {t: torch.tensor(self.rows[ix[0]]["code"], dtype=torch.float32) for t, ix in self.index.items()}
+        self.num, self.seed = num, seed
+
+    def heldout_params(self, task: str) -> tuple[list[str], dict[str, torch.Tensor]] | None:
+        rows = [r for r in self.heldout if r["task"] == task]
+        if not rows:
+            return None
+        return [r["id"] for r in rows], stack_params([self.zoo.load(r["id"]) for r in rows])
+
+    def fit_hypernets(self, steps: int, functional_loss_weight: float) -> dict[str, Any]:
+        feats = torch.stack([torch.tensor(r["code"], dtype=torch.float32) for r in self.rows])  # (Z, C)
+        flat = self.codec.flatten(self.canon)                                                # (Z, P)
+        groups = [r["task"] for r in self.rows]
+        t0 = time.perf_counter()
+        self.ridge = RidgeHypernet().fit(feats, flat, groups)
+        ridge_s = time.perf_counter() - t0
+        tasks = sorted(self.index)
+        task_of = {t: i for i, t in enumerate(tasks)}
+        data = [get_task(t).data() for t in tasks]
+        t0 = time.perf_counter()
+        cfg = HypernetTrainConfig(steps=steps, functional_loss_weight=functional_loss_weight, seed=self.seed)
+        self.mlp, history = train_mlp_hypernet(self.target, self.codec, feats, flat,
+                                               torch.tensor([task_of[g] for g in groups]),
+                                               [(d.x_train, d.y_train) for d in data], cfg)
+        mlp_s = time.perf_counter() - t0
+        tail = max(1, len(history) // 20)
+        return {"ridge_alpha": self.ridge.alpha_, "ridge_seconds": ridge_s, "mlp_steps": steps,
+                "mlp_functional_loss_weight": functional_loss_weight, "mlp_seconds": mlp_s,
+                "mlp_loss_first": sum(history[:tail]) / tail, "mlp_loss_last": sum(history[-tail:]) / tail}
+
+    @torch.no_grad()
+    def hypernet_params(self, task: Task) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        code = task.code().float()[None]
+        linear = self.codec.unflatten(self.ridge.predict(code))
+        mlp = self.codec.unflatten(self.mlp(code))
+        return linear, mlp
+
+
+def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.Tensor] | None,
+               noise_scales: Sequence[float]) -> dict[str, _Models]:
+    """Every row's models for one task."""
+    rows: dict[str, _Models] = {}
+    own = z.index.get(task.name, [])
+    if seen:
+        rows["zoo (original)"] = _Models([z.rows[i]["id"] for i in own], select(z.params, own), exclude=list(own))
+    else:
+        held = z.heldout_params(task.name)
+        if held is not None:  # oracle checkpoints trained on this held-out task; the generator never saw them
+            rows["zoo (original)"] = _Models(held[0], held[1])
+    if generated is not None:
+        n = next(iter(generated.values())).shape[0]
+        rows["generated"] = _Models([f"sample_{i:04d}" for i in range(n)], generated)
+    if z.kind == "lora":
+        rows["base without adapter"] = _Models(["zero-adapter"], zero_adapter(z.target))
+    nearest = task.name if seen else nearest_task(task.code(), z.codes)
+    near = z.index[nearest]
+    rows["retrieval"] = _Models([z.rows[i]["id"] for i in near], select(z.params, near), exclude=list(near))
+    linear, mlp = z.hypernet_params(task)
+    rows["linear hypernetwork"] = _Models(["ridge"], linear)
+    rows["MLP hypernetwork"] = _Models(["mlp"], mlp)
+    avg_src = select(z.canon, own) if seen else z.canon
+    rows["average"] = _Models(["average"], average_params(avg_src))
+    rows["gaussian"] = _Models([f"gaussian_{i:04d}" for i in range(z.num)], gaussian_params(z.canon, z.num, z.seed))
+    src = near[:z.num]
+    for scale in noise_scales:
+        rows[f"noise-added {scale:g}"] = _Models([f"{z.rows[i]['id']}+noise{scale:g}" for i in src],
+                                                 noise_added_params(select(z.params, src), scale, z.seed))
+    rows["floor"] = _Models(["majority-class"], preds=floor_predictions(task))
+    return rows
+
+
+def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: str | Path, *, num: int = 32,
+                  steps: int = 20, sampler: str = "ddim", guidance: float = 1.0, from_description: bool = False,
+                  seed: int = 0, max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None,
+                  sgd_tasks: int | None = None, sgd_ks: Sequence[int | str] = DEFAULT_KS,
+                  sgd_seeds: Sequence[int] = (0,),
+                  hypernet_steps: int = 2000, functional_loss_weight: float = 1.0,
+                  noise_scales: Sequence[float] = NOISE_SCALES, batch_size: int = 64,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run the whole protocol on one suite and write the results under ``out``.
+
+    Args:
+        suite: ``"digits-cnn"``, ``"mnist1d-cnn"`` or ``"adapt-lora"``.
+        model: exported generator directory; ``None`` runs the baselines alone (no "generated" row).
+        zoo: the zoo directory (its training split is what the generator saw).
+        out: output directory.
+        num: samples per task (generated, gaussian) and the cap on noise-added sources per task.
+        steps, sampler, guidance, seed: generator sampling settings.
+        from_description: condition the generator on :func:`heldout_description` (free text).
+        max_seen_tasks, max_unseen_tasks: evenly spread subsets of the tasks (``None``: all).
+        sgd_tasks: how many unseen tasks (seen for full suites), spread over the held-out kinds,
+            get few-shot SGD (``None``: all; 0 skips it).
+        sgd_ks, sgd_seeds: examples per class and seeds of few-shot SGD.
+        hypernet_steps, functional_loss_weight: MLP hypernetwork training.
+        noise_scales: noise-added scales (fractions of each tensor's std).
+
+    Returns:
+        The results dict written to ``results.json`` (keys listed in ``report.RESULT_KEYS``).
+    """
+    from weightdiff.zoo import Zoo  # the zoo package pulls in the build machinery; load on use
+
+    if suite not in SUITES:
+        raise BenchmarkError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
+    kind, family = SUITES[suite]
+    zoo_obj = Zoo.open(zoo)
+    if zoo_obj.kind != kind or zoo_obj.family != family:
+        raise BenchmarkError(f"suite '{suite}' needs a {kind} zoo of family '{family}', but {zoo} is a "
+                             f"{zoo_obj.kind} zoo of family '{zoo_obj.family}'")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    gen = None
+    if model is not None:
+        from weightdiff.export import load_generator
+
+        gen = load_generator(model)
+        if gen.kind != kind or gen.config["zoo"].get("family") != family:
+            raise ModelDirError(f"generator {model} was trained on a {gen.kind} zoo of family "
+                                f"'{gen.config['zoo'].get('family')}', but suite '{suite}' is {kind}/{family}")
+    z = _ZooState(zoo_obj, num=num, seed=seed)
+    log.info("fitting hypernetworks (%d steps)", hypernet_steps)
+    hyper = z.fit_hypernets(hypernet_steps, functional_loss_weight)
+
+    seen_tasks = _spread(sorted(z.index, key=lambda t: (z.codes[t].tolist(), t)), max_seen_tasks)
+    kinds: dict[str, str] = {}
+    for r in z.heldout:
+        kinds.setdefault(r["task"], r.get("heldout_kind") or "heldout")
+    unseen_tasks = _spread(sorted(kinds), max_unseen_tasks) if kind == "lora" else []
+    sections = [("seen", t) for t in seen_tasks] + [("unseen", t) for t in unseen_tasks]
+
+    gen_seconds, gen_calls, gen_total = 0.0, 0, 0
+    if gen is not None:
+        from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
+
+        settings = SamplerSettings(steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+        warm = make_condition(gen, task=sections[0][1]) if not from_description else \
+            make_condition(gen, description=heldout_description(get_task(sections[0][1])))
+        generate_tokens(gen, warm, 1, settings, use_cache=False, batch_size=batch_size, progress=False)  # warm-up
+
+    per_task: dict[str, dict[str, dict[str, Any]]] = {"seen": {}, "unseen": {}}
+    generated_mean: dict[str, float] = {}
+    dist_accs: dict[str, dict[str, list[float]]] = {"seen": defaultdict(list), "unseen": defaultdict(list)}
+    points: dict[str, dict[str, tuple[list[float], list[float]]]] = {"seen": {}, "unseen": {}}
+    descriptions: dict[str, str] = {}
+    for section, name in tqdm(sections, desc="benchmark tasks", disable=not progress):
+        task = get_task(name)
+        generated = None
+        if gen is not None:
+            if from_description:
+                descriptions[name] = heldout_description(task)
+                cond = make_condition(gen, description=descriptions[name])
+            else:
+                cond = make_condition(gen, task=name)
+            t0 = time.perf_counter()
+            tokens, _ = generate_tokens(gen, cond, num, settings, use_cache=False, batch_size=batch_size,
+                                        progress=False)
+            generated = {k: v.detach().float().cpu() for k, v in gen.tokenizer.decode_float(tokens).items()}
+            gen_seconds += time.perf_counter() - t0
+            gen_calls += 1
+            gen_total += num
+        _, y_test = task.data().split("test")
+        _, zoo_preds = evaluate_params(z.target, task, z.params)                  # (Z, N)
+        stats = per_task[section].setdefault(name, {})
+        for row, m in _task_rows(z, task, section == "seen", generated, noise_scales).items():
+            if m.params is not None:
+                acc, preds = evaluate_params(z.target, task, m.params)
+                distance = z.space.nearest_distance(m.params, m.exclude)
+            else:
+                preds = m.preds
+                acc = (preds == y_test[None]).float().mean(1)
+                distance = None
+            iou = wrong_set_iou(preds, y_test, zoo_preds, m.exclude)
+            stats[row] = task_stats(acc, iou, distance)
+            dist_accs[section][row] += acc.tolist()
+            pa, pi = points[section].setdefault(row, ([], []))
+            pa += acc.tolist()
+            pi += iou.tolist()
+            save_predictions(out, section, name, row, m.ids, preds, y_test)
+        if "generated" in stats:
+            generated_mean[name] = stats["generated"]["mean"]
+
+    results: dict[str, Any] = {
+        "suite": suite,
+        "seen": aggregate(per_task["seen"], seen_tasks, z.spacing),
+        "unseen": aggregate(per_task["unseen"], unseen_tasks, z.spacing) if unseen_tasks else {},
+        "unseen_by_kind": {k: aggregate(per_task["unseen"], [t for t in unseen_tasks if kinds[t] == k], z.spacing)
+                           for k in sorted({kinds[t] for t in unseen_tasks})},
+        "latency_ms_per_sample": 1000 * gen_seconds / gen_total if gen_total else None,
+        "latency_ms_per_batch": 1000 * gen_seconds / gen_calls if gen_calls else None,
+        "generation_seconds": gen_seconds if gen is not None else None,
+    }
+
+    sgd_list = _by_kind_round_robin(unseen_tasks, kinds)[:sgd_tasks] if unseen_tasks else seen_tasks[:sgd_tasks]
+    sgd: dict[str, dict[str, float]] = {}
+    sgd_per_task: dict[str, dict[str, dict[str, float]]] = {}
+    if sgd_list and (sgd_tasks is None or sgd_tasks > 0):
+        base = zoo_obj.base_module() if kind == "lora" else None
+        per_k: dict[str, list[dict[str, float]]] = defaultdict(list)
+        for name in tqdm(sgd_list, desc="few-shot SGD", disable=not progress):
+            sgd_per_task[name] = few_shot_sgd(get_task(name), sgd_ks, kind=kind, recipe=zoo_obj.recipe,
+                                              base_module=base, seeds=sgd_seeds)
+            for k, v in sgd_per_task[name].items():
+                per_k[k].append(v)
+        sgd = {k: {"accuracy": sum(v["accuracy"] for v in vs) / len(vs),
+                   "seconds": sum(v["seconds"] for v in vs) / len(vs)} for k, vs in per_k.items()}
+    gen_ref = (sum(generated_mean[t] for t in sgd_list) / len(sgd_list)
+               if sgd and all(t in generated_mean for t in sgd_list) else None)
+    match = next((k for k in sgd if gen_ref is not None and sgd[k]["accuracy"] >= gen_ref), None)
+    results.update({
+        "sgd": sgd,
+        "sgd_examples_to_match": match,
+        "sgd_per_task": sgd_per_task,
+        "generated_mean_on_sgd_tasks": gen_ref,
+        "settings": {
+            "model": str(model) if model is not None else None, "zoo": str(zoo), "num": num, "steps": steps,
+            "sampler": sampler, "guidance": guidance, "seed": seed, "from_description": from_description,
+            "condition": gen.config["model"]["condition"] if gen is not None else None,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "seen_tasks": seen_tasks, "unseen_tasks": unseen_tasks,
+            "unseen_tasks_by_kind": {k: [t for t in unseen_tasks if kinds[t] == k]
+                                     for k in sorted({kinds[t] for t in unseen_tasks})},
+            "sgd_tasks": sgd_list if sgd else [], "sgd_ks": [str(k) for k in sgd_ks], "sgd_seeds": list(sgd_seeds),
+            "noise_scales": list(noise_scales), "retrieval_metric": "L2 distance between task codes",
+            "descriptions": descriptions,
+        },
+        "zoo": {"train_checkpoints": len(z.rows), "train_tasks": len(z.index), "heldout_checkpoints": len(z.heldout),
+                "nn_spacing": z.spacing},
+        "hypernetworks": hyper,
+        "notes": _notes(suite, kind, gen, from_description, num),
+        "per_task": per_task,
+        "seconds": time.perf_counter() - t_start,
+    })
+    write_results(out, results)
+    plot_accuracy_distributions({s: dict(v) for s, v in dist_accs.items()}, out / "accuracy_distributions.png")
+    plot_accuracy_vs_iou(results, out / "accuracy_vs_iou.png", points)
+    log.info("benchmark written to %s (%.0f s)", out, results["seconds"])
+    return results
+
+
+def _spread_order(items: Sequence[Any]) -> list[Any]:
+    """``items`` reordered so that every prefix is spread evenly over the original order."""
+    out: list[Any] = []
+    for k in range(1, len(items) + 1):
+        out += [x for x in _spread(items, k) if x not in out]
+    return out
+
+
+def _by_kind_round_robin(tasks: Sequence[str], kinds: dict[str, str]) -> list[str]:
+    """Tasks interleaved across held-out kinds (combo, far, near, combo, ...): every prefix covers each kind
+    and spreads over each kind's tasks."""
+    groups = defaultdict(list)
+    for t in tasks:
+        groups[kinds[t]].append(t)
+    order = [_spread_order(groups[k]) for k in sorted(groups)]
+    out = []
+    for i in range(max((len(g) for g in order), default=0)):
+        out += [g[i] for g in order if i < len(g)]
+    return out
+
+
+def _notes(suite: str, kind: str, gen: Any, from_description: bool, num: int) -> list[str]:
+    notes = []
+    if kind == "full":
+        notes.append(f"Full-network suite: the zoo has a single task, which the generator was trained on; it is "
+                     f"reported as the seen task and there are no unseen tasks.")
+    else:
+        notes.append("Unseen tasks are the zoo's held-out tasks (never in the generator's training data); their "
+                     "'zoo (original)' row is the held-out oracle adapters trained directly on them.")
+    if gen is None:
+        notes.append("No generator given: baselines only.")
+    else:
+        cond = gen.config["model"]["condition"]
+        how = "a held-out free-text paraphrase of each task" if from_description else f"the task ({cond} condition)"
+        notes.append(f"Generated: {num} samples per task, conditioned on {how}.")
+    notes += [
+        "Retrieval: checkpoints of the training task nearest by L2 distance between task codes (on seen tasks, the "
+        "task's own checkpoints).",
+        "Linear (ridge, alpha by leave-tasks-out CV) and MLP hypernetworks map the task code to canonicalised "
+        "weights; the MLP is trained with the weight MSE plus the functional (cross-entropy) loss.",
+        "Average and gaussian use canonicalised checkpoints (LoRA SVD gauge / hidden units aligned to a reference); "
+        "average is per task on seen tasks and over all training checkpoints on unseen tasks.",
+        f"Noise-added: up to {num} checkpoints of the own (seen) or nearest (unseen) training task, plus Gaussian "
+        "noise at the given fraction of each tensor's std.",
+    ]
+    notes.append("Floor: the majority class of the training labels.")
+    return notes

@@ -1,0 +1,266 @@
+"""Deterministic hypernetwork baselines: condition → weights by ridge regression or an MLP.
+
+Both map a task's condition vector (its task code, optionally text features) to the flattened,
+per-tensor normalised weights of a checkpoint (:class:`ParamCodec`), fitted on the zoo's
+training checkpoints (canonicalised like the generator's inputs: see
+:func:`weightdiff.evaluate.baselines.canonical_params`). They answer "does a diffusion model
+beat a plain regression from condition to weights?".
+
+* :class:`RidgeHypernet`: closed-form ridge regression, regularisation chosen by grouped
+  (leave-tasks-out) cross-validation on the training tasks.
+* :class:`MLPHypernet`: a Text-to-LoRA-style MLP (Charakorn et al. 2025) trained with the
+  generator's two losses: MSE to the zoo weights in normalised space, plus the task's
+  cross-entropy of the predicted weights run inside the target network (the functional loss).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from weightdiff.nets import Target
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
+
+
+class ParamCodec:
+    """Flatten weight sets ``{name: (S, *shape)}`` to ``(S, P)`` and back, normalised per tensor.
+
+    Normalisation: each tensor is shifted by its mean and divided by its standard deviation, both
+    scalars over all entries of that tensor in the fitting checkpoints (as the tokenizer does), so
+    every tensor weighs alike in a squared loss. Example: shapes ``{"w": (2, 3), "b": (2,)}`` give
+    ``P = 8``, with ``w`` in columns 0–5 (row-major) and ``b`` in columns 6–7.
+    """
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], mean: Mapping[str, float] | None = None,
+                 std: Mapping[str, float] | None = None) -> None:
+        self.shapes = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
+        self.sizes = {k: math.prod(s) for k, s in self.shapes.items()}
+        self.mean = {k: float(mean[k]) if mean else 0.0 for k in self.shapes}
+        self.std = {k: float(std[k]) if std else 1.0 for k in self.shapes}
+
+    @classmethod
+    def fit(cls, params: Mapping[str, torch.Tensor]) -> ParamCodec:
+        """Codec with statistics of ``params`` ``{name: (Z, *shape)}``."""
+        shapes = {k: tuple(v.shape[1:]) for k, v in params.items()}
+        mean = {k: float(v.double().mean()) for k, v in params.items()}
+        std = {k: max(float(v.double().std()) if v.numel() > 1 else 1.0, 1e-8) for k, v in params.items()}
+        return cls(shapes, mean, std)
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.sizes.values())
+
+    def flatten(self, params: Mapping[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        """``{name: (S, *shape)}`` → ``(S, P)``; differentiable."""
+        parts = []
+        for k in self.shapes:
+            v = params[k].flatten(1).float()
+            parts.append((v - self.mean[k]) / self.std[k] if normalize else v)
+        return torch.cat(parts, dim=1)
+
+    def unflatten(self, flat: torch.Tensor, normalized: bool = True) -> dict[str, torch.Tensor]:
+        """``(S, P)`` → ``{name: (S, *shape)}``; differentiable."""
+        out, offset = {}, 0
+        for k, shape in self.shapes.items():
+            v = flat[:, offset:offset + self.sizes[k]]
+            offset += self.sizes[k]
+            if normalized:
+                v = v * self.std[k] + self.mean[k]
+            out[k] = v.reshape(flat.shape[0], *shape)
+        if offset != flat.shape[1]:
+            raise ValueError(f"flat weights have {flat.shape[1]} columns, expected {offset}")
+        return out
+
+
+class Standardizer:
+    """Feature standardisation ``(x - mean) / std`` fitted on training conditions ``(n, C)``.
+
+    Constant features (std 0, e.g. the one-value code of a single-task zoo) are only centred.
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.mean = x.double().mean(0)
+        std = x.double().std(0) if x.shape[0] > 1 else torch.ones(x.shape[1], dtype=torch.float64)
+        self.std = torch.where(std > 1e-12, std, torch.ones_like(std))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.double() - self.mean) / self.std
+
+
+class RidgeHypernet:
+    """Ridge regression from conditions ``(n, C)`` to flat weights ``(n, P)``, with an intercept.
+
+    ``W = (X^T X + α I)^-1 X^T (Y - ȳ)`` on standardised features (closed form; the intercept is
+    not penalised). ``α`` is chosen from ``alphas`` by K-fold cross-validation with whole tasks
+    held out per fold (``groups``), scored by mean squared error; with fewer than two groups the
+    smallest ``α`` is used.
+
+    Args:
+        alphas: candidate regularisation strengths.
+        folds: number of cross-validation folds (capped at the number of groups).
+    """
+
+    def __init__(self, alphas: Sequence[float] = DEFAULT_ALPHAS, folds: int = 5) -> None:
+        self.alphas = tuple(float(a) for a in alphas)
+        self.folds = folds
+        self.alpha_: float | None = None
+        self.cv_mse_: dict[float, float] = {}
+
+    @staticmethod
+    def _solve(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit on standardised ``x (n, C)``; returns ``(W (C, P), b (P,))`` in float64."""
+        xm, ym = x.mean(0), y.mean(0)
+        xc, yc = x - xm, y - ym
+        gram = xc.T @ xc + alpha * torch.eye(x.shape[1], dtype=x.dtype)
+        w = torch.linalg.solve(gram, xc.T @ yc)
+        return w, ym - xm @ w
+
+    def fit(self, features: torch.Tensor, targets: torch.Tensor, groups: Sequence[str] | None = None) -> RidgeHypernet:
+        """Fit on ``features (n, C)`` and ``targets (n, P)``; ``groups`` names each row's task."""
+        self.scaler = Standardizer(features)
+        x, y = self.scaler(features), targets.double()
+        groups = list(groups) if groups is not None else [str(i) for i in range(x.shape[0])]
+        names = sorted(set(groups))
+        k = min(self.folds, len(names))
+        if k < 2 or len(self.alphas) == 1:
+            self.alpha_ = min(self.alphas)
+        else:
+            perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(0)).tolist()
+            fold_of = {names[j]: i % k for i, j in enumerate(perm)}
+            fold = torch.tensor([fold_of[g] for g in groups])
+            for alpha in self.alphas:
+                err, count = 0.0, 0
+                for f in range(k):
+                    tr, te = fold != f, fold == f
+                    w, b = self._solve(x[tr], y[tr], alpha)
+                    err += float(((x[te] @ w + b - y[te]) ** 2).sum())
+                    count += int(te.sum()) * y.shape[1]
+                self.cv_mse_[alpha] = err / count
+            self.alpha_ = min(self.cv_mse_, key=self.cv_mse_.__getitem__)
+        self.w_, self.b_ = self._solve(x, y, self.alpha_)
+        log.info("ridge hypernetwork: alpha=%g (cv mse %s)", self.alpha_,
+                 {a: round(v, 4) for a, v in self.cv_mse_.items()})
+        return self
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Flat weights ``(m, P)`` float32 for conditions ``(m, C)``."""
+        return (self.scaler(features) @ self.w_ + self.b_).float()
+
+
+class MLPHypernet(nn.Module):
+    """MLP from a condition ``(B, C)`` to normalised flat weights ``(B, P)``.
+
+    The output layer starts at zero, so training starts from the zoo's mean checkpoint (in the
+    normalised space of :class:`ParamCodec`).
+
+    Args:
+        cond_dim: C.
+        num_params: P.
+        hidden: width of the hidden layers.
+        depth: number of hidden layers.
+    """
+
+    def __init__(self, cond_dim: int, num_params: int, hidden: int = 256, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = cond_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.SiLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_params)
+        nn.init.zeros_(self.head.weight)  # start at the mean checkpoint
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("cond_mean", torch.zeros(cond_dim))
+        self.register_buffer("cond_std", torch.ones(cond_dim))
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body((cond - self.cond_mean) / self.cond_std))  # (B, P)
+
+
+@dataclass(frozen=True)
+class HypernetTrainConfig:
+    """Training settings of :func:`train_mlp_hypernet` (defaults: ~10–30 s on one CPU core)."""
+
+    steps: int = 2000
+    lr: float = 1e-3
+    batch_size: int = 32
+    functional_loss_weight: float = 1.0
+    functional_batch: int = 64
+    hidden: int = 256
+    depth: int = 2
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def forward_each(target: Target, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits ``(S, n, C)`` of weight set ``s`` on its own inputs ``x[s]`` (``x: (S, n, ...)``)."""
+    if hasattr(target, "forward_each"):
+        return target.forward_each(params, x)
+    module = target.module
+
+    def one(p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        return functional_call(module, target.merged_params(p), (xb,))  # (n, C)
+
+    return vmap(one)(dict(params), x)
+
+
+def train_mlp_hypernet(target: Target, codec: ParamCodec, conds: torch.Tensor, flat: torch.Tensor,
+                       row_task: torch.Tensor, task_data: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                       config: HypernetTrainConfig = HypernetTrainConfig()) -> tuple[MLPHypernet, list[float]]:
+    """Train an :class:`MLPHypernet` with the weight loss and the functional loss.
+
+    Args:
+        target: the target network the weights run in (functional loss).
+        codec: normalisation of the weights (``flat`` is in its normalised space).
+        conds: condition of each training checkpoint ``(n, C)``.
+        flat: normalised flat weights of each training checkpoint ``(n, P)``.
+        row_task: index into ``task_data`` of each checkpoint's task ``(n,)``.
+        task_data: per task, training inputs and labels ``(x (M, ...), y (M,))``.
+        config: optimisation settings; ``functional_loss_weight = 0`` trains on the weight loss only.
+
+    Returns:
+        The trained model (eval mode) and the total loss of every step.
+    """
+    gen = torch.Generator().manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = MLPHypernet(conds.shape[1], flat.shape[1], config.hidden, config.depth)
+    scaler = Standardizer(conds)
+    model.cond_mean.copy_(scaler.mean.float())
+    model.cond_std.copy_(scaler.std.float())
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps)
+    n = conds.shape[0]
+    history = []
+    model.train()
+    for _ in range(config.steps):
+        idx = torch.randint(n, (min(config.batch_size, n),), generator=gen)
+        pred = model(conds[idx])                                   # (B, P)
+        loss = F.mse_loss(pred, flat[idx])
+        if config.functional_loss_weight > 0:
+            xs, ys = [], []
+            for t in row_task[idx].tolist():
+                x, y = task_data[t]
+                pick = torch.randint(x.shape[0], (config.functional_batch,), generator=gen)
+                xs.append(x[pick])
+                ys.append(y[pick])
+            logits = forward_each(target, codec.unflatten(pred), torch.stack(xs))  # (B, n, C)
+            ce = F.cross_entropy(logits.flatten(0, 1), torch.stack(ys).flatten())
+            loss = loss + config.functional_loss_weight * ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(float(loss.detach()))
+    return model.eval(), history

@@ -1,0 +1,202 @@
+"""Novelty of models relative to a zoo: in function (wrong-prediction IoU) and in weights.
+
+Generators of weights are known to memorise their training checkpoints, so an accurate sample
+means little until it is shown to differ from the zoo. Two measures:
+
+* **Wrong-set IoU** (function space). For each model, the set of test examples it gets wrong is
+  compared with that of every zoo checkpoint by intersection-over-union, and the largest IoU is
+  kept: 1 means the model errs exactly where some zoo checkpoint errs (a copy), lower is more
+  novel. The IoU of two empty sets (two perfect models) is defined as 0 here: no shared error is
+  evidence of copying, and a perfect model cannot be told apart from a copy by its errors anyway.
+* **Nearest-zoo distance** (weight space). RMS distance to the nearest zoo checkpoint in the zoo's
+  per-tensor z-scored space, after removing weight-space symmetries (:func:`comparison_space`):
+  hidden-unit permutations for whole networks (alignment to a reference checkpoint), the LoRA
+  gauge for adapters (the merged update ``ΔW = scaling · B A`` of each module is compared). It is
+  reported also as a ratio to :func:`zoo_nn_spacing`, the median nearest-neighbour distance among
+  the zoo's own checkpoints, so 1 means "as far from the zoo as zoo checkpoints are from each other".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch.func import vmap
+
+from weightdiff.canonical import PermutationSpec, sequential_permutation_spec
+from weightdiff.evaluate.baselines import align_full
+from weightdiff.nets import PEFT_PREFIX, Target
+
+
+def wrong_set_iou(preds: torch.Tensor, labels: torch.Tensor, zoo_preds: torch.Tensor,
+                  exclude: Sequence[int | None] | None = None) -> torch.Tensor:
+    """Largest IoU between each model's wrong-prediction set and any zoo checkpoint's.
+
+    Args:
+        preds: predicted labels ``(S, N)`` of the models.
+        labels: true labels ``(N,)``.
+        zoo_preds: predicted labels ``(Z, N)`` of the zoo checkpoints on the same inputs.
+        exclude: per model, the index of a zoo checkpoint not to compare with (the model itself,
+            for zoo rows), or ``None``. Length S.
+
+    Returns:
+        ``(S,)`` float32 in [0, 1]; NaN for a model with no zoo checkpoint left to compare with.
+        IoU(∅, ∅) = 0 (see the module docstring).
+
+    Example: labels ``[0, 0, 0, 0]``, a model predicting ``[1, 1, 0, 0]`` (wrong on {0, 1}) and a
+    zoo checkpoint predicting ``[0, 1, 1, 0]`` (wrong on {1, 2}) give IoU 1/3.
+    """
+    wrong = (preds != labels[None]).float()            # (S, N)
+    zoo_wrong = (zoo_preds != labels[None]).float()    # (Z, N)
+    inter = wrong @ zoo_wrong.T                        # (S, Z)
+    union = wrong.sum(1, keepdim=True) + zoo_wrong.sum(1)[None] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1.0), torch.zeros_like(inter))
+    if exclude is not None:
+        if len(exclude) != preds.shape[0]:
+            raise ValueError(f"exclude has {len(exclude)} entries, expected one per model ({preds.shape[0]})")
+        for i, j in enumerate(exclude):
+            if j is not None:
+                iou[i, j] = float("-inf")
+    if iou.shape[1] == 0:
+        return torch.full((preds.shape[0],), float("nan"))
+    best = iou.max(1).values
+    return torch.where(torch.isinf(best), torch.full_like(best, float("nan")), best)
+
+
+def nearest_zoo_distance(flat: torch.Tensor, zoo_flat: torch.Tensor,
+                         exclude: Sequence[int | None] | None = None) -> torch.Tensor:
+    """RMS distance from each model to its nearest zoo checkpoint.
+
+    Args:
+        flat: models ``(S, P)`` in the comparison space (:func:`comparison_space`).
+        zoo_flat: zoo checkpoints ``(Z, P)`` in the same space.
+        exclude: per model, a zoo index to skip (the model itself), or ``None``.
+
+    Returns:
+        ``(S,)`` float32: ``min_z ||flat_s - zoo_z|| / sqrt(P)``; NaN when nothing is left to compare.
+    """
+    d = torch.cdist(flat.double(), zoo_flat.double()) / flat.shape[1] ** 0.5  # (S, Z)
+    if exclude is not None:
+        if len(exclude) != flat.shape[0]:
+            raise ValueError(f"exclude has {len(exclude)} entries, expected one per model ({flat.shape[0]})")
+        for i, j in enumerate(exclude):
+            if j is not None:
+                d[i, j] = float("inf")
+    if d.shape[1] == 0:
+        return torch.full((flat.shape[0],), float("nan"))
+    best = d.min(1).values
+    return torch.where(torch.isinf(best), torch.full_like(best, float("nan")), best).float()
+
+
+def zoo_nn_spacing(zoo_flat: torch.Tensor) -> float:
+    """Median over zoo checkpoints of the RMS distance to their nearest other checkpoint ``(Z, P)``."""
+    if zoo_flat.shape[0] < 2:
+        return float("nan")
+    d = nearest_zoo_distance(zoo_flat, zoo_flat, exclude=list(range(zoo_flat.shape[0])))
+    return float(d.median())
+
+
+def _base_name(adapter_key: str) -> str:
+    """``base_model.model.fc.lora_A.weight`` → ``fc.weight``; saved modules keep their name."""
+    name = adapter_key.removeprefix(PEFT_PREFIX)
+    for part in (".lora_A.", ".lora_B."):
+        if part in name:
+            return name.split(part)[0] + ".weight"
+    return name
+
+
+class ComparisonSpace:
+    """The symmetry-free, z-scored space in which weight-space distances to the zoo are measured.
+
+    LoRA: each adapted module is represented by its merged update ``ΔW = scaling · B A`` (gauge
+    invariant, exact), divided by that module's standard deviation of ΔW over the zoo.
+
+    Full networks: the distance to a zoo checkpoint is taken after permuting the model's hidden
+    units to match it (:func:`~weightdiff.evaluate.baselines.align_full`: sort units, then
+    weight matching), each tensor divided by its standard deviation over the zoo. Any alignment
+    gives an upper bound of the true minimum over permutations, so two are combined: every
+    model and zoo checkpoint aligned to one reference checkpoint (cheap, all pairs), then, for the
+    ``refine`` nearest candidates of each model, the model aligned to that candidate directly;
+    the smaller distance is kept.
+
+    Args:
+        target: the target network.
+        zoo_params: the zoo's checkpoints ``{name: (Z, *shape)}`` that define the space.
+        refine: candidates re-aligned pairwise per model (full networks).
+    """
+
+    def __init__(self, target: Target, zoo_params: Mapping[str, torch.Tensor], refine: int = 5) -> None:
+        self.target = target
+        self.kind = target.kind
+        self.refine = refine
+        self.spec: PermutationSpec | None = None
+        self.reference: dict[str, torch.Tensor] | None = None
+        self.zoo_params = {k: v.float() for k, v in zoo_params.items()}
+        if self.kind == "full":
+            first = {k: v[0] for k, v in self.zoo_params.items()}
+            self.spec = sequential_permutation_spec(first)
+            self.reference = align_full(first, first, self.spec)
+        # Base parameters an adapter changes: adapted weights (ΔW) and modules_to_save tensors.
+        self._lora_names = sorted({_base_name(k) for k in target.param_shapes()}) if self.kind == "lora" else []
+        raw = self._raw(self.zoo_params)
+        self.scale = {k: v.std().clamp_min(1e-12) for k, v in raw.items()}
+        self.points = self._zscore(raw)                                           # (Z, P')
+
+    def _raw(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Symmetry-free tensors ``{name: (S, ...)}`` before z-scoring."""
+        if self.kind == "lora":
+            merged = vmap(self.target.merged_params)(dict(params))  # base name -> (S, *shape)
+            base = dict(self.target.module.named_parameters())
+            return {name: merged[name] - base[name] for name in self._lora_names}
+        assert self.reference is not None
+        return self._aligned(params, [self.reference] * next(iter(params.values())).shape[0])
+
+    def _aligned(self, params: Mapping[str, torch.Tensor], refs: list[Mapping[str, torch.Tensor]]
+                 ) -> dict[str, torch.Tensor]:
+        assert self.spec is not None
+        out = [align_full({k: v[i] for k, v in params.items()}, ref, self.spec) for i, ref in enumerate(refs)]
+        return {k: torch.stack([a[k] for a in out]) for k in params}
+
+    def _zscore(self, raw: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([(v / self.scale[k]).flatten(1) for k, v in raw.items()], dim=1).float()
+
+    def __call__(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Weight sets ``{name: (S, *shape)}`` → points ``(S, P')`` (full networks: reference-aligned)."""
+        return self._zscore(self._raw(params))
+
+    def nearest_distance(self, params: Mapping[str, torch.Tensor],
+                         exclude: Sequence[int | None] | None = None) -> torch.Tensor:
+        """RMS distance ``(S,)`` from each model to its nearest zoo checkpoint (see the class docstring)."""
+        pts = self(params)
+        d = torch.cdist(pts.double(), self.points.double()) / pts.shape[1] ** 0.5    # (S, Z)
+        if exclude is not None:
+            for i, j in enumerate(exclude):
+                if j is not None:
+                    d[i, j] = float("inf")
+        if self.kind == "full" and self.refine > 0:
+            k = min(self.refine, d.shape[1])
+            cand = d.topk(k, dim=1, largest=False).indices                            # (S, k)
+            for c in range(k):
+                js = cand[:, c].tolist()
+                ok = [i for i, j in enumerate(js) if math.isfinite(float(d[i, j]))]
+                if not ok:
+                    continue
+                sub = {n: v[ok] for n, v in params.items()}
+                refs = [{n: v[js[i]] for n, v in self.zoo_params.items()} for i in ok]
+                aligned = self._zscore(self._aligned(sub, refs))
+                ref_pts = self._zscore({n: torch.stack([r[n] for r in refs]) for n in self.zoo_params})
+                pair = (aligned.double() - ref_pts.double()).norm(dim=1) / pts.shape[1] ** 0.5
+                for row, i in enumerate(ok):
+                    d[i, js[i]] = min(float(d[i, js[i]]), float(pair[row]))
+        if d.shape[1] == 0:
+            return torch.full((pts.shape[0],), float("nan"))
+        best = d.min(1).values
+        return torch.where(torch.isinf(best), torch.full_like(best, float("nan")), best).float()
+
+    def spacing(self) -> float:
+        """Median over zoo checkpoints of the distance to their nearest other checkpoint."""
+        z = self.points.shape[0]
+        if z < 2:
+            return float("nan")
+        return float(self.nearest_distance(self.zoo_params, exclude=list(range(z))).median())

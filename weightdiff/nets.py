@@ -1,0 +1,387 @@
+"""Target networks and :class:`Target`, which evaluates generated weights inside them.
+
+The target networks are small plain stacks (conv → ReLU → ... → flatten → linear) with named
+modules, so state-dict keys are stable (``conv1.weight``, ``fc.bias``) and there is no
+BatchNorm (no running statistics; hidden-unit permutations act on weights alone).
+
+:class:`Target` evaluates many weight sets at once. Weights are named as in the zoo's files:
+the full state dict for full zoos, PEFT adapter keys for LoRA zoos, e.g.
+``base_model.model.conv2.lora_A.weight``. For LoRA the merged weight of each adapted layer is
+computed differentiably (LoRA, Hu et al. 2021, eq. 3: ``h = W0 x + (alpha / r) B A x``), so
+``forward_batched`` serves both the functional training loss and batched evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+from torch.func import functional_call, vmap
+
+from weightdiff.errors import TargetMismatchError, WeightFileError
+from weightdiff.io import load_weights, read_json, save_weights, write_json
+
+FULL_WEIGHTS_FILE = "model.safetensors"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # PEFT's prefix of base-module names in adapter keys
+
+
+class DigitsCNN(nn.Sequential):
+    """CNN for 8×8 digit images: two 3×3 convs (the second strided) and a linear head.
+
+    Input ``(N, 1, 8, 8)`` → logits ``(N, num_classes)``. The default widths keep a full training
+    run at ~1 s on one CPU core.
+    """
+
+    def __init__(self, channels: tuple[int, int] = (8, 16), num_classes: int = 10) -> None:
+        c1, c2 = channels
+        super().__init__(OrderedDict(
+            conv1=nn.Conv2d(1, c1, 3, padding=1),              # (N, c1, 8, 8)
+            act1=nn.ReLU(),
+            conv2=nn.Conv2d(c1, c2, 3, stride=2, padding=1),   # (N, c2, 4, 4)
+            act2=nn.ReLU(),
+            flatten=nn.Flatten(),                              # (N, 16 c2)
+            fc=nn.Linear(16 * c2, num_classes),                # (N, C)
+        ))
+
+
+class DigitsMLP(nn.Sequential):
+    """MLP for 8×8 digit images: the frozen base of the ``rotdigits`` LoRA family.
+
+    Input ``(N, 1, 8, 8)`` → flatten ``(N, 64)`` → ``fc1`` → ReLU → ``fc2`` → logits ``(N, C)``.
+    Chosen over :class:`DigitsCNN` as the adapter base because a LoRA adapter on it trains in
+    ~0.17 s of CPU (100 full-batch Adam steps) against ~6 s on the CNN, at the same ~95 %
+    accuracy on rotated digits (measurements in :mod:`weightdiff.tasks.rotdigits`).
+    """
+
+    def __init__(self, hidden: int = 64, num_classes: int = 10) -> None:
+        super().__init__(OrderedDict(
+            flatten=nn.Flatten(),                  # (N, 64)
+            fc1=nn.Linear(64, hidden),             # (N, hidden)
+            act1=nn.ReLU(),
+            fc2=nn.Linear(hidden, num_classes),    # (N, C)
+        ))
+
+
+class MNIST1DCNN(nn.Sequential):
+    """1-D CNN for MNIST-1D: a stride-1 conv, three strided convs and a linear head.
+
+    Input ``(N, 1, 40)`` → logits ``(N, num_classes)``; the sequence length halves at each
+    strided conv (40 → 20 → 10 → 5). With 32 channels it reaches 94.6 % test accuracy (3 seeds,
+    40 epochs, ~5 s on one core), matching the dataset paper's CNN baseline (94 %, Greydanus 2020).
+    """
+
+    def __init__(self, channels: int = 32, num_classes: int = 10) -> None:
+        c = channels
+        super().__init__(OrderedDict(
+            conv1=nn.Conv1d(1, c, 5, padding=2),               # (N, c, 40)
+            act1=nn.ReLU(),
+            conv2=nn.Conv1d(c, c, 3, stride=2, padding=1),     # (N, c, 20)
+            act2=nn.ReLU(),
+            conv3=nn.Conv1d(c, c, 3, stride=2, padding=1),     # (N, c, 10)
+            act3=nn.ReLU(),
+            conv4=nn.Conv1d(c, c, 3, stride=2, padding=1),     # (N, c, 5)
+            act4=nn.ReLU(),
+            flatten=nn.Flatten(),                              # (N, 5 c)
+            fc=nn.Linear(5 * c, num_classes),                  # (N, C)
+        ))
+
+
+@dataclass(frozen=True)
+class _LoraSlot:
+    """One LoRA-adapted layer: where its A/B tensors live and how they merge into the base."""
+
+    weight_name: str   # base parameter, e.g. "conv2.weight"
+    key_a: str         # adapter key, e.g. "base_model.model.conv2.lora_A.weight"
+    key_b: str
+    scaling: float     # alpha / r (or alpha / sqrt(r) with rsLoRA), read from PEFT itself
+
+
+def _json_config(config: LoraConfig) -> dict[str, Any]:
+    """``LoraConfig`` as plain JSON (sets → sorted lists, enums → str), as PEFT saves it."""
+    out: dict[str, Any] = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, set):
+            value = sorted(value)
+        elif hasattr(value, "value") and isinstance(value, str):
+            value = str(value.value)
+        out[key] = value
+    return out
+
+
+class Target:
+    """Evaluate (batches of) weight sets inside a target network.
+
+    Build with :meth:`full` (every parameter of a small network is generated) or :meth:`lora`
+    (PEFT LoRA adapter tensors on a frozen base). ``params`` arguments are dicts of tensors named
+    as in the zoo's weight files, each with a leading sample dimension S.
+    """
+
+    def __init__(self, module: nn.Module, kind: Literal["full", "lora"],
+                 lora_config: LoraConfig | None = None) -> None:
+        self.kind = kind
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.lora_config = lora_config
+        self._slots: list[_LoraSlot] = []
+        self._saved: dict[str, str] = {}  # modules_to_save key -> base parameter name
+        if kind == "full":
+            self._shapes = {k: tuple(v.shape) for k, v in self.module.named_parameters()}
+        elif kind == "lora":
+            if lora_config is None:
+                raise ValueError("a lora Target needs a lora_config")
+            self._shapes = self._inspect_lora(lora_config)
+        else:
+            raise ValueError(f"kind must be 'full' or 'lora', got {kind!r}")
+
+    @classmethod
+    def full(cls, task_family: str | nn.Module) -> Target:
+        """Target whose generated tensors are the whole state dict of a family's network.
+
+        Args:
+            task_family: a task family or task string (``"digits"``, ``"mnist1d"``), or a module
+                whose architecture to use.
+        """
+        if isinstance(task_family, nn.Module):
+            return cls(task_family, "full")
+        from weightdiff.tasks import get_task  # tasks build networks from this module
+
+        return cls(get_task(task_family).build_network(), "full")
+
+    @classmethod
+    def lora(cls, base_module: nn.Module, lora_config: Mapping[str, Any] | LoraConfig) -> Target:
+        """Target whose generated tensors are a PEFT LoRA adapter on ``base_module`` (frozen).
+
+        Args:
+            base_module: the base network with its trained weights.
+            lora_config: ``LoraConfig`` keyword arguments (``r``, ``lora_alpha``,
+                ``target_modules``, optional ``modules_to_save``), the contents of an
+                ``adapter_config.json``, or a ``LoraConfig``.
+        """
+        return cls(base_module, "lora", make_lora_config(lora_config))
+
+    def _inspect_lora(self, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+        if config.use_dora or config.lora_bias or config.bias != "none":
+            raise TargetMismatchError("lora_config: only plain LoRA is supported "
+                                      f"(use_dora=False, lora_bias=False, bias='none'); got use_dora="
+                                      f"{config.use_dora}, lora_bias={config.lora_bias}, bias={config.bias!r}")
+        peft_model = get_peft_model(copy.deepcopy(self.module), copy.deepcopy(config))
+        state = get_peft_model_state_dict(peft_model)
+        base_names = dict(self.module.named_parameters())
+        for name, layer in peft_model.base_model.model.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            base_layer = layer.get_base_layer()
+            if getattr(base_layer, "groups", 1) != 1:
+                raise TargetMismatchError(f"lora target module '{name}' is a grouped conv; not supported")
+            self._slots.append(_LoraSlot(
+                weight_name=f"{name}.weight", key_a=f"{PEFT_PREFIX}{name}.lora_A.weight",
+                key_b=f"{PEFT_PREFIX}{name}.lora_B.weight", scaling=float(layer.scaling["default"])))
+        lora_keys = {s.key_a for s in self._slots} | {s.key_b for s in self._slots}
+        for key in state:
+            if key in lora_keys:
+                continue
+            base_name = key.removeprefix(PEFT_PREFIX)
+            if base_name not in base_names:
+                raise TargetMismatchError(f"adapter key '{key}' maps to no base parameter")
+            self._saved[key] = base_name
+        return {k: tuple(v.shape) for k, v in state.items()}
+
+    # ------------------------------------------------------------------ shapes and checks
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the generated tensors (one sample, no S dimension), in file order."""
+        return dict(self._shapes)
+
+    @property
+    def num_params(self) -> int:
+        """Number of generated scalars per sample."""
+        return sum(int(torch.Size(s).numel()) for s in self._shapes.values())
+
+    def check(self, params: Mapping[str, torch.Tensor], source: str = "params", *,
+              batched: bool = False) -> int | None:
+        """Check names and shapes against :meth:`param_shapes`; return S when ``batched``.
+
+        Raises:
+            TargetMismatchError: naming the first missing or unexpected key, or a wrong shape.
+        """
+        missing = [k for k in self._shapes if k not in params]
+        unexpected = [k for k in params if k not in self._shapes]
+        if missing:
+            raise TargetMismatchError(f"{source}: missing key '{missing[0]}' ({len(missing)} missing) for this "
+                                      f"{self.kind} target; expected keys {list(self._shapes)}")
+        if unexpected:
+            raise TargetMismatchError(f"{source}: unexpected key '{unexpected[0]}' ({len(unexpected)} unexpected) "
+                                      f"for this {self.kind} target; expected keys {list(self._shapes)}")
+        sizes = set()
+        for key, shape in self._shapes.items():
+            actual = tuple(params[key].shape)
+            got = actual[1:] if batched else actual
+            if got != shape or (batched and not actual):
+                want = f"(S, {', '.join(map(str, shape))})" if batched else str(shape)
+                raise TargetMismatchError(f"{source}: tensor '{key}' has shape {actual}, expected {want}")
+            if batched:
+                sizes.add(actual[0])
+        if len(sizes) > 1:
+            raise TargetMismatchError(f"{source}: tensors disagree on the sample dimension S: {sorted(sizes)}")
+        return sizes.pop() if batched else None
+
+    # ------------------------------------------------------------------ functional forward
+    def merged_params(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parameters of the target network for one sample (no S dimension).
+
+        For full targets this is ``params`` itself; for LoRA the base weights with each adapted
+        weight replaced by ``W0 + scaling · B A`` (conv kernels: ``B (out, r, 1…)`` times
+        ``A (r, in, k…)`` summed over r), and ``modules_to_save`` tensors substituted.
+        """
+        if self.kind == "full":
+            return dict(params)
+        merged = dict(self.module.named_parameters())
+        for slot in self._slots:
+            a, b = params[slot.key_a], params[slot.key_b]
+            w0 = merged[slot.weight_name]
+            delta = (b.flatten(1) @ a.flatten(1)).reshape(w0.shape)  # (out, r) @ (r, in·k…) → W's shape
+            merged[slot.weight_name] = w0 + slot.scaling * delta
+        for key, base_name in self._saved.items():
+            merged[base_name] = params[key]
+        return merged
+
+    def forward_batched(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits of S weight sets on one input batch.
+
+        Args:
+            params: tensors ``(S, *shape)`` named as in :meth:`param_shapes`.
+            x: inputs ``(N, *input_shape)``.
+
+        Returns:
+            logits ``(S, N, C)``; differentiable with respect to ``params``.
+        """
+        self.check(params, batched=True)
+        module = self.module
+
+        def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(module, self.merged_params(p), (x,))  # (N, C)
+
+        return vmap(one)(dict(params))  # (S, N, C)
+
+    def forward_each(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits of S weight sets, each on its own input batch (the functional loss's case).
+
+        Args:
+            params: tensors ``(S, *shape)``.
+            x: inputs ``(S, N, *input_shape)``: row s is fed to weight set s.
+
+        Returns:
+            logits ``(S, N, C)``; differentiable with respect to ``params``.
+        """
+        self.check(params, batched=True)
+        module = self.module
+
+        def one(p: dict[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
+            return functional_call(module, self.merged_params(p), (xs,))  # (N, C)
+
+        return vmap(one)(dict(params), x)  # (S, N, C)
+
+    @torch.no_grad()
+    def accuracy(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 chunk_size: int = 64) -> torch.Tensor:
+        """Top-1 accuracy ``(S,)`` of S weight sets on ``(x (N, ...), y (N,))``, S chunked."""
+        s = self.check(params, batched=True)
+        out = []
+        for i in range(0, s, chunk_size):
+            chunk = {k: v[i:i + chunk_size] for k, v in params.items()}
+            pred = self.forward_batched(chunk, x).argmax(-1)  # (s, N)
+            out.append((pred == y.to(pred.device)).float().mean(-1))
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ files
+    def save(self, params: Mapping[str, torch.Tensor], directory: str | os.PathLike) -> Path:
+        """Write one weight set into ``directory`` in the zoo's format (each file atomically).
+
+        Full: ``model.safetensors``. LoRA: ``adapter_model.safetensors`` + ``adapter_config.json``
+        (PEFT format, loadable with ``PeftModel.from_pretrained``). Returns the weight file path.
+        """
+        self.check(params, "params to save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.kind == "full":
+            path = directory / FULL_WEIGHTS_FILE
+        else:
+            assert self.lora_config is not None
+            write_json(directory / ADAPTER_CONFIG_FILE, _json_config(self.lora_config))
+            path = directory / ADAPTER_WEIGHTS_FILE
+        ordered = {k: params[k] for k in self._shapes}
+        save_weights(path, ordered, metadata={"format": "pt"})  # as PEFT/transformers write it
+        return path
+
+    def weight_file(self, path: str | os.PathLike) -> Path:
+        """The weight file inside a checkpoint directory (or ``path`` itself if it is a file)."""
+        path = Path(path)
+        if path.is_dir():
+            return path / (FULL_WEIGHTS_FILE if self.kind == "full" else ADAPTER_WEIGHTS_FILE)
+        return path
+
+    def load_params(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """Read and check one weight set (no S dimension) from a checkpoint directory or file."""
+        file = self.weight_file(path)
+        params = load_weights(file)
+        self.check(params, str(file))
+        return params
+
+    def load_module(self, path: str | os.PathLike) -> nn.Module:
+        """Load one checkpoint strictly into a fresh network, in eval mode.
+
+        Full: ``load_state_dict(strict=True)`` from ``model.safetensors``. LoRA:
+        ``PeftModel.from_pretrained(base, directory)`` after checking the adapter's keys and
+        shapes and that its config gives the same scaling as this target's.
+
+        Raises:
+            WeightFileError: a file is missing or unreadable.
+            TargetMismatchError: a missing/unexpected key, a wrong shape or a different scaling.
+        """
+        params = self.load_params(path)
+        if self.kind == "full":
+            module = copy.deepcopy(self.module)
+            module.load_state_dict(params, strict=True)
+            return module.eval()
+        directory = Path(path)
+        if not (directory / ADAPTER_CONFIG_FILE).is_file():
+            raise WeightFileError(f"adapter directory {directory} has no {ADAPTER_CONFIG_FILE}")
+        read_json(directory / ADAPTER_CONFIG_FILE, "adapter config")  # corrupt JSON → WeightFileError
+        model = PeftModel.from_pretrained(copy.deepcopy(self.module), str(directory))
+        loaded = {name: float(layer.scaling["default"]) for name, layer in model.base_model.model.named_modules()
+                  if isinstance(layer, LoraLayer)}
+        for slot in self._slots:
+            name = slot.weight_name.removesuffix(".weight")
+            if name not in loaded or abs(loaded[name] - slot.scaling) > 1e-12:
+                raise TargetMismatchError(f"{directory / ADAPTER_CONFIG_FILE}: module '{name}' has LoRA scaling "
+                                          f"{loaded.get(name)}, expected {slot.scaling}")
+        return model.eval()
+
+
+def make_lora_config(config: Mapping[str, Any] | LoraConfig) -> LoraConfig:
+    """A ``LoraConfig`` from keyword arguments or an ``adapter_config.json`` dict.
+
+    Raises:
+        TargetMismatchError: an unknown key (named) or a non-LoRA config.
+    """
+    if isinstance(config, LoraConfig):
+        return copy.deepcopy(config)
+    kwargs = dict(config)
+    peft_type = str(kwargs.get("peft_type", "LORA"))
+    if peft_type.split(".")[-1].upper() != "LORA":
+        raise TargetMismatchError(f"lora_config: peft_type is {peft_type!r}, expected 'LORA'")
+    fields = set(LoraConfig.__dataclass_fields__)
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise TargetMismatchError(f"lora_config: unknown key '{unknown[0]}'; expected LoraConfig fields")
+    return LoraConfig(**kwargs)

@@ -1,0 +1,270 @@
+"""Task strings, factor specifications and the :class:`Task` base class.
+
+A task is named by a string ``family[:key=value[,key=value...]]``. Parsing fills defaults,
+orders the keys as the family declares them and formats floats with ``%g``, so every task has
+exactly one canonical name::
+
+    >>> get_task("rotdigits:flip=0,angle=40.0").name
+    'rotdigits:angle=40,flip=0'
+
+Float factors are rounded to their ``%g`` form (six significant digits), so ``task.factors``
+and ``task.name`` always agree and ``get_task(task.name) == task``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from weightdiff.errors import TaskStringError
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The three disjoint splits of one task (shared, cached tensors: do not modify in place).
+
+    Inputs are float32 ``(N, *input_shape)``, labels int64 ``(N,)``.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def split(self, name: Literal["train", "val", "test"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, y)`` of one split."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One named factor of a task family: its type, default and allowed values.
+
+    Args:
+        name: key in the task string.
+        kind: ``"float"`` (formatted with ``%g``) or ``"int"``.
+        default: value used when the key is absent; ``None`` makes the key required.
+        low, high: allowed range ``[low, high)`` (``high_inclusive`` closes it on the right).
+        choices: allowed values for ``"int"`` factors (overrides the range).
+    """
+
+    name: str
+    kind: Literal["float", "int"]
+    default: float | int | None = None
+    low: float | None = None
+    high: float | None = None
+    high_inclusive: bool = False
+    choices: tuple[int, ...] | None = None
+
+    def expected(self) -> str:
+        """Human-readable description of the allowed values (used in error messages)."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        right = "]" if self.high_inclusive else ")"
+        return f"a finite {self.kind} in [{self.low:g}, {self.high:g}{right}"
+
+    def parse(self, raw: str, task_string: str) -> float | int:
+        """Parse and validate one raw value, raising :class:`TaskStringError` naming the key."""
+        def fail(why: str) -> TaskStringError:
+            return TaskStringError(f"task string {task_string!r}: factor '{self.name}' {why}; "
+                                   f"expected {self.expected()}")
+
+        if self.kind == "int":
+            try:
+                value: float | int = int(raw)
+            except ValueError:
+                raise fail(f"has non-integer value {raw!r}") from None
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise fail(f"has non-numeric value {raw!r}") from None
+            if not math.isfinite(value):
+                raise fail(f"has non-finite value {raw!r}")
+            # Round to the canonical %g form so the name and the factors agree exactly; "+ 0.0"
+            # turns -0 into 0 so that "-0" and "0" name the same task.
+            value = float(f"{value:g}") + 0.0
+        return self.validate(value, task_string, raw)
+
+    def validate(self, value: float | int, task_string: str, raw: str | None = None) -> float | int:
+        """Check the range/choices of an already typed value."""
+        shown = raw if raw is not None else repr(value)
+        if self.choices is not None:
+            if value not in self.choices:
+                raise TaskStringError(f"task string {task_string!r}: factor '{self.name}' = {shown} is not "
+                                      f"allowed; expected {self.expected()}")
+            return value
+        above = value > self.high if self.high_inclusive else value >= self.high
+        if value < self.low or above:
+            raise TaskStringError(f"task string {task_string!r}: factor '{self.name}' = {shown} is out of "
+                                  f"range; expected {self.expected()}")
+        return value
+
+    def format(self, value: float | int) -> str:
+        """Canonical text of a value (``%g`` for floats)."""
+        return f"{value:g}" if self.kind == "float" else str(int(value))
+
+
+@dataclass(frozen=True)
+class Task:
+    """One classification task, built from its canonical name by :func:`get_task`.
+
+    Subclasses (one per family) implement the data, the code, the descriptions and the target
+    network; the fields are the same for all families.
+
+    Attributes:
+        name: canonical task string, e.g. ``"rotdigits:angle=40,flip=1"``.
+        family: family name, e.g. ``"rotdigits"``.
+        factors: parsed factor values in declaration order, e.g. ``{"angle": 40.0, "flip": 1}``.
+        num_classes: number of classes C.
+        input_shape: shape of one input, e.g. ``(1, 8, 8)``.
+    """
+
+    family_name: ClassVar[str] = ""
+    factor_specs: ClassVar[tuple[Factor, ...]] = ()
+    kind: ClassVar[Literal["full", "lora"]] = "full"
+    base_family: ClassVar[str | None] = None  # adapter families: the family of the frozen base
+    NUM_CLASSES: ClassVar[int] = 0
+    INPUT_SHAPE: ClassVar[tuple[int, ...]] = ()
+
+    name: str
+    family: str
+    factors: Mapping[str, float | int] = field(hash=False)
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def code(self) -> torch.Tensor:
+        """Numeric task code ``(C,)`` float32 (a constant for single-task families)."""
+        return torch.ones(1, dtype=torch.float32)
+
+    def descriptions(self) -> list[str]:
+        """Natural-language descriptions of the task (several phrasings)."""
+        raise NotImplementedError
+
+    def data(self) -> TaskData:
+        """Disjoint train/val/test splits, cached per process."""
+        raise NotImplementedError
+
+    def build_network(self) -> nn.Module:
+        """Untrained target network (for adapter families: the base architecture)."""
+        raise NotImplementedError
+
+    def default_lora_config(self) -> dict[str, Any] | None:
+        """``LoraConfig`` keyword arguments of the family's adapters; ``None`` for full families."""
+        return None
+
+
+_FAMILIES: dict[str, type[Task]] = {}
+
+
+def register_family(cls: type[Task]) -> type[Task]:
+    """Class decorator adding a :class:`Task` subclass to the registry under ``family_name``."""
+    if not cls.family_name:
+        raise ValueError(f"{cls.__name__} has no family_name")
+    _FAMILIES[cls.family_name] = cls
+    return cls
+
+
+def list_families() -> list[str]:
+    """Names of the registered task families, sorted."""
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> type[Task]:
+    """The :class:`Task` subclass of a family (its ``kind``, ``base_family``, ``factor_specs``)."""
+    if name not in _FAMILIES:
+        raise TaskStringError(f"unknown task family '{name}'; expected one of {list_families()}")
+    return _FAMILIES[name]
+
+
+def _split_task_string(task_string: str) -> tuple[str, dict[str, str]]:
+    if not isinstance(task_string, str):
+        raise TaskStringError(f"task string must be a str, got {type(task_string).__name__}: {task_string!r}")
+    text = task_string.strip()
+    if not text:
+        raise TaskStringError(f"task string {task_string!r} is empty; expected 'family[:key=value,...]'")
+    family, sep, rest = text.partition(":")
+    family = family.strip()
+    if not family:
+        raise TaskStringError(f"task string {task_string!r} has no family before ':'; "
+                              f"expected one of {list_families()}")
+    raw: dict[str, str] = {}
+    if sep and not rest.strip():
+        raise TaskStringError(f"task string {task_string!r} has ':' but no factors; "
+                              "expected 'family' or 'family:key=value[,key=value...]'")
+    if sep:
+        for item in rest.split(","):
+            key, eq, value = (s.strip() for s in item.partition("="))
+            if not item.strip():
+                raise TaskStringError(f"task string {task_string!r} has an empty factor (stray ','); "
+                                      "expected 'key=value' items separated by ','")
+            if not eq or not key or not value:
+                raise TaskStringError(f"task string {task_string!r}: factor item {item.strip()!r} is malformed; "
+                                      "expected 'key=value'")
+            if key in raw:
+                raise TaskStringError(f"task string {task_string!r}: factor '{key}' is given twice")
+            raw[key] = value
+    return family, raw
+
+
+def canonical_name(family: str, factors: Mapping[str, float | int]) -> str:
+    """Canonical string of a family and fully specified factors (declaration order, ``%g``)."""
+    cls = _FAMILIES[family]
+    if not cls.factor_specs:
+        return family
+    return family + ":" + ",".join(f"{f.name}={f.format(factors[f.name])}" for f in cls.factor_specs)
+
+
+def get_task(task_string: str) -> Task:
+    """Build a :class:`Task` from its name, e.g. ``get_task("rotdigits:angle=-30,flip=1")``.
+
+    Raises:
+        TaskStringError: the string is malformed, names an unknown family or factor, lacks a
+            required factor, or gives a value of the wrong type or out of range. The message
+            names the string, the key and what was expected.
+    """
+    family, raw = _split_task_string(task_string)
+    if family not in _FAMILIES:
+        raise TaskStringError(f"task string {task_string!r}: unknown family '{family}'; "
+                              f"expected one of {list_families()}")
+    cls = _FAMILIES[family]
+    specs = {f.name: f for f in cls.factor_specs}
+    for key in raw:
+        if key not in specs:
+            allowed = ", ".join(specs) if specs else "no factors"
+            raise TaskStringError(f"task string {task_string!r}: unknown factor '{key}' for family "
+                                  f"'{family}'; expected {allowed}")
+    factors: dict[str, float | int] = {}
+    for spec in cls.factor_specs:
+        if spec.name in raw:
+            factors[spec.name] = spec.parse(raw[spec.name], task_string)
+        elif spec.default is not None:
+            factors[spec.name] = spec.default
+        else:
+            raise TaskStringError(f"task string {task_string!r}: missing required factor '{spec.name}' "
+                                  f"for family '{family}'; expected {spec.expected()}")
+    return cls(name=canonical_name(family, factors), family=family, factors=factors,
+               num_classes=cls.NUM_CLASSES, input_shape=cls.INPUT_SHAPE)
+
+
+def make_task(family: str, **factors: Any) -> Task:
+    """Build a task from typed factor values, e.g. ``make_task("rotdigits", angle=40.0, flip=1)``.
+
+    Equivalent to :func:`get_task` on the formatted string (same validation and rounding).
+    """
+    if family not in _FAMILIES:
+        raise TaskStringError(f"unknown task family '{family}'; expected one of {list_families()}")
+    if not factors:
+        return get_task(family)
+    text = family + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in factors.items())
+    return get_task(text)
+

@@ -1,0 +1,398 @@
+"""Build a zoo from a recipe: plan the runs, take a shard, skip valid entries, train the rest.
+
+The build is resumable and safe to kill: each entry is written to a temporary folder and
+renamed into place (``weightdiff.io.atomic_path``), and a run is retrained only when one of its
+entries is missing or fails its hash check; entries that are already valid are never rewritten.
+Shards (``shard=(i, n)``) take the runs whose index is ``i`` modulo ``n``, so n array jobs fill
+one zoo without overlap. ``workers=K`` trains K runs at a time in K single-threaded processes.
+
+Training itself is delegated to a :class:`ZooTrainer` looked up by zoo kind in
+:data:`TRAINERS` (or passed in), so the orchestration can be tested with a fake trainer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from weightdiff.errors import RecipeError, ZooBuildError
+from weightdiff.io import atomic_path, check_finite, load_weights, read_json, save_weights, sha256_file, write_json
+from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, FORMAT_VERSION, METRIC_FIELDS, PARENTS_DIR,
+                                     ZOO_FILE, entry_problem, network_problem, read_zoo_json)
+from weightdiff.zoo.recipe import Recipe, RunSpec
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"  # base and parent networks
+
+
+@dataclass
+class TrainedCheckpoint:
+    """One checkpoint returned by a trainer: its label (epoch or step), tensors and metrics."""
+
+    checkpoint: int
+    tensors: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+class ZooTrainer(Protocol):
+    """Trains the networks of one zoo kind. Must be picklable (it is sent to worker processes)."""
+
+    def train_base(self, recipe: Recipe) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The frozen base network of a LoRA zoo: ``(state_dict, metrics)``."""
+
+    def train_parent(self, recipe: Recipe, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Parent ``index`` of a full zoo with ``parents > 0``: ``(state_dict, metrics)``."""
+
+    def train_run(self, recipe: Recipe, run: RunSpec, *, base: nn.Module | None,
+                  parent: Mapping[str, torch.Tensor] | None) -> list[TrainedCheckpoint]:
+        """One run; returns at least the checkpoints ``run.checkpoints``."""
+
+
+def _network_from(recipe: Recipe, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The zoo's network initialised from ``state`` (a run fine-tuning its parent)."""
+    net = recipe.build_network()
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+class LoopTrainer:
+    """The default trainer of both kinds, on ``weightdiff.train_loops``."""
+
+    def train_base(self, recipe: Recipe) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        from weightdiff.tasks import get_task
+        from weightdiff.train_loops import evaluate_module, train_base
+
+        module = train_base(recipe.family, seed=recipe.base_seed)  # the adapter family's base architecture
+        return dict(module.state_dict()), evaluate_module(module, get_task(recipe.base_family()).data())
+
+    def train_parent(self, recipe: Recipe, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        from weightdiff.train_loops import train_full_run
+
+        # One cosine decay to a converged parent; the children then explore around it.
+        ((_, state, metrics),) = train_full_run(
+            recipe.tasks[0], recipe.parent_seed + index, epochs=recipe.parent_epochs, lr=recipe.lr,
+            batch_size=recipe.batch_size, checkpoint_epochs=[recipe.parent_epochs], late_lr_schedule="cosine",
+            weight_decay=recipe.weight_decay)
+        return state, metrics
+
+    def train_run(self, recipe: Recipe, run: RunSpec, *, base: nn.Module | None,
+                  parent: Mapping[str, torch.Tensor] | None) -> list[TrainedCheckpoint]:
+        from weightdiff.tasks import get_task
+        from weightdiff.train_loops import train_full_run, train_lora_adapter
+
+        if recipe.kind == "full":
+            network = functools.partial(_network_from, recipe, parent) if parent is not None else None
+            out = train_full_run(get_task(run.task), run.seed, epochs=recipe.epochs, lr=recipe.lr,
+                                 batch_size=recipe.batch_size, checkpoint_epochs=recipe.checkpoint_epochs,
+                                 late_lr_schedule=recipe.late_lr_schedule, late_lr_peak=recipe.late_lr_peak,
+                                 late_lr_min=recipe.late_lr_min, weight_decay=recipe.weight_decay, network=network)
+            return [TrainedCheckpoint(epoch, state, metrics) for epoch, state, metrics in out]
+        state, metrics = train_lora_adapter(
+            run.task, base, rank=recipe.rank, alpha=recipe.alpha, target_modules=recipe.target_modules,
+            steps=recipe.steps, lr=recipe.lr, seed=run.seed, examples_per_class=recipe.examples_per_class,
+            batch_size=recipe.lora_batch_size)
+        return [TrainedCheckpoint(recipe.steps, state, metrics)]
+
+
+# Trainer factories by zoo kind; ``register_trainer`` adds or replaces one.
+TRAINERS: dict[str, Callable[[], ZooTrainer]] = {"full": LoopTrainer, "lora": LoopTrainer}
+
+
+def register_trainer(kind: str, factory: Callable[[], ZooTrainer]) -> None:
+    """Use ``factory()`` to train zoos of ``kind`` (e.g. a cluster-specific trainer)."""
+    TRAINERS[kind] = factory
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``; raise :class:`ZooBuildError` otherwise."""
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ZooBuildError(f"--shard {text!r}: expected 'i/n' with integers 0 <= i < n, e.g. '0/4'") from None
+    if not 0 <= i < n:
+        raise ZooBuildError(f"--shard {text!r}: expected 0 <= i < n, got i={i}, n={n}")
+    return i, n
+
+
+def shard_runs(runs: list[RunSpec], shard: tuple[int, int]) -> list[RunSpec]:
+    """The runs of shard ``(i, n)``: those whose index is ``i`` modulo ``n``."""
+    i, n = shard
+    return [r for r in runs if r.index % n == i]
+
+
+def _clean_metrics(metrics: Mapping[str, Any], where: str) -> dict[str, float]:
+    missing = [k for k in METRIC_FIELDS if k not in metrics]
+    if missing:
+        raise ZooBuildError(f"{where}: trainer metrics lack '{missing[0]}'; expected {list(METRIC_FIELDS)}")
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class _Exists(Exception):
+    """Another shard published the folder first; keep theirs (raised to abort our temp folder)."""
+
+
+def _publish_network(folder: Path, row: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Write a base/parent network (weights + row) atomically, unless another process already did."""
+    check_finite(state, str(folder))
+    try:
+        with atomic_path(folder, directory=True) as tmp:
+            save_weights(tmp / WEIGHTS_FILE, state)
+            row = dict(row, file=WEIGHTS_FILE, sha256=sha256_file(tmp / WEIGHTS_FILE),
+                       num_params=sum(int(t.numel()) for t in state.values()))
+            write_json(tmp / ENTRY_FILE, row)
+            # Shards on other machines may train the same network concurrently; the first one to
+            # publish wins, so every entry of the zoo is trained against the same weights.
+            if folder.exists() and network_problem(folder) is None:
+                raise _Exists
+    except _Exists:
+        log.info("%s was written by another process; using it", folder)
+
+
+class _Builder:
+    """Trains runs and writes their entries; one per process (the parent, or each worker)."""
+
+    def __init__(self, recipe: Recipe, zoo_dir: Path, trainer: ZooTrainer) -> None:
+        self.recipe, self.zoo_dir, self.trainer = recipe, zoo_dir, trainer
+        self._target: Any = None
+        self._base: nn.Module | None = None
+        self._parents: dict[int, dict[str, torch.Tensor]] = {}
+        self._task_info: dict[str, tuple[list[float], list[str]]] = {}
+        self.base_sha = None
+        if recipe.kind == "lora":
+            self.base_sha = read_json(zoo_dir / BASE_DIR / ENTRY_FILE, "base network row")["sha256"]
+
+    def base_module(self) -> nn.Module:
+        if self._base is None:
+            net = self.recipe.build_network()
+            net.load_state_dict(load_weights(self.zoo_dir / BASE_DIR / WEIGHTS_FILE), strict=True)
+            self._base = net.eval().requires_grad_(False)
+        return self._base
+
+    def target(self) -> Any:
+        if self._target is None:
+            from weightdiff.nets import Target
+
+            self._target = (Target.full(self.recipe.family) if self.recipe.kind == "full"
+                            else Target.lora(self.base_module(), self.recipe.lora_config()))
+        return self._target
+
+    def parent(self, index: int | None) -> dict[str, torch.Tensor] | None:
+        if index is None:
+            return None
+        if index not in self._parents:
+            self._parents[index] = load_weights(self.zoo_dir / PARENTS_DIR / f"p{index}" / WEIGHTS_FILE)
+        return self._parents[index]
+
+    def expect(self, run: RunSpec, checkpoint: int) -> dict[str, Any]:
+        """Row fields a valid entry of this run must have (a changed base invalidates adapters)."""
+        out: dict[str, Any] = {"task": run.task, "split": run.split, "seed": run.seed, "checkpoint": checkpoint}
+        if self.base_sha is not None:
+            out["base_sha256"] = self.base_sha
+        return out
+
+    def missing(self, run: RunSpec) -> list[int]:
+        """Checkpoints of ``run`` whose entries are absent or invalid."""
+        entries = self.zoo_dir / ENTRIES_DIR
+        return [c for c in run.checkpoints
+                if entry_problem(entries / run.entry_id(c), expect=self.expect(run, c)) is not None]
+
+    def task_info(self, task: str) -> tuple[list[float], list[str]]:
+        if task not in self._task_info:
+            from weightdiff.tasks import get_task
+
+            t = get_task(task)
+            self._task_info[task] = ([float(v) for v in t.code().tolist()], list(t.descriptions()))
+        return self._task_info[task]
+
+    def run(self, run: RunSpec) -> list[tuple[str, float]]:
+        """Train ``run`` if any entry is missing; write only the missing entries.
+
+        Returns ``[(entry_id, test_acc)]`` of the entries written.
+        """
+        todo = self.missing(run)
+        if not todo:
+            return []
+        base = self.base_module() if self.recipe.kind == "lora" else None
+        results = self.trainer.train_run(self.recipe, run, base=base, parent=self.parent(run.parent))
+        by_ckpt = {r.checkpoint: r for r in results}
+        absent = [c for c in todo if c not in by_ckpt]
+        if absent:
+            raise ZooBuildError(f"run {run.run_id}: trainer returned checkpoints {sorted(by_ckpt)}, "
+                                f"missing {absent}")
+        return [self.write_entry(run, by_ckpt[c]) for c in todo]
+
+    def write_entry(self, run: RunSpec, ckpt: TrainedCheckpoint) -> tuple[str, float]:
+        entry_id = run.entry_id(ckpt.checkpoint)
+        dest = self.zoo_dir / ENTRIES_DIR / entry_id
+        metrics = _clean_metrics(ckpt.metrics, f"entry {entry_id}")
+        check_finite(ckpt.tensors, f"entry {entry_id}")
+        code, descriptions = self.task_info(run.task)
+        with atomic_path(dest, directory=True) as tmp:
+            weights = self.target().save(ckpt.tensors, tmp)  # checks names/shapes; PEFT layout for LoRA
+            row: dict[str, Any] = {
+                "id": entry_id, "task": run.task, "split": run.split, "heldout_kind": run.heldout_kind,
+                "code": code, "descriptions": descriptions, "seed": run.seed, "run_id": run.run_id,
+                "checkpoint": ckpt.checkpoint, "metrics": metrics,
+                "num_params": sum(int(t.numel()) for t in ckpt.tensors.values()),
+                "file": weights.name, "sha256": sha256_file(weights),
+            }
+            if run.parent is not None:
+                row["parent"] = f"p{run.parent}"
+            if self.base_sha is not None:
+                row["base_sha256"] = self.base_sha
+            write_json(tmp / ENTRY_FILE, row)
+        return entry_id, metrics["test_acc"]
+
+
+# ---------------------------------------------------------------------------------- worker processes
+_WORKER: _Builder | None = None
+
+
+def _init_worker(recipe: Recipe, zoo_dir: Path, trainer: ZooTrainer) -> None:
+    global _WORKER
+    # One single-threaded worker per core: K processes beat K intra-op threads on these small nets.
+    torch.set_num_threads(1)
+    _WORKER = _Builder(recipe, zoo_dir, trainer)
+
+
+def _work(run: RunSpec) -> list[tuple[str, float]]:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER.run(run)
+
+
+# ------------------------------------------------------------------------------------------ build
+@dataclass
+class BuildReport:
+    """What one ``run_build`` call did."""
+
+    zoo_dir: Path
+    planned_runs: int
+    shard_runs: int
+    skipped_runs: int
+    trained_runs: int = 0
+    entries_written: int = 0
+    seconds: float = 0.0
+    test_accs: list[float] = field(default_factory=list)
+
+
+def _ensure_zoo_json(zoo_dir: Path, recipe: Recipe) -> None:
+    """Write ``zoo.json``, or check that the existing one holds the same recipe."""
+    if (zoo_dir / ZOO_FILE).exists():
+        meta = read_zoo_json(zoo_dir)
+        stored = Recipe.from_dict(meta["recipe"], str(zoo_dir / ZOO_FILE)).to_dict()
+        wanted = recipe.to_dict()
+        if stored != wanted:
+            diff = [k for k in wanted if stored.get(k) != wanted[k]]
+            k = diff[0]
+            raise RecipeError(f"{zoo_dir / ZOO_FILE} was built from another recipe: field '{k}' is "
+                              f"{stored.get(k)!r} there, {wanted[k]!r} requested ({len(diff)} fields differ); "
+                              "use another zoo name or root")
+        return
+    write_json(zoo_dir / ZOO_FILE, {"name": recipe.name, "kind": recipe.kind, "family": recipe.family,
+                                    "format_version": FORMAT_VERSION, "recipe": recipe.to_dict()})
+
+
+def _prepare_networks(recipe: Recipe, zoo_dir: Path, trainer: ZooTrainer) -> None:
+    """Train and publish the base (LoRA) or the parents (full with parents) unless present."""
+    if recipe.kind == "lora" and network_problem(zoo_dir / BASE_DIR) is not None:
+        log.info("training the base network (seed %d)", recipe.base_seed)
+        state, metrics = trainer.train_base(recipe)
+        row = {"id": "base", "task": recipe.base_family(), "seed": recipe.base_seed,
+               "metrics": _clean_metrics(metrics, "base network")}
+        _publish_network(zoo_dir / BASE_DIR, row, state)
+    for p in range(recipe.parents):
+        folder = zoo_dir / PARENTS_DIR / f"p{p}"
+        if network_problem(folder) is None:
+            continue
+        log.info("training parent %d of %d", p + 1, recipe.parents)
+        state, metrics = trainer.train_parent(recipe, p)
+        row = {"id": f"p{p}", "task": recipe.tasks[0], "seed": recipe.parent_seed + p,
+               "metrics": _clean_metrics(metrics, f"parent {p}")}
+        _publish_network(folder, row, state)
+
+
+def run_build(recipe: Recipe, root: str | os.PathLike = "checkpoints_zoo", *, shard: tuple[int, int] = (0, 1),
+              workers: int = 1, progress: bool = True, trainer: ZooTrainer | None = None) -> BuildReport:
+    """Build (or finish) the zoo ``<root>/<recipe.name>``; see the module docstring.
+
+    Args:
+        recipe: the zoo recipe.
+        root: folder holding zoos.
+        shard: ``(i, n)``: build only the runs with index ``i`` modulo ``n``.
+        workers: processes training runs in parallel (each single-threaded); 1 trains in-process.
+        progress: show a tqdm bar over the runs to train.
+        trainer: overrides the trainer registered for ``recipe.kind`` in :data:`TRAINERS`.
+
+    Raises:
+        RecipeError: the zoo folder holds a zoo built from a different recipe.
+        ZooBuildError: a bad shard/worker count, or a trainer that broke its contract.
+    """
+    from tqdm.auto import tqdm
+
+    i, n = shard
+    if not 0 <= i < n:
+        raise ZooBuildError(f"shard {shard}: expected (i, n) with 0 <= i < n")
+    if workers < 1:
+        raise ZooBuildError(f"workers = {workers}: expected >= 1")
+    start = time.perf_counter()
+    trainer = trainer if trainer is not None else TRAINERS[recipe.kind]()
+    zoo_dir = Path(root) / recipe.name
+    zoo_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_zoo_json(zoo_dir, recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same arithmetic in-process as in the workers: resumed runs match
+    try:
+        _prepare_networks(recipe, zoo_dir, trainer)
+        builder = _Builder(recipe, zoo_dir, trainer)
+        plan = recipe.plan()
+        mine = shard_runs(plan, shard)
+        todo = [r for r in mine if builder.missing(r)]
+        report = BuildReport(zoo_dir, len(plan), len(mine), len(mine) - len(todo))
+        log.info("zoo %s shard %d/%d: %d runs, %d already built, %d to train with %d worker(s)",
+                 recipe.name, i, n, len(mine), report.skipped_runs, len(todo), workers)
+        bar = tqdm(total=len(todo), desc=f"zoo {recipe.name}", unit="run", disable=not progress or not todo)
+        if workers == 1 or len(todo) <= 1:
+            results = map(builder.run, todo)
+            _collect(results, report, bar)
+        else:
+            # spawn: workers start clean (no forked torch thread pools) and can unpickle trainers
+            # defined in the caller's script, whose module path spawn passes on.
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
+                          initargs=(recipe, zoo_dir, trainer)) as pool:
+                _collect(pool.imap_unordered(_work, todo), report, bar)
+        bar.close()
+    finally:
+        torch.set_num_threads(threads)
+    report.seconds = time.perf_counter() - start
+    log.info("zoo %s: trained %d runs (%d entries) in %.1f s", recipe.name, report.trained_runs,
+             report.entries_written, report.seconds)
+    return report
+
+
+def _collect(results: Any, report: BuildReport, bar: Any) -> None:
+    for written in results:
+        report.trained_runs += 1
+        report.entries_written += len(written)
+        report.test_accs.extend(acc for _, acc in written)
+        if report.test_accs:
+            bar.set_postfix(test_acc=f"{sum(report.test_accs) / len(report.test_accs):.3f}", refresh=False)
+        bar.update(1)
+
+
+def build_zoo(recipe: Recipe, root: str | os.PathLike = "checkpoints_zoo", *, shard: tuple[int, int] = (0, 1),
+              workers: int = 1, progress: bool = True, trainer: ZooTrainer | None = None) -> Path:
+    """:func:`run_build`, returning the zoo folder ``<root>/<recipe.name>``."""
+    return run_build(recipe, root, shard=shard, workers=workers, progress=progress, trainer=trainer).zoo_dir
+

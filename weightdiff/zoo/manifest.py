@@ -1,0 +1,153 @@
+"""The on-disk layout of a zoo and its manifest rows (``entry.json``).
+
+::
+
+    <root>/<name>/
+      zoo.json                  name, kind, family, format_version, recipe
+      base/                     (lora zoos) model.safetensors + entry.json of the frozen base
+      parents/p<k>/             (full zoos with parents) model.safetensors + entry.json
+      entries/<entry id>/       one checkpoint: weights (+ adapter_config.json) + entry.json
+
+A manifest row (one ``entry.json``) has the fields of :data:`REQUIRED_FIELDS`, plus
+``heldout_kind`` (``near`` / ``far`` / ``combo`` for held-out rows, ``null`` otherwise) and
+optional extras (``parent``, ``base_sha256``). ``sha256`` is the hash of the weight file named by
+``file``, so a corrupted or swapped file is detected without loading it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from weightdiff.errors import ManifestError, WeightFileError
+from weightdiff.io import read_json, sha256_file
+
+FORMAT_VERSION = 1
+ZOO_FILE = "zoo.json"
+ENTRY_FILE = "entry.json"
+ENTRIES_DIR = "entries"
+BASE_DIR = "base"
+PARENTS_DIR = "parents"
+
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "id": str, "task": str, "split": str, "code": list, "descriptions": list, "seed": int, "run_id": str,
+    "checkpoint": int, "metrics": dict, "num_params": int, "file": str, "sha256": str,
+}
+METRIC_FIELDS = ("train_acc", "val_acc", "test_acc")
+SPLITS = ("train", "heldout")
+HELDOUT_KINDS = ("near", "far", "combo")
+ZOO_FIELDS: dict[str, type] = {"name": str, "kind": str, "family": str, "format_version": int, "recipe": dict}
+
+
+def _type_names(tp: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
+
+
+def validate_row(row: Any, source: str | Path) -> dict[str, Any]:
+    """Check one manifest row; return it unchanged.
+
+    Raises:
+        ManifestError: naming ``source`` and the first missing or ill-typed field.
+    """
+    if not isinstance(row, dict):
+        raise ManifestError(f"{source}: manifest row must be a JSON object, got {type(row).__name__}")
+    for name, tp in REQUIRED_FIELDS.items():
+        if name not in row:
+            raise ManifestError(f"{source}: manifest row is missing field '{name}' ({_type_names(tp)})")
+        value = row[name]
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ManifestError(f"{source}: field '{name}' expected {_type_names(tp)}, "
+                                f"got {type(value).__name__} {value!r}")
+    for name in METRIC_FIELDS:
+        value = row["metrics"].get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ManifestError(f"{source}: field 'metrics.{name}' expected a number, got {value!r}")
+    if row["split"] not in SPLITS:
+        raise ManifestError(f"{source}: field 'split' expected one of {SPLITS}, got {row['split']!r}")
+    kind = row.get("heldout_kind")
+    if row["split"] == "heldout" and kind not in HELDOUT_KINDS:
+        raise ManifestError(f"{source}: field 'heldout_kind' expected one of {HELDOUT_KINDS} for a held-out row, "
+                            f"got {kind!r}")
+    if "/" in row["file"] or row["file"].startswith("."):
+        raise ManifestError(f"{source}: field 'file' must name a file inside the entry folder, got {row['file']!r}")
+    return row
+
+
+def read_row(entry_dir: Path, *, check_id: bool = True) -> dict[str, Any]:
+    """Read and validate ``entry_dir/entry.json``; with ``check_id`` its id must be the folder's name.
+
+    Raises:
+        ManifestError: the file is missing, not JSON, or the row is invalid.
+    """
+    path = entry_dir / ENTRY_FILE
+    try:
+        row = read_json(path, "manifest row")
+    except WeightFileError as exc:
+        raise ManifestError(str(exc)) from None
+    validate_row(row, path)
+    if check_id and row["id"] != entry_dir.name:
+        raise ManifestError(f"{path}: field 'id' = {row['id']!r} differs from its folder name {entry_dir.name!r}")
+    return row
+
+
+def entry_problem(entry_dir: Path, *, expect: dict[str, Any] | None = None) -> str | None:
+    """Why an entry folder is not a complete, intact checkpoint; ``None`` if it is.
+
+    Checks the row, the weight file's existence and its sha256, and (``expect``) that fields of
+    the row equal the planned values, so a resumed build never keeps an entry of another plan.
+    """
+    try:
+        row = read_row(entry_dir)
+    except ManifestError as exc:
+        return str(exc)
+    weights = entry_dir / row["file"]
+    if not weights.is_file():
+        return f"weight file {weights} is missing"
+    for key, value in (expect or {}).items():
+        if row.get(key) != value:
+            return f"{entry_dir / ENTRY_FILE}: field '{key}' = {row.get(key)!r}, expected {value!r}"
+    actual = sha256_file(weights)
+    if actual != row["sha256"]:
+        return f"{weights}: sha256 {actual[:12]}… differs from the manifest's {row['sha256'][:12]}…"
+    return None
+
+
+def network_problem(folder: Path) -> str | None:
+    """Why a base/parent network folder (weights + ``entry.json``) is not intact; ``None`` if it is."""
+    try:
+        row = read_json(folder / ENTRY_FILE, "network row")
+        weights = folder / row["file"]
+        if sha256_file(weights) != row["sha256"]:
+            return f"{weights}: sha256 differs from the one in {folder / ENTRY_FILE}"
+    except WeightFileError as exc:
+        return str(exc)
+    except (OSError, KeyError, TypeError) as exc:
+        return f"{folder}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def read_zoo_json(zoo_dir: Path) -> dict[str, Any]:
+    """Read and validate ``zoo_dir/zoo.json``.
+
+    Raises:
+        ManifestError: the folder is not a zoo (no ``zoo.json``), the file is corrupt, a field is
+            missing or ill-typed, or the format version is not :data:`FORMAT_VERSION`.
+    """
+    path = zoo_dir / ZOO_FILE
+    if not path.is_file():
+        raise ManifestError(f"{zoo_dir} is not a zoo: {ZOO_FILE} not found (build one with `weightdiff zoo build`)")
+    try:
+        meta = read_json(path, "zoo file")
+    except WeightFileError as exc:
+        raise ManifestError(str(exc)) from None
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for name, tp in ZOO_FIELDS.items():
+        if name not in meta:
+            raise ManifestError(f"{path}: missing field '{name}' ({tp.__name__})")
+        if not isinstance(meta[name], tp) or isinstance(meta[name], bool):
+            raise ManifestError(f"{path}: field '{name}' expected {tp.__name__}, got {type(meta[name]).__name__}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ManifestError(f"{path}: field 'format_version' = {meta['format_version']}, "
+                            f"expected {FORMAT_VERSION}")
+    return meta
