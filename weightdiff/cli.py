@@ -42,11 +42,11 @@ def run_lightning_cli(args: Sequence[str]):
             parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
             parser.link_arguments("data.condition", "model.condition")
 
-    return WeightDiffCLI(
-        WeightDiffusion, ZooDataModule, args=list(args), save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                         "init_args": {"save_last": True}}]},
-    )
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args`, not the process's argv
+    try:
+        return WeightDiffCLI(WeightDiffusion, ZooDataModule, args=list(args), save_config_kwargs={"overwrite": True})
+    finally:
+        sys.argv = argv
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -54,12 +54,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
         if key not in state:
             raise WeightFileError(f"{ckpt}: missing '{key}' (not a checkpoint written by `weightdiff fit`)")
-    hp = dict(state["hyper_parameters"])
+    # LightningCLI stores private keys (e.g. "_instantiator") beside the init arguments.
+    hp = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}
+    data_hp = {k: v for k, v in state["datamodule_hyper_parameters"].items() if not k.startswith("_")}
     ema = {k[len(_EMA_PREFIX):]: v for k, v in state["state_dict"].items() if k.startswith(_EMA_PREFIX)}
     if not ema:
         raise WeightFileError(f"{ckpt}: no EMA weights (keys '{_EMA_PREFIX}*') in the state dict")
     ema.pop("n_averaged", None)
-    dm = ZooDataModule(**dict(state["datamodule_hyper_parameters"]))
+    dm = ZooDataModule(**data_hp)
     out = Path(out)
     with atomic_path(out, directory=True) as tmp:
         save_weights(tmp / "generator.safetensors", ema)
@@ -77,7 +79,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
             "spec": hp["spec"],
             "schedule": schedule.to_dict(),
             "sampling": {"sampler": hp["val_sampler"], "steps": hp["val_steps"]},
-            "data": dict(state["datamodule_hyper_parameters"]),
+            "data": data_hp,
             "zoo": {**hp["spec"]["zoo"], "recipe": zoo.recipe if isinstance(zoo.recipe, dict) else None},
             "global_step": int(state.get("global_step", 0)),
         }
@@ -106,6 +108,21 @@ class LoadedGenerator:
     def base_state(self) -> dict[str, torch.Tensor] | None:
         p = self.path / "base" / "model.safetensors"
         return load_weights(p) if p.exists() else None
+
+    def adapter_config(self) -> dict[str, Any]:
+        return read_json(self.path / "base" / "adapter_config.json", "adapter config")
+
+    def target(self, task):
+        """The :class:`~weightdiff.nets.Target` that runs this generator's samples on ``task``."""
+        from weightdiff.nets import Target, make_lora_config
+
+        net = task.build_network()
+        if self.kind != "lora":
+            return Target.full(net)
+        net.load_state_dict(self.base_state(), strict=True)
+        known = set(make_lora_config({}).__dataclass_fields__)
+        cfg = {k: v for k, v in self.adapter_config().items() if k in known}
+        return Target.lora(net.eval().requires_grad_(False), make_lora_config(cfg))
 
 
 def load_generator(path: str | Path) -> LoadedGenerator:

@@ -206,3 +206,26 @@ def sample(gen: LoadedGenerator, cond: Condition, num: int, settings: SamplerSet
     seconds = time.perf_counter() - t0
     dirs = write_samples(gen, tokens, cond, settings, out, seconds=seconds)
     return dirs, {"seconds": seconds, "from_cache": cached, "num": num}
+
+
+def select_best(gen: LoadedGenerator, cond: Condition, num: int, settings: SamplerSettings, out: str | Path, *,
+                task: str, examples: int, candidates: int = 8, use_cache: bool = True) -> tuple[list[Path], dict]:
+    """Best-of-k: generate ``num * candidates`` samples, keep the ``num`` most accurate on
+    ``examples`` labelled training examples of ``task``. This uses labelled data, so its results
+    are reported as their own row, never mixed with zero-shot samples.
+    """
+    if examples < 1 or candidates < 1:
+        raise ConditionError(f"--select-with and --candidates must be positive, got {examples} and {candidates}")
+    t0 = time.perf_counter()
+    tokens, cached = generate_tokens(gen, cond, num * candidates, settings, use_cache=use_cache)
+    t = get_task(task)
+    d = t.data()
+    idx = torch.randperm(d.x_train.shape[0], generator=torch.Generator().manual_seed(settings.seed))[:examples]
+    params = gen.tokenizer.decode_float(tokens)
+    acc = gen.target(t).accuracy(params, d.x_train[idx], d.y_train[idx])  # (num * candidates,)
+    keep = torch.argsort(acc, descending=True, stable=True)[:num]
+    seconds = time.perf_counter() - t0
+    cond = Condition(cond.raw, {**cond.info, "selected_with_examples": examples, "candidates": num * candidates})
+    dirs = write_samples(gen, tokens[keep], cond, settings, out, seconds=seconds)
+    return dirs, {"seconds": seconds, "from_cache": cached, "num": num,
+                  "selection_accuracy": acc[keep].tolist()}

@@ -236,7 +236,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
     unseen_tasks = _spread(sorted(kinds), max_unseen_tasks) if kind == "lora" else []
     sections = [("seen", t) for t in seen_tasks] + [("unseen", t) for t in unseen_tasks]
 
-    gen_seconds, gen_calls, gen_total = 0.0, 0, 0
+    gen_seconds, gen_calls, gen_total, nonfinite = 0.0, 0, 0, 0
     if gen is not None:
         from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
 
@@ -264,6 +264,8 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
                                         progress=False)
             generated = {k: v.detach().float().cpu() for k, v in gen.tokenizer.decode_float(tokens).items()}
             gen_seconds += time.perf_counter() - t0
+            finite = torch.stack([torch.isfinite(v.flatten(1)).all(1) for v in generated.values()]).all(0)
+            nonfinite += int((~finite).sum())
             gen_calls += 1
             gen_total += num
         _, y_test = task.data().split("test")
@@ -296,6 +298,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         "latency_ms_per_sample": 1000 * gen_seconds / gen_total if gen_total else None,
         "latency_ms_per_batch": 1000 * gen_seconds / gen_calls if gen_calls else None,
         "generation_seconds": gen_seconds if gen is not None else None,
+        "generated_nonfinite_samples": nonfinite if gen is not None else None,
     }
 
     sgd_list = _by_kind_round_robin(unseen_tasks, kinds)[:sgd_tasks] if unseen_tasks else seen_tasks[:sgd_tasks]
@@ -313,7 +316,9 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
                    "seconds": sum(v["seconds"] for v in vs) / len(vs)} for k, vs in per_k.items()}
     gen_ref = (sum(generated_mean[t] for t in sgd_list) / len(sgd_list)
                if sgd and all(t in generated_mean for t in sgd_list) else None)
-    match = next((k for k in sgd if gen_ref is not None and sgd[k]["accuracy"] >= gen_ref), None)
+    match: int | str | None = next((k for k in sgd if gen_ref is not None and sgd[k]["accuracy"] >= gen_ref), None)
+    if match is not None and match != "all":
+        match = int(match)
     results.update({
         "sgd": sgd,
         "sgd_examples_to_match": match,
@@ -334,7 +339,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         "zoo": {"train_checkpoints": len(z.rows), "train_tasks": len(z.index), "heldout_checkpoints": len(z.heldout),
                 "nn_spacing": z.spacing},
         "hypernetworks": hyper,
-        "notes": _notes(suite, kind, gen, from_description, num),
+        "notes": _notes(kind, gen, from_description, num),
         "per_task": per_task,
         "seconds": time.perf_counter() - t_start,
     })
@@ -366,11 +371,13 @@ def _by_kind_round_robin(tasks: Sequence[str], kinds: dict[str, str]) -> list[st
     return out
 
 
-def _notes(suite: str, kind: str, gen: Any, from_description: bool, num: int) -> list[str]:
+def _notes(kind: str, gen: Any, from_description: bool, num: int) -> list[str]:
     notes = []
     if kind == "full":
-        notes.append(f"Full-network suite: the zoo has a single task, which the generator was trained on; it is "
-                     f"reported as the seen task and there are no unseen tasks.")
+        notes.append("Full-network suite: the zoo has a single task, which the generator was trained on; it is "
+                     "reported as the seen task and there are no unseen tasks. With one task the condition is "
+                     "constant, so the linear hypernetwork equals the average checkpoint and the MLP hypernetwork "
+                     "is one network fitted to the zoo (weight MSE) and to the task (cross-entropy).")
     else:
         notes.append("Unseen tasks are the zoo's held-out tasks (never in the generator's training data); their "
                      "'zoo (original)' row is the held-out oracle adapters trained directly on them.")
@@ -390,5 +397,9 @@ def _notes(suite: str, kind: str, gen: Any, from_description: bool, num: int) ->
         f"Noise-added: up to {num} checkpoints of the own (seen) or nearest (unseen) training task, plus Gaussian "
         "noise at the given fraction of each tensor's std.",
     ]
+    notes.append("Few-shot SGD: " + ("an adapter trained on the frozen base with the zoo's adapter recipe"
+                                     if kind == "lora" else "a network trained from random initialisation with the "
+                                     "zoo's optimiser settings and the step budget of one zoo run")
+                 + ", on k labelled training examples per class; seconds are training wall time per model.")
     notes.append("Floor: the majority class of the training labels.")
     return notes

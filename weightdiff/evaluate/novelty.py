@@ -94,7 +94,7 @@ def zoo_nn_spacing(zoo_flat: torch.Tensor) -> float:
     if zoo_flat.shape[0] < 2:
         return float("nan")
     d = nearest_zoo_distance(zoo_flat, zoo_flat, exclude=list(range(zoo_flat.shape[0])))
-    return float(d.median())
+    return float(d.double().quantile(0.5))  # the midpoint of the two middle values for even counts
 
 
 def _base_name(adapter_key: str) -> str:
@@ -199,4 +199,4 @@ class ComparisonSpace:
         z = self.points.shape[0]
         if z < 2:
             return float("nan")
-        return float(self.nearest_distance(self.zoo_params, exclude=list(range(z))).median())
+        return float(self.nearest_distance(self.zoo_params, exclude=list(range(z))).double().quantile(0.5))

@@ -33,7 +33,7 @@ def _nanmean(values: Sequence[float]) -> float | None:
 def task_stats(acc: torch.Tensor, iou: torch.Tensor | None, distance: torch.Tensor | None) -> dict[str, Any]:
     """Per-task numbers of one row from per-model ``acc (S,)``, ``iou (S,)``, ``distance (S,)``."""
     a = acc.double()
-    return {"num": int(a.numel()), "best": float(a.max()), "mean": float(a.mean()), "median": float(a.median()),
+    return {"num": int(a.numel()), "best": float(a.max()), "mean": float(a.mean()), "median": float(a.quantile(0.5)),
             "iou": _nanmean(iou.tolist()) if iou is not None else None,
             "distance": _nanmean(distance.tolist()) if distance is not None else None}
 
@@ -144,7 +144,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     parts += ["## Generation", "",
               f"- latency: {_fmt(lat)} ms per sample, {_fmt(results.get('latency_ms_per_batch'))} ms per batch of "
               f"{s.get('num')} (device: {s.get('device', 'cpu')}; warm-up call excluded)",
-              f"- total generation time: {_fmt(results.get('generation_seconds'))} s", ""]
+              f"- total generation time: {_fmt(results.get('generation_seconds'))} s",
+              f"- samples with NaN/Inf weights: {results.get('generated_nonfinite_samples', '–')}", ""]
     parts += ["Accuracies are on each task's test split. *Wrong-set IoU*: largest IoU between a model's set of "
               "wrong test predictions and that of any training-zoo checkpoint (a checkpoint is not compared with "
               "itself; two empty sets count as IoU 0); lower is more novel. *Distance*: RMS distance to the nearest "

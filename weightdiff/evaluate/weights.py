@@ -280,7 +280,7 @@ def summarize(acc: torch.Tensor) -> dict[str, float]:
     """``{num, best, mean, median, std}`` of accuracies ``(S,)``."""
     a = acc.double()
     return {"num": int(a.numel()), "best": float(a.max()), "mean": float(a.mean()),
-            "median": float(a.median()), "std": float(a.std()) if a.numel() > 1 else 0.0}
+            "median": float(a.quantile(0.5)), "std": float(a.std()) if a.numel() > 1 else 0.0}
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@
 for ``j < length[l]``; padding entries are dropped. The tokens must cover every flat position
 exactly once. See the package docstring for a worked example of the layout.
 
-:func:`unpack_core` computes ``tokens * scale + shift`` for any per-tensor ``shift``/``scale``;
-with ``scale = 1 / std`` and ``shift = 0`` it is the gradient of ``pack``.
+:func:`unpack_core` computes ``tokens * scale + shift`` for any per-tensor ``scale``/``shift``
+(unpack: ``std``/``mean``); with ``scale = 1 / std`` and ``shift = 0`` it is the gradient of
+``pack``, and :func:`~weightdiff.kernels.pack.pack_core` with ``scale = std`` is its own gradient.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _MIN_ELEMENTS_PER_RUN = 16384
 
 
 @jit
-def _unpack_kernel(tok_ptr, out_ptr, src_ptr, len_ptr, tidx_ptr, shift_ptr, scale_ptr,
+def _unpack_kernel(tok_ptr, out_ptr, src_ptr, len_ptr, tidx_ptr, scale_ptr, shift_ptr,
                    num_tokens, token_size, stride_tok, stride_out,
                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (i, b) writes the real entries of tokens [i * BLOCK_L, (i + 1) * BLOCK_L) of batch
@@ -48,18 +49,18 @@ def _unpack_kernel(tok_ptr, out_ptr, src_ptr, len_ptr, tidx_ptr, shift_ptr, scal
     src = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     n = tl.load(len_ptr + rows, mask=row_ok, other=0)
     t = tl.load(tidx_ptr + rows, mask=row_ok, other=0)
-    shift = tl.load(shift_ptr + t, mask=row_ok, other=0.0)
     scale = tl.load(scale_ptr + t, mask=row_ok, other=1.0)
+    shift = tl.load(shift_ptr + t, mask=row_ok, other=0.0)
     valid = cols[None, :] < n[:, None]  # rows past the end have n = 0
     offs = pid_b * stride_tok + rows[:, None].to(tl.int64) * token_size + cols[None, :]
     y = tl.load(tok_ptr + offs, mask=valid, other=0.0)
-    x = y.to(shift.dtype) * scale[:, None] + shift[:, None]
+    x = y.to(scale.dtype) * scale[:, None] + shift[:, None]
     tl.store(out_ptr + pid_b * stride_out + src[:, None] + cols[None, :],
              x.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _unpack_triton(tokens: torch.Tensor, src: torch.Tensor, length: torch.Tensor, tidx: torch.Tensor,
-                   shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+                   scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> None:
     """Launch :func:`_unpack_kernel`: tokens (B, L, D) -> out (B, P), out with unit stride on P."""
     batch, num_tokens, token_size = tokens.shape
     if batch == 0 or num_tokens == 0 or token_size == 0:
@@ -71,13 +72,13 @@ def _unpack_triton(tokens: torch.Tensor, src: torch.Tensor, length: torch.Tensor
     for b0 in range(0, batch, MAX_GRID_Y):
         b1 = min(batch, b0 + MAX_GRID_Y)
         _unpack_kernel[(num_blocks, b1 - b0)](
-            tokens[b0:b1], out[b0:b1], src, length, tidx, shift, scale,
+            tokens[b0:b1], out[b0:b1], src, length, tidx, scale, shift,
             num_tokens, token_size, tokens.stride(0), out.stride(0),
             BLOCK_L=block_l, BLOCK_D=block_d)
 
 
 def _unpack_scatter(tokens: torch.Tensor, src: torch.Tensor, length: torch.Tensor, tidx: torch.Tensor,
-                    shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+                    scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor,
                     token_ids: torch.Tensor | None = None) -> None:
     """Vectorised unpack of all tokens (or of ``token_ids``) by one scatter; any layout."""
     if token_ids is not None:
@@ -94,39 +95,40 @@ def _unpack_scatter(tokens: torch.Tensor, src: torch.Tensor, length: torch.Tenso
 
 
 def _unpack_torch(tokens: torch.Tensor, src: torch.Tensor, length: torch.Tensor, tidx: torch.Tensor,
-                  shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+                  scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> None:
     """Torch unpack: tokens (B, L, D) -> out (B, P), out with unit stride on P.
 
     The full tokens of each contiguous run (normally one per tensor) land in a ``(B, n, D)`` view
-    of ``out`` by one strided ``addcmul``; the partial last token of every run is written by one
-    small scatter for all runs together.
+    of ``out`` by one strided ``add`` (``shift + scale * tokens``, a single vectorised pass); the
+    partial last token of every run is written by one small scatter for all runs together.
     """
     batch, num_tokens, token_size = tokens.shape
     if batch == 0 or num_tokens == 0 or token_size == 0:
         return
     starts, ends, full = token_runs(src, length, tidx, token_size)
     if len(starts) * _MIN_ELEMENTS_PER_RUN > tokens.numel():
-        _unpack_scatter(tokens, src, length, tidx, shift, scale, out)
+        _unpack_scatter(tokens, src, length, tidx, scale, shift, out)
         return
     if tokens.dtype != out.dtype:
         tokens = tokens.to(out.dtype)
-    shifts, scales = shift.unbind(), scale.unbind()  # 0-d tensors: addcmul has no scalar form
+    # shift as a 0-d tensor and scale as a python number: the form of add() that vectorises.
+    scales, shifts = scale.tolist(), shift.unbind()
     run_src = src[starts].tolist()
     run_tensor = tidx[starts].tolist()
     partial = []
     for a, b, f, s0, t in zip(starts, ends, full, run_src, run_tensor):
         if f:
             o = out[:, s0:s0 + f * token_size].view(batch, f, token_size)
-            torch.addcmul(shifts[t], tokens[:, a:a + f], scales[t], out=o)
+            torch.add(shifts[t], tokens[:, a:a + f], alpha=scales[t], out=o)
         if f < b - a:
             partial.append(b - 1)
     if partial:
         ids = torch.tensor(partial, dtype=torch.long, device=tokens.device)
-        _unpack_scatter(tokens, src, length, tidx, shift, scale, out, ids)
+        _unpack_scatter(tokens, src, length, tidx, scale, shift, out, ids)
 
 
 def unpack_core(tokens: torch.Tensor, src_offset: torch.Tensor, length: torch.Tensor,
-                tensor_index: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                tensor_index: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 out: torch.Tensor) -> torch.Tensor:
     """``out[b, src_offset[l] + j] = tokens[b, l, j] * scale[t] + shift[t]`` for ``j < length[l]``.
 
@@ -136,14 +138,14 @@ def unpack_core(tokens: torch.Tensor, src_offset: torch.Tensor, length: torch.Te
     Args:
         tokens: (B, L, D) floating.
         src_offset, length, tensor_index: (L,) integer, on ``tokens``' device.
-        shift, scale: (T,) in ``out``'s dtype.
+        scale, shift: (T,) in ``out``'s dtype.
         out: (B, P) with unit stride along P, written in place and returned.
     """
     if use_triton(tokens):
         _unpack_triton(tokens, src_offset.contiguous(), length.contiguous(), tensor_index.contiguous(),
-                       shift.contiguous(), scale.contiguous(), out)
+                       scale.contiguous(), shift.contiguous(), out)
     else:
-        _unpack_torch(tokens, src_offset, length, tensor_index, shift, scale, out)
+        _unpack_torch(tokens, src_offset, length, tensor_index, scale, shift, out)
     return out
 
 
@@ -154,7 +156,7 @@ class _Unpack(torch.autograd.Function):
         dtype = compute_dtype(tokens.dtype)
         mean_c, std_c = mean.to(dtype), std.to(dtype)
         out = tokens.new_empty((tokens.shape[0], num_params), dtype=dtype)
-        unpack_core(tokens, src, length, tidx, mean_c, std_c, out)
+        unpack_core(tokens, src, length, tidx, std_c, mean_c, out)
         ctx.save_for_backward(src, length, tidx, std_c, tokens if ctx.needs_input_grad[5] else None)
         ctx.token_size = tokens.shape[2]
         ctx.tokens_dtype, ctx.mean_dtype, ctx.std_dtype = tokens.dtype, mean.dtype, std.dtype
@@ -171,7 +173,7 @@ class _Unpack(torch.autograd.Function):
         grad_tokens = grad_mean = grad_std = None
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             # g[b, l, j] = grad[b, src[l] + j] on real entries, 0 on padding.
-            gathered = pack_core(grad, src, length, tidx, zeros, torch.ones_like(std_c),
+            gathered = pack_core(grad, src, length, tidx, torch.ones_like(std_c), zeros,
                                  grad.new_empty(shape))
             if ctx.needs_input_grad[0]:
                 grad_tokens = (gathered * std_c[tidx][:, None]).to(ctx.tokens_dtype)
@@ -182,7 +184,7 @@ class _Unpack(torch.autograd.Function):
                 grad_std = zeros.index_add(0, tidx, per_token).to(ctx.std_dtype)
         elif ctx.needs_input_grad[0]:
             # d flat / d tokens = std on real entries; padding gets zero gradient.
-            grad_tokens = pack_core(grad, src, length, tidx, zeros, std_c.reciprocal(),
+            grad_tokens = pack_core(grad, src, length, tidx, std_c, zeros,
                                     grad.new_empty(shape)).to(ctx.tokens_dtype)
         return grad_tokens, None, None, None, grad_mean, grad_std, None
 
@@ -212,8 +214,8 @@ def unpack_ref(tokens: torch.Tensor, src_offset: torch.Tensor, length: torch.Ten
     tokens3 = tokens.detach().reshape(-1, *tokens.shape[-2:])
     dtype = compute_dtype(tokens.dtype)
     out = tokens3.new_empty((tokens3.shape[0], num_params), dtype=dtype)
-    _unpack_torch(tokens3, src_offset, length, tensor_index, mean.detach().to(dtype),
-                  std.detach().to(dtype), out)
+    _unpack_torch(tokens3, src_offset, length, tensor_index, std.detach().to(dtype),
+                  mean.detach().to(dtype), out)
     return out.squeeze(0) if tokens.dim() == 2 else out
 
 
@@ -267,5 +269,5 @@ def unpack(tokens: torch.Tensor, src_offset: torch.Tensor, length: torch.Tensor,
                 raise ValueError(f"out must be a contiguous {dtype} tensor of shape {expected} on "
                                  f"{device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
             result = out.view(shape)
-        unpack_core(tokens3, src_offset, length, tensor_index, mean.to(dtype), std.to(dtype), result)
+        unpack_core(tokens3, src_offset, length, tensor_index, std.to(dtype), mean.to(dtype), result)
     return result.squeeze(0) if tokens.dim() == 2 else result
