@@ -363,7 +363,7 @@ def test_verify_reports_corruption_hash_mismatch_shape_and_missing(tmp_path):
     problems = dict(Zoo.open(path).verify())
     assert set(problems) == {"digits-s000-c0002", "digits-s001-c0002", "digits-s002-c0002", "digits-s003-c0003"}
     assert "sha256" in problems["digits-s000-c0002"]
-    assert "not a readable safetensors" in problems["digits-s001-c0002"]
+    assert "digits-s001-c0002/model.safetensors is not a" in problems["digits-s001-c0002"]
     assert "'fc.bias' has shape (11,), expected (10,)" in problems["digits-s002-c0002"]
     assert problems["digits-s003-c0003"].startswith("missing")
 

@@ -29,8 +29,14 @@ def _quiet_environment() -> None:
         os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def run_lightning_cli(args: Sequence[str]):
-    """Run LightningCLI (``fit``/``validate``/``test``) on ``args`` (e.g. ``["fit", "--config", ...]``)."""
+def run_lightning_cli(args: Sequence[str] | None = None):
+    """Run LightningCLI (``fit``/``validate``/``test``).
+
+    Args:
+        args: e.g. ``["fit", "--config", ...]`` when called from Python; ``None`` reads the
+            process's ``sys.argv`` (the console script), which is also what Lightning's DDP
+            launcher re-runs in each worker process.
+    """
     from lightning.pytorch.cli import LightningCLI
 
     from weightdiff.data import ZooDataModule
@@ -42,9 +48,12 @@ def run_lightning_cli(args: Sequence[str]):
             parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
             parser.link_arguments("data.condition", "model.condition")
 
+    kwargs = dict(save_config_kwargs={"overwrite": True})
+    if args is None:
+        return WeightDiffCLI(WeightDiffusion, ZooDataModule, **kwargs)
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args`, not the process's argv
     try:
-        return WeightDiffCLI(WeightDiffusion, ZooDataModule, args=list(args), save_config_kwargs={"overwrite": True})
+        return WeightDiffCLI(WeightDiffusion, ZooDataModule, args=list(args), **kwargs)
     finally:
         sys.argv = argv
 
@@ -88,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_environment()
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
-            run_lightning_cli(argv)
+            run_lightning_cli(argv if argv != sys.argv[1:] else None)
             return 0
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -64,8 +64,9 @@ def run_demo(run_dir: Path, *, zoo_config: Path, fit_config: Path, workers: int 
     else:
         train_dir = run_dir / "train"
         last = _find_last(train_dir)
+        # Checkpoints follow the logger's folder: keep both inside the run folder.
         args = ["fit", "--config", str(fit_config), "--data.zoo", str(zoo_path),
-                "--trainer.default_root_dir", str(train_dir)]
+                "--trainer.default_root_dir", str(train_dir), "--trainer.logger.init_args.save_dir", str(train_dir)]
         if last is not None:
             print(f"      resuming from {last}", flush=True)
             args += ["--ckpt_path", str(last)]

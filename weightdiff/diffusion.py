@@ -138,7 +138,10 @@ class WeightDiffusion(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Update the EMA right after the weights change — before any callback (such as
+        # ModelCheckpoint at the end of the batch) can save a state that misses this step.
         self.ema.update_parameters(self.generator)
 
     # ------------------------------------------------------------------------------------ loss

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny LoRA zoo and a tiny trained generator, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep text-embedding and sample caches out of the user's home during tests."""
+    os.environ.setdefault("WEIGHTDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_zoo(tmp_path_factory) -> Path:
+    """The `tiny-rotdigits-lora` recipe built in-process (seconds)."""
+    from weightdiff.zoo import build_zoo, load_recipe
+
+    root = tmp_path_factory.mktemp("zoo")
+    return build_zoo(load_recipe(REPO / "configs/zoo/tiny-rotdigits-lora.yaml"), root, workers=1, progress=False)
+
+
+def fit_args(zoo: Path, out: Path, *extra: str) -> list[str]:
+    """`weightdiff fit` arguments for the tiny config, with every output under ``out``."""
+    return ["fit", "--config", str(REPO / "configs/tiny.yaml"), "--data.zoo", str(zoo),
+            "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+            "--trainer.enable_progress_bar", "false", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_lora_zoo, tmp_path_factory) -> Path:
+    """A finished tiny `fit` run (its folder holds metrics.csv and checkpoints/last.ckpt)."""
+    from weightdiff.cli import run_lightning_cli
+
+    out = tmp_path_factory.mktemp("fit")
+    run_lightning_cli(fit_args(tiny_lora_zoo, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported (the artefact `sample` loads)."""
+    from weightdiff.export import export_checkpoint
+
+    ckpt = next(tiny_run.glob("**/checkpoints/last.ckpt"))
+    return export_checkpoint(ckpt, tmp_path_factory.mktemp("gen") / "generator")

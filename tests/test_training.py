@@ -1,0 +1,92 @@
+"""Training through the Lightning CLI: loss goes down, export round-trips, resume, DDP, safe loading."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, fit_args
+from weightdiff.errors import WeightFileError
+from weightdiff.export import export_checkpoint, load_generator, read_lightning_checkpoint
+
+
+def _metric(run: Path, key: str) -> list[float]:
+    rows = list(csv.DictReader(open(next(run.glob("**/metrics.csv")))))
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def test_fit_runs_and_weight_loss_decreases(tiny_run):
+    losses = _metric(tiny_run, "train/weight_loss")
+    assert len(losses) >= 6
+    k = len(losses) // 3
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    assert last < 0.9 * first, (first, last)
+    # the sampling callback logged the accuracy of generated weights
+    assert _metric(tiny_run, "val/gen_acc_seen") and _metric(tiny_run, "val/gen_acc_unseen")
+
+
+def test_export_round_trips_ema_weights(tiny_run, tiny_generator):
+    ckpt = read_lightning_checkpoint(next(tiny_run.glob("**/checkpoints/last.ckpt")))
+    gen = load_generator(tiny_generator)
+    ema = {k[len("ema.module."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.module.")}
+    ema.pop("n_averaged", None)
+    state = gen.net.state_dict()
+    assert ema.keys() == state.keys()
+    for k in ema:
+        assert torch.equal(ema[k], state[k]), k
+    assert gen.config["global_step"] == ckpt["global_step"] > 0
+    assert gen.tokenizer.layout.num_params > 0
+
+
+def test_resume_continues_from_saved_step_and_ema(tiny_lora_zoo, tmp_path):
+    from weightdiff.cli import run_lightning_cli
+
+    pinned = ["--trainer.logger.init_args.version", "0"]
+    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "10", *pinned))
+    ckpt = next(tmp_path.glob("**/checkpoints/last.ckpt"))
+    first = read_lightning_checkpoint(ckpt)
+    assert first["global_step"] == 10
+    assert int(first["state_dict"]["ema.n_averaged"]) == 10
+    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "15", "--ckpt_path", "last", *pinned))
+    second = read_lightning_checkpoint(ckpt)
+    assert second["global_step"] == 15
+    assert int(second["state_dict"]["ema.n_averaged"]) == 15  # EMA continued, not restarted
+
+
+def test_ddp_on_two_cpu_processes(tiny_lora_zoo, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "4", "--trainer.strategy", "ddp",
+                    "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.check_val_every_n_epoch", "100")
+    proc = subprocess.run([sys.executable, "-m", "weightdiff", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = read_lightning_checkpoint(next(tmp_path.glob("**/checkpoints/last.ckpt")))
+    assert ckpt["global_step"] == 4
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_pickle_checkpoint_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "last.ckpt"
+    with open(bad, "wb") as fh:
+        pickle.dump({"state_dict": _Exploit(marker)}, fh)
+    with pytest.raises(WeightFileError, match="weights_only"):
+        read_lightning_checkpoint(bad)
+    with pytest.raises(WeightFileError):
+        export_checkpoint(bad, tmp_path / "out")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
