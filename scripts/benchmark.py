@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hypernet-steps", type=int, default=2000)
     p.add_argument("--functional-loss-weight", type=float, default=1.0, help="MLP hypernetwork functional loss")
     p.add_argument("--batch-size", type=int, default=64, help="generator batch size")
+    p.add_argument("--select-per-class", type=int, default=10,
+                   help="labelled examples per class for the 'generated best-of-N' row (0: no such row)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                       from_description=args.from_description, max_seen_tasks=args.max_seen_tasks,
                       max_unseen_tasks=args.max_unseen_tasks, sgd_tasks=args.sgd_tasks, sgd_ks=args.sgd_ks,
                       hypernet_steps=args.hypernet_steps, functional_loss_weight=args.functional_loss_weight,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, select_per_class=args.select_per_class)
     except WeightDiffError as exc:
         print(f"benchmark: error: {exc}", file=sys.stderr)
         return 2

@@ -90,6 +90,9 @@ class WeightDiffusion(L.LightningModule):
             (classifier-free guidance training).
         prediction_type, num_train_timesteps, beta_schedule: the diffusers noise schedule.
         functional_loss_weight: weight of the task cross-entropy of the decoded x̂0 (0 = off).
+        functional_weighting: per-sample weight of that loss over timesteps: ``"signal"`` = ᾱ_t
+            (trust x̂0 in proportion to the signal it carries), ``"uniform"`` = 1 at every t (the
+            estimate from pure noise must work too, which is what one-step sampling uses).
         lr, weight_decay, warmup_steps, grad_clip: AdamW with linear warm-up then cosine decay.
         ema_decay: EMA decay of the generator weights.
         val_sampler, val_steps: sampler used by the validation callback and by export defaults.
@@ -100,7 +103,8 @@ class WeightDiffusion(L.LightningModule):
                  cond_dropout: float = 0.1, prediction_type: PredictionType = "sample",
                  num_train_timesteps: int = 1000,
                  beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2",
-                 functional_loss_weight: float = 1.0, lr: float = 3e-4, weight_decay: float = 0.0,
+                 functional_loss_weight: float = 1.0,
+                 functional_weighting: Literal["signal", "uniform"] = "signal", lr: float = 3e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 100, ema_decay: float = 0.995, val_sampler: SamplerName = "ddim",
                  val_steps: int = 20):
         super().__init__()
@@ -166,7 +170,7 @@ class WeightDiffusion(L.LightningModule):
             params = tokenizer.decode_float(x0_hat)  # name -> (B, *shape), differentiable
             logits = target_net.forward_each(params, batch["fx"])  # (B, n, C)
             ce = F.cross_entropy(logits.flatten(0, 1), batch["fy"].flatten(), reduction="none").view(b, -1)
-            w = self.alphas_cumprod[t]  # trust x̂0 in proportion to the signal it carries
+            w = self.alphas_cumprod[t] if self.hparams.functional_weighting == "signal" else torch.ones_like(ce[:, 0])
             losses["functional"] = (w * ce.mean(1)).sum() / w.sum().clamp_min(1e-8)
         return losses
 

@@ -39,10 +39,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplerSettings:
+    """How samples are drawn.
+
+    ``temperature`` scales the initial noise x_T (1 = the trained prior; < 1 trades diversity
+    for samples nearer the conditional mode; 0 with the ``x0`` sampler is deterministic).
+    """
+
     steps: int = 20
     sampler: SamplerName = "ddim"
     guidance: float = 1.0
     seed: int = 0
+    temperature: float = 1.0
 
 
 @dataclass
@@ -133,7 +140,7 @@ class SamplerModule(L.LightningModule):
         spec = self.gen.config["spec"]
         shape = (len(spec["token_length"]), spec["token_size"])
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(self.settings.seed + int(i)))
-                             for i in batch])
+                             for i in batch]) * self.settings.temperature
         raw = self.cond.raw
         return sample_tokens(self.net, _to_device(raw, self.device), len(batch), self.gen.schedule,
                              token_size=shape[1], num_tokens=shape[0], steps=self.settings.steps,

@@ -144,9 +144,19 @@ class _ZooState:
         return linear, mlp
 
 
+def _best_of(z: _ZooState, task: Task, generated: dict[str, torch.Tensor], per_class: int, seed: int) -> int:
+    """Index of the generated sample most accurate on ``per_class`` labelled training examples per class."""
+    from weightdiff.train_loops import few_shot_indices
+
+    x, y = task.data().split("train")
+    idx = few_shot_indices(y, per_class, seed)
+    acc = z.target.accuracy(generated, x[idx], y[idx])
+    return int(torch.argmax(acc))  # first of the best on ties: deterministic
+
+
 def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.Tensor] | None,
-               noise_scales: Sequence[float]) -> dict[str, _Models]:
-    """Every row's models for one task."""
+               noise_scales: Sequence[float], best_of: tuple[str, int] | None = None) -> dict[str, _Models]:
+    """Every row's models for one task; ``best_of`` = (row name, index of the picked sample)."""
     rows: dict[str, _Models] = {}
     own = z.index.get(task.name, [])
     if seen:
@@ -158,6 +168,9 @@ def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.
     if generated is not None:
         n = next(iter(generated.values())).shape[0]
         rows["generated"] = _Models([f"sample_{i:04d}" for i in range(n)], generated)
+        if best_of is not None:  # uses labelled data: its own row, never mixed with zero-shot samples
+            name, i = best_of
+            rows[name] = _Models([f"sample_{i:04d}"], select(generated, [i]))
     if z.kind == "lora":
         rows["base without adapter"] = _Models(["zero-adapter"], zero_adapter(z.target))
     nearest = task.name if seen else nearest_task(task.code(), z.codes)
@@ -184,7 +197,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
                   sgd_seeds: Sequence[int] = (0,),
                   hypernet_steps: int = 2000, functional_loss_weight: float = 1.0,
                   noise_scales: Sequence[float] = NOISE_SCALES, batch_size: int = 64,
-                  progress: bool = True) -> dict[str, Any]:
+                  select_per_class: int | None = 10, progress: bool = True) -> dict[str, Any]:
     """Run the whole protocol on one suite and write the results under ``out``.
 
     Args:
@@ -201,6 +214,9 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         sgd_ks, sgd_seeds: examples per class and seeds of few-shot SGD.
         hypernet_steps, functional_loss_weight: MLP hypernetwork training.
         noise_scales: noise-added scales (fractions of each tensor's std).
+        select_per_class: adds the row "generated best-of-N": the one sample (of N) most accurate
+            on this many labelled training examples per class — compare it with few-shot SGD at
+            the same k, not with zero-shot rows (``None`` or 0: no such row).
 
     Returns:
         The results dict written to ``results.json`` (keys listed in ``report.RESULT_KEYS``).
@@ -271,7 +287,11 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         _, y_test = task.data().split("test")
         _, zoo_preds = evaluate_params(z.target, task, z.params)                  # (Z, N)
         stats = per_task[section].setdefault(name, {})
-        for row, m in _task_rows(z, task, section == "seen", generated, noise_scales).items():
+        best_of = None
+        if generated is not None and select_per_class:
+            best_of = (f"generated best-of-{num} ({select_per_class}/class labelled)",
+                       _best_of(z, task, generated, select_per_class, seed))
+        for row, m in _task_rows(z, task, section == "seen", generated, noise_scales, best_of).items():
             if m.params is not None:
                 acc, preds = evaluate_params(z.target, task, m.params)
                 distance = z.space.nearest_distance(m.params, m.exclude)
@@ -327,6 +347,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         "settings": {
             "model": str(model) if model is not None else None, "zoo": str(zoo), "num": num, "steps": steps,
             "sampler": sampler, "guidance": guidance, "seed": seed, "from_description": from_description,
+            "select_per_class": select_per_class,
             "condition": gen.config["model"]["condition"] if gen is not None else None,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "seen_tasks": seen_tasks, "unseen_tasks": unseen_tasks,
