@@ -350,11 +350,16 @@ class TextCondition(ConditionProvider):
         text_dim, numeric_dim: the two parts of the raw input ``(B, text_dim + numeric_dim)``.
         use_numeric: read the numeric features (False: text embedding only, for ablations; the
             raw input keeps both parts so data pipelines need not change).
+        text_dropout: in training, the probability of hiding a row's sentence embedding so that
+            the numeric path alone must carry the task: a frozen sentence embedding of an unseen
+            number is out of distribution, and a model that leans on it does not interpolate.
     """
 
-    def __init__(self, hidden: int, text_dim: int = TEXT_DIM, numeric_dim: int = NUMERIC_DIM, use_numeric: bool = True):
+    def __init__(self, hidden: int, text_dim: int = TEXT_DIM, numeric_dim: int = NUMERIC_DIM, use_numeric: bool = True,
+                 text_dropout: float = 0.0):
         super().__init__(hidden)
         self.text_dim, self.numeric_dim, self.use_numeric = text_dim, numeric_dim, use_numeric
+        self.text_dropout = text_dropout
         self.raw_dim = text_dim + numeric_dim
         self.text_proj = nn.Linear(text_dim, hidden)
         # A nonlinear path for the numbers: (cos, sin, flags) -> features the blocks can use.
@@ -368,7 +373,11 @@ class TextCondition(ConditionProvider):
             raise ConditionError(f"text condition has shape {tuple(raw.shape)}, expected (B, {self.raw_dim}) "
                                  f"= sentence embedding ({self.text_dim}) + numeric features ({self.numeric_dim})")
         # Unit-norm embeddings have entries ~ 1/sqrt(dim); rescale to ~unit entries like the numbers.
-        h = self.text_proj(raw[:, :self.text_dim] * math.sqrt(self.text_dim))
+        text = raw[:, :self.text_dim] * math.sqrt(self.text_dim)
+        if self.training and self.text_dropout > 0:
+            keep = torch.rand(text.shape[0], 1, device=text.device) >= self.text_dropout
+            text = text * keep
+        h = self.text_proj(text)
         if self.numeric_mlp is not None:
             h = h + self.numeric_mlp(raw[:, self.text_dim:])
         return self.out(h)  # (B, hidden)
@@ -478,7 +487,7 @@ class NoCondition(ConditionProvider):
 def build_condition(kind: ConditionKind, hidden: int, *, raw_dim: int | None = None, text_dim: int = TEXT_DIM,
                     numeric_dim: int | None = None, use_numeric: bool = True, code_dim: int | None = None,
                     x_dim: int | None = None, num_classes: int | None = None, layers: int = 2, heads: int = 4,
-                    pooling: Literal["attention", "mean"] = "attention") -> ConditionProvider:
+                    pooling: Literal["attention", "mean"] = "attention", text_dropout: float = 0.0) -> ConditionProvider:
     """Build the provider for a condition kind.
 
     ``raw_dim`` is the generic raw width a data module reports: for ``text`` it fixes
@@ -493,7 +502,8 @@ def build_condition(kind: ConditionKind, hidden: int, *, raw_dim: int | None = N
             numeric_dim = raw_dim - text_dim
             if numeric_dim < 0:
                 raise ConditionError(f"text condition: raw_dim={raw_dim} is smaller than text_dim={text_dim}")
-        return TextCondition(hidden, text_dim, NUMERIC_DIM if numeric_dim is None else numeric_dim, use_numeric)
+        return TextCondition(hidden, text_dim, NUMERIC_DIM if numeric_dim is None else numeric_dim, use_numeric,
+                             text_dropout)
     if kind == "code":
         code_dim = code_dim if code_dim is not None else raw_dim
         if code_dim is None:

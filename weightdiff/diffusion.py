@@ -40,10 +40,11 @@ class Generator(nn.Module):
     """
 
     def __init__(self, spec: dict[str, Any], hidden: int, depth: int, heads: int, mlp_ratio: float,
-                 cross_attention: bool, condition: ConditionKind):
+                 cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0):
         super().__init__()
         self.condition_kind = condition
-        self.cond = build_condition(condition, hidden, **spec["condition_dims"])
+        extra = {"text_dropout": text_dropout} if condition == "text" else {}
+        self.cond = build_condition(condition, hidden, **spec["condition_dims"], **extra)
         self.denoiser = WeightDiT(token_size=spec["token_size"], num_tensors=spec["num_tensors"],
                                   max_chunks=spec["max_chunks"], max_depth=spec["max_depth"],
                                   num_kinds=spec["num_kinds"], hidden=hidden, depth=depth, heads=heads,
@@ -88,6 +89,8 @@ class WeightDiffusion(L.LightningModule):
             labelled examples, or none (unconditional).
         cond_dropout: probability of replacing a condition by the learned null embedding
             (classifier-free guidance training).
+        text_dropout: (text condition) probability of hiding the sentence embedding of a row so
+            the parsed numbers must carry the task alone.
         prediction_type, num_train_timesteps, beta_schedule: the diffusers noise schedule.
         functional_loss_weight: weight of the task cross-entropy of the decoded x̂0 (0 = off).
         functional_weighting: per-sample weight of that loss over timesteps: ``"signal"`` = ᾱ_t
@@ -100,7 +103,7 @@ class WeightDiffusion(L.LightningModule):
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
                  mlp_ratio: float = 4.0, cross_attention: bool = False, condition: ConditionKind = "text",
-                 cond_dropout: float = 0.1, prediction_type: PredictionType = "sample",
+                 cond_dropout: float = 0.1, text_dropout: float = 0.0, prediction_type: PredictionType = "sample",
                  num_train_timesteps: int = 1000,
                  beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2",
                  functional_loss_weight: float = 1.0,
@@ -112,7 +115,7 @@ class WeightDiffusion(L.LightningModule):
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
         self.save_hyperparameters()
         self.schedule = ScheduleConfig(num_train_timesteps, beta_schedule, prediction_type)
-        self.generator = Generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition)
+        self.generator = Generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition, text_dropout)
         self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.register_buffer("alphas_cumprod", self.schedule.training_scheduler().alphas_cumprod.float(),
