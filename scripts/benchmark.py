@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sgd-tasks", type=int, default=None,
                    help="unseen tasks (seen for full suites) that get few-shot SGD (default: all; 0: skip)")
     p.add_argument("--sgd-ks", type=_ks, default=list(DEFAULT_KS), help="comma-separated, e.g. 1,5,10,50,all")
-    p.add_argument("--hypernet-steps", type=int, default=2000)
-    p.add_argument("--functional-loss-weight", type=float, default=1.0, help="MLP hypernetwork functional loss")
+    p.add_argument("--hypernet-steps", type=int, default=None,
+                   help="MLP hypernetwork steps (default: as many as the generator's, at least 2000)")
+    p.add_argument("--functional-loss-weight", type=float, default=None,
+                   help="MLP hypernetwork functional loss weight (default: the generator's own)")
     p.add_argument("--batch-size", type=int, default=64, help="generator batch size")
     p.add_argument("--select-per-class", type=int, default=10,
                    help="labelled examples per class for the 'generated best-of-N' row (0: no such row)")

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
 from pathlib import Path
 
 from weightdiff.errors import ConditionError
 
-log = logging.getLogger("weightdiff")
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -24,7 +20,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     gen = load_generator(args.model)
     cond = make_condition(gen, task=args.task, description=args.description, examples=args.examples,
                           seed=args.seed)
-    settings = SamplerSettings(steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed)
+    sampling = gen.config.get("sampling", {})  # the sampler the generator was validated with
+    settings = SamplerSettings(steps=args.steps or sampling.get("steps", 20),
+                               sampler=args.sampler or sampling.get("sampler", "ddim"),
+                               guidance=args.guidance, seed=args.seed, temperature=args.temperature)
     if args.select_with is not None:
         if args.task is None:
             raise ConditionError("--select-with needs --task (the labelled examples come from the task)")
@@ -48,8 +47,10 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--examples", type=int, default=None,
                    help="labelled examples of --task fed to an examples-conditioned generator")
     p.add_argument("--num", type=int, default=4, help="number of samples")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--sampler", choices=["ddim", "dpm", "x0"], default="ddim")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the generator's)")
+    p.add_argument("--sampler", choices=["ddim", "dpm", "x0"], default=None,
+                   help="ddim / dpm (DPM-Solver++) / x0 (one-step clean estimate); default: the generator's")
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of the initial noise")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
@@ -86,10 +87,3 @@ def add_pipeline_parsers(sub) -> None:
     add_evaluate_parser(sub)
     add_demo_parser(sub)
 
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2)

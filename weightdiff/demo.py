@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from weightdiff.errors import WeightDiffError
+from weightdiff.io import read_json
 
 log = logging.getLogger("weightdiff.demo")
 
@@ -81,8 +82,10 @@ def run_demo(run_dir: Path, *, zoo_config: Path, fit_config: Path, workers: int 
 
     t0 = _stage(4, "sample adapters for held-out tasks from free-text descriptions, and benchmark")
     bench_dir = run_dir / "benchmark"
+    sampling = read_json(gen_dir / "config.json", "generator config").get("sampling", {})
+    kwargs = {"sampler": sampling.get("sampler", "ddim"), "steps": sampling.get("steps", 20), **(bench_kwargs or {})}
     results = run_benchmark(suite="adapt-lora", model=gen_dir, zoo=zoo_path, out=bench_dir,
-                            from_description=True, **(bench_kwargs or {}))
+                            from_description=True, **kwargs)
     _done(t0, f"benchmark written to {bench_dir}")
     print("\n" + (bench_dir / "results.md").read_text(), flush=True)
     print(f"Run folder: {run_dir.resolve()}  (total {time.perf_counter() - t_all:.0f} s)", flush=True)

@@ -79,6 +79,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
             "spec": hp["spec"],
             "schedule": schedule.to_dict(),
             "sampling": {"sampler": hp["val_sampler"], "steps": hp["val_steps"]},
+            "training": {k: hp.get(k) for k in ("functional_loss_weight", "functional_weighting", "cond_dropout",
+                                                "text_dropout", "lr", "ema_decay")},
             "data": data_hp,
             "zoo": {**hp["spec"]["zoo"], "recipe": zoo.recipe if isinstance(zoo.recipe, dict) else None},
             "global_step": int(state.get("global_step", 0)),

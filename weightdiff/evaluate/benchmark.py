@@ -195,7 +195,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
                   seed: int = 0, max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None,
                   sgd_tasks: int | None = None, sgd_ks: Sequence[int | str] = DEFAULT_KS,
                   sgd_seeds: Sequence[int] = (0,),
-                  hypernet_steps: int = 2000, functional_loss_weight: float = 1.0,
+                  hypernet_steps: int | None = None, functional_loss_weight: float | None = None,
                   noise_scales: Sequence[float] = NOISE_SCALES, batch_size: int = 64,
                   select_per_class: int | None = 10, progress: bool = True) -> dict[str, Any]:
     """Run the whole protocol on one suite and write the results under ``out``.
@@ -212,7 +212,10 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         sgd_tasks: how many unseen tasks (seen for full suites), spread over the held-out kinds,
             get few-shot SGD (``None``: all; 0 skips it).
         sgd_ks, sgd_seeds: examples per class and seeds of few-shot SGD.
-        hypernet_steps, functional_loss_weight: MLP hypernetwork training.
+        hypernet_steps, functional_loss_weight: MLP hypernetwork training. By default both follow
+            the generator: as many steps as it was trained for (at least 2000) and its functional
+            loss weight, so the baseline gets the same losses and the same step budget (1.0 and
+            2000 without a generator).
         noise_scales: noise-added scales (fractions of each tensor's std).
         select_per_class: adds the row "generated best-of-N": the one sample (of N) most accurate
             on this many labelled training examples per class — compare it with few-shot SGD at
@@ -241,6 +244,11 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         if gen.kind != kind or gen.config["zoo"].get("family") != family:
             raise ModelDirError(f"generator {model} was trained on a {gen.kind} zoo of family "
                                 f"'{gen.config['zoo'].get('family')}', but suite '{suite}' is {kind}/{family}")
+    trained = gen.config.get("training", {}) if gen is not None else {}
+    if functional_loss_weight is None:
+        functional_loss_weight = float(trained.get("functional_loss_weight") or 1.0)
+    if hypernet_steps is None:
+        hypernet_steps = max(2000, int(gen.config.get("global_step", 0)) if gen is not None else 0)
     z = _ZooState(zoo_obj, num=num, seed=seed)
     log.info("fitting hypernetworks (%d steps)", hypernet_steps)
     hyper = z.fit_hypernets(hypernet_steps, functional_loss_weight)
@@ -347,7 +355,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         "settings": {
             "model": str(model) if model is not None else None, "zoo": str(zoo), "num": num, "steps": steps,
             "sampler": sampler, "guidance": guidance, "seed": seed, "from_description": from_description,
-            "select_per_class": select_per_class,
+            "select_per_class": select_per_class, "hypernet_functional_loss_weight": functional_loss_weight,
             "condition": gen.config["model"]["condition"] if gen is not None else None,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "seen_tasks": seen_tasks, "unseen_tasks": unseen_tasks,
