@@ -173,6 +173,18 @@ def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> tuple[Path
     return out / "results.json", md
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    """Write a figure as PNG atomically and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_distributions(accs: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
     """Box plots of per-model accuracies for every row, one panel per section (``{section: {row: accs}}``)."""
     import matplotlib
@@ -195,12 +207,7 @@ def plot_accuracy_distributions(accs: Mapping[str, Mapping[str, Sequence[float]]
         ax.set_xlabel("test accuracy (%)")
         ax.set_title(f"{section} tasks")
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_accuracy_vs_iou(results: Mapping[str, Any], path: str | Path,
@@ -247,9 +254,4 @@ def plot_accuracy_vs_iou(results: Mapping[str, Any], path: str | Path,
         ax.set_title(f"{section} tasks")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
