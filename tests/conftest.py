@@ -11,6 +11,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """One intra-op thread for the whole session: the tests run small ops, which are fastest on
+    one thread, and on a shared 2-core machine more threads only oversubscribe it (a tiny fit runs
+    5-10x slower). Session-scoped and autouse so it precedes the shared zoo/fit fixtures."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep text-embedding and sample caches out of the user's home during tests."""
     os.environ.setdefault("WEIGHTDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))

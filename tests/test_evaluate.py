@@ -22,13 +22,6 @@ from weightdiff.nets import Target
 from weightdiff.tasks import get_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops run fastest on one thread; on a shared CPU more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _random_nets(task, num: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch
 
 from weightdiff.errors import ModelDirError, WeightFileError
 from weightdiff.io import atomic_path, load_weights, read_json, save_weights, write_json
+from weightdiff.layout import LAYOUT_FILE
 from weightdiff.schedule import ScheduleConfig
 from weightdiff.tokenizer import WeightTokenizer
 
@@ -146,11 +147,23 @@ def load_generator(path: str | Path) -> LoadedGenerator:
     net = Generator(config["spec"], m["hidden"], m["depth"], m["heads"], m["mlp_ratio"], m["cross_attention"],
                     m["condition"])
     weights = load_weights(path / "generator.safetensors")
+    expected = net.state_dict()
+    for key, value in weights.items():
+        if key in expected and value.shape != expected[key].shape:
+            raise ModelDirError(f"{path / 'generator.safetensors'}: tensor '{key}' has shape {tuple(value.shape)}, "
+                                f"expected {tuple(expected[key].shape)} from config.json")
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ModelDirError(f"{path / 'generator.safetensors'} does not match config.json: "
                             f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     net.eval()
     tokenizer = WeightTokenizer.load(path / "tokenizer")
+    spec, layout = config["spec"], tokenizer.layout
+    if (layout.token_size, layout.token_length.tolist()) != (spec["token_size"], spec["token_length"]):
+        # A layout of another network would only fail after sampling, when decoding the tokens.
+        raise ModelDirError(f"{path / 'tokenizer' / LAYOUT_FILE} does not match config.json: the layout has "
+                            f"{layout.num_tokens} tokens of size {layout.token_size}, expected "
+                            f"{len(spec['token_length'])} tokens of size {spec['token_size']} with the same "
+                            "per-token lengths (is the tokenizer from another network?)")
     return LoadedGenerator(net=net, schedule=ScheduleConfig(**config["schedule"]), tokenizer=tokenizer,
                            config=config, path=path)

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from weightdiff.errors import NonFiniteWeightsError, WeightFileError
 
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2, zip container of torch.save
+# pickle protocols 2-5 (PROTO opcode + version), zip container of torch.save
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -129,7 +130,8 @@ def load_weights(path: str | os.PathLike, *, check_nonfinite: bool = True) -> di
     # A safetensors file starts with a little-endian u64 header length, then the JSON header.
     header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
     if not (len(head) == 9 and head[8:9] == b"{" and 0 < header_len <= size - 8):
-        if any(head.startswith(m) for m in _PICKLE_MAGIC):
+        # A truncated safetensors file keeps its '{' at byte 8 (its length prefix may start with 0x80).
+        if head[8:9] != b"{" and any(head.startswith(m) for m in _PICKLE_MAGIC):
             raise WeightFileError(f"{path} is a pickle/torch.save file; only safetensors weights are accepted "
                                   "(pickles can execute code and are never loaded)")
         raise WeightFileError(f"{path} is not a safetensors file (bad header: {size} bytes, "

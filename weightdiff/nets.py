@@ -356,8 +356,16 @@ class Target:
         directory = Path(path)
         if not (directory / ADAPTER_CONFIG_FILE).is_file():
             raise WeightFileError(f"adapter directory {directory} has no {ADAPTER_CONFIG_FILE}")
-        read_json(directory / ADAPTER_CONFIG_FILE, "adapter config")  # corrupt JSON → WeightFileError
-        model = PeftModel.from_pretrained(copy.deepcopy(self.module), str(directory))
+        cfg = read_json(directory / ADAPTER_CONFIG_FILE, "adapter config")  # corrupt JSON → WeightFileError
+        if isinstance(cfg, dict) and "r" in cfg and cfg["r"] != self.lora_config.r:
+            # PEFT would build rank-r layers and fail copying the (checked) tensors into them.
+            raise TargetMismatchError(f"{directory / ADAPTER_CONFIG_FILE}: 'r' is {cfg['r']!r}, expected "
+                                      f"{self.lora_config.r} (the rank of the adapter tensors and of this target)")
+        try:
+            model = PeftModel.from_pretrained(copy.deepcopy(self.module), str(directory))
+        except (RuntimeError, ValueError, TypeError) as exc:  # any other config/tensor disagreement
+            raise TargetMismatchError(f"{directory}: PEFT cannot load this adapter: "
+                                      f"{str(exc).strip().splitlines()[-1]}") from None
         loaded = {name: float(layer.scaling["default"]) for name, layer in model.base_model.model.named_modules()
                   if isinstance(layer, LoraLayer)}
         for slot in self._slots:

@@ -238,7 +238,10 @@ def target_for(weights: WeightSet, task: Task, base: str | os.PathLike | None = 
                                   "pass --base PATH")
         assert weights.adapter_config is not None
         target = Target.lora(load_base_module(task, base_path), make_lora_config(_lora_kwargs(weights.adapter_config)))
-    target.check(weights.params, str(weights.sources[0].parent if weights.sources else "weights"), batched=True)
+    source = str(weights.sources[0]) if weights.sources else "weights"
+    if len(weights.sources) > 1:  # every set has the first one's keys and shapes (load_weight_sets)
+        source += f" (and {len(weights.sources) - 1} more checkpoints with the same tensors)"
+    target.check(weights.params, source, batched=True)
     return target
 
 

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from weightdiff.errors import ManifestError, WeightDiffError, WeightFileError
-from weightdiff.io import load_weights, read_json
+from weightdiff.io import check_finite, load_weights, read_json
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, PARENTS_DIR, entry_problem,
                                      network_problem, read_row, read_zoo_json)
 from weightdiff.zoo.recipe import Recipe
@@ -137,6 +137,7 @@ class Zoo:
         Raises:
             ManifestError: unknown entry id or key.
             WeightFileError: the weight file is missing or not safetensors.
+            NonFiniteWeightsError: a requested tensor holds NaN/Inf (naming the file and tensor).
         """
         path = self.weight_path(entry_id)
         try:
@@ -146,9 +147,11 @@ class Zoo:
                 unknown = [k for k in wanted if k not in names]
                 if unknown:
                     raise ManifestError(f"{path}: no tensor '{unknown[0]}'; the file holds {names}")
-                return {k: f.get_tensor(k) for k in wanted}
+                tensors = {k: f.get_tensor(k) for k in wanted}
         except (SafetensorError, OSError) as exc:
             raise WeightFileError(f"{path} is not a readable safetensors file: {exc}") from None
+        check_finite(tensors, str(path))  # a diverged run must not reach training as data
+        return tensors
 
     def base_state(self) -> dict[str, torch.Tensor]:
         """State dict of the frozen base network (LoRA zoos)."""
