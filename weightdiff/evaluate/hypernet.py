@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
 
 from weightdiff.nets import Target
 
@@ -203,18 +202,6 @@ class HypernetTrainConfig:
     seed: int = 0
 
 
-def forward_each(target: Target, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Logits ``(S, n, C)`` of weight set ``s`` on its own inputs ``x[s]`` (``x: (S, n, ...)``)."""
-    if hasattr(target, "forward_each"):
-        return target.forward_each(params, x)
-    module = target.module
-
-    def one(p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-        return functional_call(module, target.merged_params(p), (xb,))  # (n, C)
-
-    return vmap(one)(dict(params), x)
-
-
 def train_mlp_hypernet(target: Target, codec: ParamCodec, conds: torch.Tensor, flat: torch.Tensor,
                        row_task: torch.Tensor, task_data: Sequence[tuple[torch.Tensor, torch.Tensor]],
                        config: HypernetTrainConfig = HypernetTrainConfig()) -> tuple[MLPHypernet, list[float]]:
@@ -255,7 +242,7 @@ def train_mlp_hypernet(target: Target, codec: ParamCodec, conds: torch.Tensor, f
                 pick = torch.randint(x.shape[0], (config.functional_batch,), generator=gen)
                 xs.append(x[pick])
                 ys.append(y[pick])
-            logits = forward_each(target, codec.unflatten(pred), torch.stack(xs))  # (B, n, C)
+            logits = target.forward_each(codec.unflatten(pred), torch.stack(xs))  # (B, n, C)
             ce = F.cross_entropy(logits.flatten(0, 1), torch.stack(ys).flatten())
             loss = loss + config.functional_loss_weight * ce
         opt.zero_grad(set_to_none=True)
