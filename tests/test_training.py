@@ -90,3 +90,17 @@ def test_malicious_pickle_checkpoint_is_refused_not_executed(tmp_path):
         export_checkpoint(bad, tmp_path / "out")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("canonicalize", [False, True])
+def test_datamodule_encodes_entries_exactly_as_the_tokenizer_was_fitted(tiny_lora_zoo, canonicalize):
+    from weightdiff.canonical import canonicalize_lora
+    from weightdiff.data import ZooDataModule
+
+    dm = ZooDataModule(zoo=str(tiny_lora_zoo), token_size=32, canonicalize=canonicalize, condition="code",
+                       functional_batch=0)
+    dm.setup("fit")
+    row = dm.train_rows[0]
+    raw = dm.zoo.load(row["id"])
+    expected = canonicalize_lora(raw) if canonicalize else raw
+    assert torch.equal(dm._train.tokens[0], dm.tokenizer.encode(expected)[0])

@@ -16,6 +16,7 @@ trains on them), so ``val/weight_loss`` measures generalisation to unseen tasks.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -78,17 +79,17 @@ class ZooTokenDataset(Dataset):
     MB); otherwise each item is read lazily from the memory-mapped safetensors file.
     """
 
-    def __init__(self, zoo: Zoo, rows: list[dict], tokenizer: WeightTokenizer, conds: TaskConditions,
-                 reference: dict | None, *, num_examples: int, functional_batch: int, seed: int, cache: bool):
-        self.zoo, self.rows, self.tokenizer, self.conds = zoo, rows, tokenizer, conds
-        self.reference, self.num_examples, self.functional_batch = reference, num_examples, functional_batch
+    def __init__(self, rows: list[dict], prepare: Callable[[dict], dict[str, torch.Tensor]],
+                 tokenizer: WeightTokenizer, conds: TaskConditions, *, num_examples: int, functional_batch: int,
+                 seed: int, cache: bool):
+        self.rows, self.prepare, self.tokenizer, self.conds = rows, prepare, tokenizer, conds
+        self.num_examples, self.functional_batch = num_examples, functional_batch
         self.seed = seed
         self._epoch_calls = 0
         self.tokens = torch.stack([self._encode(r) for r in rows]) if cache else None
 
     def _encode(self, row: dict) -> torch.Tensor:
-        state = prepare_state(self.zoo.load(row["id"]), self.zoo.kind, self.reference)
-        return self.tokenizer.encode(state)[0]
+        return self.tokenizer.encode(self.prepare(row))[0]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -155,13 +156,16 @@ class ZooDataModule(L.LightningDataModule):
             return None
         return self.zoo.load(self.train_rows[0]["id"])
 
+    def prepared(self, row: dict) -> dict[str, torch.Tensor]:
+        """A zoo entry as the tokenizer sees it (canonicalised when ``canonicalize`` is set)."""
+        return prepare_state(self.zoo.load(row["id"]), self.zoo.kind, self.reference,
+                             canonicalize=self.hparams.canonicalize)
+
     @cached_property
     def tokenizer(self) -> WeightTokenizer:
-        prepare = lambda r: prepare_state(self.zoo.load(r["id"]), self.zoo.kind, self.reference,
-                                          canonicalize=self.hparams.canonicalize)
-        tok = WeightTokenizer.from_state_dict(prepare(self.train_rows[0]), token_size=self.hparams.token_size)
+        tok = WeightTokenizer.from_state_dict(self.prepared(self.train_rows[0]), token_size=self.hparams.token_size)
         if self.hparams.normalize:
-            tok = tok.fit(prepare(r) for r in self.train_rows)
+            tok = tok.fit(self.prepared(r) for r in self.train_rows)
         return tok
 
     @cached_property
@@ -195,11 +199,11 @@ class ZooDataModule(L.LightningDataModule):
         common = dict(num_examples=self.hparams.num_examples, functional_batch=self.hparams.functional_batch,
                       cache=self.hparams.cache_tokens)
         if self._train is None:
-            self._train = ZooTokenDataset(self.zoo, self.train_rows, self.tokenizer, self.conditions,
-                                          self.reference, seed=self.hparams.seed, **common)
+            self._train = ZooTokenDataset(self.train_rows, self.prepared, self.tokenizer, self.conditions,
+                                          seed=self.hparams.seed, **common)
         if self._val is None:
             rows = self.heldout_rows or self.train_rows[: max(1, len(self.train_rows) // 10)]
-            self._val = ZooTokenDataset(self.zoo, rows, self.tokenizer, self.conditions, self.reference,
+            self._val = ZooTokenDataset(rows, self.prepared, self.tokenizer, self.conditions,
                                         seed=self.hparams.seed + 1, **common)
 
     def train_dataloader(self) -> DataLoader:

@@ -83,7 +83,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
             "training": {k: hp.get(k) for k in ("functional_loss_weight", "functional_weighting", "cond_dropout",
                                                 "text_dropout", "lr", "ema_decay")},
             "data": data_hp,
-            "zoo": {**hp["spec"]["zoo"], "recipe": zoo.recipe if isinstance(zoo.recipe, dict) else None},
+            "zoo": {**hp["spec"]["zoo"], "recipe": zoo.recipe},
             "global_step": int(state.get("global_step", 0)),
         }
         write_json(tmp / "config.json", json.loads(json.dumps(config, default=str)))

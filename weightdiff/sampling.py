@@ -182,9 +182,7 @@ def write_samples(gen: LoadedGenerator, tokens: torch.Tensor, cond: Condition, s
     ``PeftModel.from_pretrained`` on the zoo's base network.
     """
     out = Path(out)
-    adapter_config = None
-    if gen.kind == "lora":
-        adapter_config = json.loads((gen.path / "base" / "adapter_config.json").read_text())
+    adapter_config = gen.adapter_config() if gen.kind == "lora" else None
     dirs = []
     for i in range(tokens.shape[0]):
         state = gen.tokenizer.decode(tokens[i], base=None)
