@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from weightdiff.tokenizer import WeightTokenizer
+from weightdiff.weights.tokenizer import WeightTokenizer
 
 
 def realistic_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 
 from weightdiff.tasks import get_task
 from weightdiff.tasks.rotdigits import DEFAULT_ADAPTER_TRAINING, DEFAULT_LORA_CONFIG
-from weightdiff.train_loops import evaluate_module, train_base, train_lora_adapter
+from weightdiff.zoo.training import evaluate_module, train_base, train_lora_adapter
 
 DEFAULT_TASKS = [
     "rotdigits:angle=10", "rotdigits:angle=-30", "rotdigits:angle=45,flip=1", "rotdigits:angle=-60,flip=1",

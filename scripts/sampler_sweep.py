@@ -15,7 +15,7 @@ import argparse
 import time
 
 from weightdiff.evaluate.benchmark import heldout_description
-from weightdiff.export import load_generator
+from weightdiff.models.generator import load_generator
 from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
 from weightdiff.tasks import get_task
 from weightdiff.zoo import Zoo

@@ -51,7 +51,7 @@ def fit_args(zoo: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_lora_zoo, tmp_path_factory) -> Path:
     """A finished tiny `fit` run (its folder holds metrics.csv and checkpoints/last.ckpt)."""
-    from weightdiff.cli import run_lightning_cli
+    from weightdiff.training.lightning_cli import run_lightning_cli
 
     out = tmp_path_factory.mktemp("fit")
     run_lightning_cli(fit_args(tiny_lora_zoo, out))
@@ -61,7 +61,7 @@ def tiny_run(tiny_lora_zoo, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_run, tmp_path_factory) -> Path:
     """The tiny run exported (the artefact `sample` loads)."""
-    from weightdiff.export import export_checkpoint
+    from weightdiff.training.export import export_checkpoint
 
     ckpt = next(tiny_run.glob("**/checkpoints/last.ckpt"))
     return export_checkpoint(ckpt, tmp_path_factory.mktemp("gen") / "generator")

@@ -49,16 +49,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REPO
-from weightdiff.conditioning import CodeCondition, ExampleSetCondition, check_description
+from weightdiff.models.conditioning import CodeCondition, ExampleSetCondition, check_description
 from weightdiff.errors import (ConditionError, LayoutFileError, LayoutMismatchError, ManifestError, ModelDirError,
                                NonFiniteWeightsError, TargetMismatchError, WeightDiffError, WeightFileError)
 from weightdiff.evaluate.weights import find_weight_paths, load_weight_sets, target_for
-from weightdiff.export import load_generator
+from weightdiff.models.generator import load_generator
 from weightdiff.io import load_weights, save_weights, sha256_file
-from weightdiff.nets import DigitsCNN
+from weightdiff.tasks.networks import DigitsCNN
 from weightdiff.sampling import SamplerSettings, make_condition, sample
 from weightdiff.tasks import get_task
-from weightdiff.tokenizer import WeightTokenizer
+from weightdiff.weights.tokenizer import WeightTokenizer
 from weightdiff.zoo import Zoo
 from weightdiff.zoo.manifest import REQUIRED_FIELDS, entry_problem
 

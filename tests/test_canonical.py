@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from weightdiff.canonical import (
+from weightdiff.weights.canonical import (
     AxisRef,
     aligned_distance,
     align_to_reference,
@@ -193,7 +193,7 @@ def test_canonicalize_lora_state_dict_names_and_errors() -> None:
     for layer in ("q", "v"):
         torch.testing.assert_close(out[f"m.{layer}.lora_B.weight"] @ out[f"m.{layer}.lora_A.weight"],
                                    sd[f"m.{layer}.lora_B.weight"] @ sd[f"m.{layer}.lora_A.weight"])
-    assert torch.equal(canonicalize(sd)["m.q.lora_A.weight"], out["m.q.lora_A.weight"])
+    assert torch.equal(canonicalize(sd, "lora")["m.q.lora_A.weight"], out["m.q.lora_A.weight"])
     broken = dict(sd)
     del broken["m.q.lora_B.weight"]
     with pytest.raises(CanonicalizationError, match="'m.q.lora_A.weight' has no partner 'm.q.lora_B.weight'"):

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from weightdiff.conditioning import (
-    NUMERIC_DIM,
+from weightdiff.models.conditioning import (
     TEXT_DIM,
     CodeCondition,
     ExampleSetCondition,
@@ -20,10 +19,9 @@ from weightdiff.conditioning import (
     TextEncoder,
     build_condition,
     default_cache_dir,
-    parse_description,
-    parse_numeric_features,
 )
 from weightdiff.errors import ConditionError
+from weightdiff.tasks.numeric import NUMERIC_DIM, parse_description, parse_numeric_features
 
 H = 32
 
@@ -38,7 +36,7 @@ def encoder(tmp_path_factory) -> TextEncoder:
 
 
 def test_import_does_no_work():
-    code = "import sys, weightdiff.conditioning; print('transformers' in sys.modules)"
+    code = "import sys, weightdiff.models.conditioning; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

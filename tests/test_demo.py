@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from weightdiff.demo import run_demo
-from weightdiff.export import load_generator
+from weightdiff.models.generator import load_generator
 from tests.conftest import REPO
 
 

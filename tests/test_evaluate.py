@@ -18,7 +18,7 @@ from weightdiff.evaluate.novelty import ComparisonSpace, nearest_zoo_distance, w
 from weightdiff.evaluate.report import RESULT_KEYS, aggregate, slug, task_stats, write_results
 from weightdiff.evaluate.weights import evaluate_params, find_weight_paths, load_weight_sets, target_for
 from weightdiff.io import save_weights
-from weightdiff.nets import Target
+from weightdiff.targets import Target
 from weightdiff.tasks import get_task
 
 
@@ -100,7 +100,7 @@ def test_nearest_distance_and_spacing():
 
 
 def test_comparison_space_ignores_symmetries(digits):
-    from weightdiff.canonical import permute_state_dict, random_permutations, sequential_permutation_spec
+    from weightdiff.weights.canonical import permute_state_dict, random_permutations, sequential_permutation_spec
 
     target = Target.full(digits.build_network())
     zoo = _random_nets(digits, 3)
@@ -267,10 +267,9 @@ def test_run_benchmark_end_to_end_with_a_stub_generator(tiny_zoos, tmp_path, mon
     """The whole protocol on a tiny zoo; the generator is replaced by noisy copies of zoo adapters."""
     import numpy as np
 
-    import weightdiff.export
-    import weightdiff.sampling
+    import weightdiff.evaluate.benchmark
     from weightdiff.evaluate.benchmark import heldout_description, run_benchmark
-    from weightdiff.tokenizer import WeightTokenizer
+    from weightdiff.weights.tokenizer import WeightTokenizer
     from weightdiff.zoo import Zoo
 
     zoo = Zoo.open(tiny_zoos[0])
@@ -288,10 +287,10 @@ def test_run_benchmark_end_to_end_with_a_stub_generator(tiny_zoos, tmp_path, mon
         return tok.encode_batch([sds[i % len(sds)] for i in range(num)]) + 0.01 * torch.randn(
             num, *tok.encode_batch(sds[:1]).shape[1:], generator=gen_), False
 
-    monkeypatch.setattr(weightdiff.export, "load_generator", lambda path: Stub())
-    monkeypatch.setattr(weightdiff.sampling, "make_condition",
+    monkeypatch.setattr(weightdiff.evaluate.benchmark, "load_generator", lambda path: Stub())
+    monkeypatch.setattr(weightdiff.evaluate.benchmark, "make_condition",
                         lambda gen, task=None, description=None, **kw: description)
-    monkeypatch.setattr(weightdiff.sampling, "generate_tokens", fake_generate)
+    monkeypatch.setattr(weightdiff.evaluate.benchmark, "generate_tokens", fake_generate)
     r = run_benchmark("adapt-lora", "stub-model", tiny_zoos[0], tmp_path / "bench", num=3, hypernet_steps=20,
                       sgd_tasks=1, sgd_ks=(1, "all"), from_description=True, progress=False)
     assert set(RESULT_KEYS) <= set(r)

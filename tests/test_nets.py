@@ -13,7 +13,8 @@ from torch import nn
 
 from weightdiff.errors import TargetMismatchError, WeightFileError
 from weightdiff.io import save_weights
-from weightdiff.nets import DigitsCNN, DigitsMLP, MNIST1DCNN, Target
+from weightdiff.targets import Target
+from weightdiff.tasks.networks import DigitsCNN, DigitsMLP, MNIST1DCNN
 
 
 def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -223,7 +224,7 @@ def test_lora_config_validation() -> None:
         Target.lora(base, {"peft_type": "IA3", "target_modules": ["fc1"]})
     # an adapter_config.json written by save() builds the same target
     target = Target.lora(base, {"r": 4, "lora_alpha": 8, "target_modules": ["fc1"]})
-    from weightdiff.nets import _json_config
+    from weightdiff.targets import _json_config
 
     again = Target.lora(base, json.loads(json.dumps(_json_config(target.lora_config))))
     assert again.param_shapes() == target.param_shapes()
@@ -231,7 +232,7 @@ def test_lora_config_validation() -> None:
 
 # ---------------------------------------------------------------- training loops
 from weightdiff.tasks import get_task  # noqa: E402
-from weightdiff.train_loops import (  # noqa: E402
+from weightdiff.zoo.training import (  # noqa: E402
     base_architecture_task,
     evaluate_module,
     few_shot_indices,

@@ -27,7 +27,8 @@ import torch
 from tests.conftest import REPO, fit_args
 from weightdiff.errors import WeightFileError
 from weightdiff.evaluate.weights import find_weight_paths, load_weight_sets
-from weightdiff.export import load_generator, read_lightning_checkpoint
+from weightdiff.models.generator import load_generator
+from weightdiff.training.export import read_lightning_checkpoint
 from weightdiff.io import load_weights, sha256_file
 from weightdiff.sampling import SamplerSettings, make_condition, sample
 from weightdiff.tasks import get_task

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO
 from weightdiff.errors import ConditionError, ModelDirError, TaskStringError
-from weightdiff.export import load_generator
+from weightdiff.models.generator import load_generator
 from weightdiff.io import load_weights
 from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition, sample, select_best
 from weightdiff.tasks import get_task

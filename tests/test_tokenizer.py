@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from weightdiff.errors import LayoutFileError, LayoutMismatchError, NonFiniteWeightsError
-from weightdiff.layout import KINDS, LAYOUT_FILE, STATS_FILE, TokenLayout
-from weightdiff.tokenizer import STD_FLOOR_ABS, WeightTokenizer
+from weightdiff.weights.layout import KINDS, LAYOUT_FILE, STATS_FILE, TokenLayout
+from weightdiff.weights.tokenizer import STD_FLOOR_ABS, WeightTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the MiniLM test must never reach the network
 

@@ -14,7 +14,8 @@ import torch
 
 from tests.conftest import REPO, fit_args
 from weightdiff.errors import WeightFileError
-from weightdiff.export import export_checkpoint, load_generator, read_lightning_checkpoint
+from weightdiff.models.generator import load_generator
+from weightdiff.training.export import export_checkpoint, read_lightning_checkpoint
 
 
 def _metric(run: Path, key: str) -> list[float]:
@@ -46,7 +47,7 @@ def test_export_round_trips_ema_weights(tiny_run, tiny_generator):
 
 
 def test_resume_continues_from_saved_step_and_ema(tiny_lora_zoo, tmp_path):
-    from weightdiff.cli import run_lightning_cli
+    from weightdiff.training.lightning_cli import run_lightning_cli
 
     pinned = ["--trainer.logger.init_args.version", "0"]
     run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "10", *pinned))
@@ -94,8 +95,8 @@ def test_malicious_pickle_checkpoint_is_refused_not_executed(tmp_path):
 
 @pytest.mark.parametrize("canonicalize", [False, True])
 def test_datamodule_encodes_entries_exactly_as_the_tokenizer_was_fitted(tiny_lora_zoo, canonicalize):
-    from weightdiff.canonical import canonicalize_lora
-    from weightdiff.data import ZooDataModule
+    from weightdiff.weights.canonical import canonicalize_lora
+    from weightdiff.training.datamodule import ZooDataModule
 
     dm = ZooDataModule(zoo=str(tiny_lora_zoo), token_size=32, canonicalize=canonicalize, condition="code",
                        functional_batch=0)

@@ -65,7 +65,7 @@ class FakeTrainer:
     def shapes(self, recipe: Recipe, base) -> dict[str, tuple[int, ...]]:
         if recipe.kind == "full":
             return {k: tuple(v.shape) for k, v in recipe.build_network().state_dict().items()}
-        from weightdiff.nets import Target
+        from weightdiff.targets import Target
 
         return Target.lora(base, recipe.lora_config()).param_shapes()
 

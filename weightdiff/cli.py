@@ -29,37 +29,8 @@ def _quiet_environment() -> None:
         os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def run_lightning_cli(args: Sequence[str] | None = None):
-    """Run LightningCLI (``fit``/``validate``/``test``).
-
-    Args:
-        args: e.g. ``["fit", "--config", ...]`` when called from Python; ``None`` reads the
-            process's ``sys.argv`` (the console script), which is also what Lightning's DDP
-            launcher re-runs in each worker process.
-    """
-    from lightning.pytorch.cli import LightningCLI
-
-    from weightdiff.data import ZooDataModule
-    from weightdiff.diffusion import WeightDiffusion
-
-    class WeightDiffCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            # Sizes known only after the zoo is opened and the tokenizer fitted.
-            parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
-            parser.link_arguments("data.condition", "model.condition")
-
-    kwargs = dict(save_config_kwargs={"overwrite": True})
-    if args is None:
-        return WeightDiffCLI(WeightDiffusion, ZooDataModule, **kwargs)
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args`, not the process's argv
-    try:
-        return WeightDiffCLI(WeightDiffusion, ZooDataModule, args=list(args), **kwargs)
-    finally:
-        sys.argv = argv
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
-    from weightdiff.export import export_checkpoint
+    from weightdiff.training.export import export_checkpoint
 
     out = export_checkpoint(args.ckpt, args.out)
     print(f"exported generator to {out}")
@@ -97,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_environment()
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
+            from weightdiff.training.lightning_cli import run_lightning_cli  # lightning costs seconds to import
+
             run_lightning_cli(argv if argv != sys.argv[1:] else None)
             return 0
         parser = build_parser()

@@ -10,7 +10,7 @@ from weightdiff.errors import ConditionError
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from weightdiff.export import load_generator
+    from weightdiff.models.generator import load_generator
     from weightdiff.sampling import SamplerSettings, make_condition, sample, select_best
 
     if args.num < 1:

@@ -18,7 +18,11 @@ import time
 from pathlib import Path
 
 from weightdiff.errors import WeightDiffError
+from weightdiff.evaluate.benchmark import run_benchmark
 from weightdiff.io import read_json
+from weightdiff.training.export import export_checkpoint
+from weightdiff.training.lightning_cli import run_lightning_cli
+from weightdiff.zoo import Zoo, build_zoo, load_recipe
 
 log = logging.getLogger("weightdiff.demo")
 
@@ -38,11 +42,6 @@ def _done(t0: float, what: str) -> None:
 def run_demo(run_dir: Path, *, zoo_config: Path, fit_config: Path, workers: int = 2, quick: bool = False,
              zoo_root: Path = Path("checkpoints_zoo"), bench_kwargs: dict | None = None) -> dict:
     """Run the four stages; returns the benchmark results dict."""
-    from weightdiff.cli import run_lightning_cli
-    from weightdiff.evaluate import run_benchmark
-    from weightdiff.export import export_checkpoint
-    from weightdiff.zoo import Zoo, build_zoo, load_recipe
-
     if quick:
         zoo_config, fit_config = QUICK_ZOO, QUICK_FIT
     for p in (zoo_config, fit_config):

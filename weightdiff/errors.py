@@ -14,7 +14,7 @@ class WeightDiffError(Exception):
 
 
 class LayoutMismatchError(WeightDiffError):
-    """A state dict or tokens tensor does not match a :class:`~weightdiff.layout.TokenLayout`."""
+    """A state dict or tokens tensor does not match a :class:`~weightdiff.weights.layout.TokenLayout`."""
 
 
 class LayoutFileError(WeightDiffError):

@@ -26,12 +26,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from weightdiff.condinputs import examples_condition, none_condition, text_condition
-from weightdiff.diffusion import sample_tokens
+from weightdiff.models.conditioning import examples_condition, none_condition, text_condition
+from weightdiff.models.generator import sample_tokens
 from weightdiff.errors import ConditionError, ModelDirError
-from weightdiff.export import LoadedGenerator
+from weightdiff.models.generator import LoadedGenerator
 from weightdiff.io import atomic_path, load_weights, save_weights, write_json
-from weightdiff.schedule import SamplerName
+from weightdiff.models.schedule import SamplerName
 from weightdiff.tasks import get_task
 
 log = logging.getLogger(__name__)

@@ -38,32 +38,20 @@ from weightdiff.evaluate.report import (
 )
 from weightdiff.evaluate.weights import evaluate_params
 from weightdiff.tasks import Task, get_task
+from weightdiff.tasks.suites import SUITES
+from weightdiff.models.generator import load_generator
+from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
+from weightdiff.zoo import Zoo
+from weightdiff.zoo.training import few_shot_indices
 
 log = logging.getLogger(__name__)
 
-SUITES: dict[str, tuple[str, str]] = {  # suite → (zoo kind, task family)
-    "digits-cnn": ("full", "digits"),
-    "mnist1d-cnn": ("full", "mnist1d"),
-    "adapt-lora": ("lora", "rotdigits"),
-}
-
-
 def heldout_description(task: Task) -> str:
-    """A paraphrase of the task phrased unlike any training template (for ``--from-description``).
-
-    ``rotdigits``: "Recognise handwritten digits that were [mirrored, then ]turned {|A|} degrees
-    anticlockwise|clockwise" (the mirroring comes first, as in the task).
-    """
-    if task.family == "rotdigits":
-        angle = float(task.factors["angle"])
-        way = " anticlockwise" if angle > 0 else " clockwise" if angle < 0 else ""
-        mirrored = "mirrored, then " if int(task.factors["flip"]) else ""
-        return f"Recognise handwritten digits that were {mirrored}turned {abs(angle):g} degrees{way}"
-    if task.family == "digits":
-        return "Identify which digit appears in each tiny handwritten scan."
-    if task.family == "mnist1d":
-        return "Identify the digit behind each short, noisy one-dimensional MNIST-1D signal."
-    raise BenchmarkError(f"no held-out description for task family '{task.family}'")
+    """A paraphrase of the task phrased unlike any training template (for ``--from-description``)."""
+    try:
+        return task.heldout_description()
+    except NotImplementedError as exc:
+        raise BenchmarkError(str(exc)) from None
 
 
 def _spread(items: Sequence[Any], k: int | None) -> list[Any]:
@@ -146,8 +134,6 @@ class _ZooState:
 
 def _best_of(z: _ZooState, task: Task, generated: dict[str, torch.Tensor], per_class: int, seed: int) -> int:
     """Index of the generated sample most accurate on ``per_class`` labelled training examples per class."""
-    from weightdiff.train_loops import few_shot_indices
-
     x, y = task.data().split("train")
     idx = few_shot_indices(y, per_class, seed)
     acc = z.target.accuracy(generated, x[idx], y[idx])
@@ -224,8 +210,6 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
     Returns:
         The results dict written to ``results.json`` (keys listed in ``report.RESULT_KEYS``).
     """
-    from weightdiff.zoo import Zoo  # the zoo package pulls in the build machinery; load on use
-
     if suite not in SUITES:
         raise BenchmarkError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
     kind, family = SUITES[suite]
@@ -238,8 +222,6 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
     t_start = time.perf_counter()
     gen = None
     if model is not None:
-        from weightdiff.export import load_generator
-
         gen = load_generator(model)
         if gen.kind != kind or gen.config["zoo"].get("family") != family:
             raise ModelDirError(f"generator {model} was trained on a {gen.kind} zoo of family "
@@ -262,8 +244,6 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
 
     gen_seconds, gen_calls, gen_total, nonfinite = 0.0, 0, 0, 0
     if gen is not None:
-        from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
-
         settings = SamplerSettings(steps=steps, sampler=sampler, guidance=guidance, seed=seed)
         warm = make_condition(gen, task=sections[0][1]) if not from_description else \
             make_condition(gen, description=heldout_description(get_task(sections[0][1])))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightdiff.tasks import Task
-from weightdiff.train_loops import evaluate_module, few_shot_indices, train_lora_adapter
+from weightdiff.zoo.training import evaluate_module, few_shot_indices, train_lora_adapter
 
 ALL = "all"
 DEFAULT_KS: tuple[int | str, ...] = (1, 5, 10, 50, ALL)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightdiff.nets import Target
+from weightdiff.targets import Target
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.func import vmap
 
-from weightdiff.canonical import PermutationSpec, sequential_permutation_spec
+from weightdiff.weights.canonical import PermutationSpec, sequential_permutation_spec
 from weightdiff.evaluate.baselines import align_full
-from weightdiff.nets import PEFT_PREFIX, Target
+from weightdiff.targets import PEFT_PREFIX, Target
 
 
 def wrong_set_iou(preds: torch.Tensor, labels: torch.Tensor, zoo_preds: torch.Tensor,

@@ -28,7 +28,7 @@ from torch import nn
 
 from weightdiff.errors import TargetMismatchError, WeightFileError
 from weightdiff.io import load_weights, read_json, write_json
-from weightdiff.nets import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FULL_WEIGHTS_FILE, Target, make_lora_config
+from weightdiff.targets import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FULL_WEIGHTS_FILE, Target, make_lora_config
 from weightdiff.tasks import Task, get_task
 
 log = logging.getLogger(__name__)

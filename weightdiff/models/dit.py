@@ -2,11 +2,11 @@
 
 The network follows DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers") with
 image patches replaced by weight tokens: a flattened checkpoint is cut into tokens of ``D``
-entries (see :mod:`weightdiff.tokenizer`), each token is projected to the model width and tagged
+entries (see :mod:`weightdiff.weights.tokenizer`), each token is projected to the model width and tagged
 with learned embeddings of where it comes from (tensor index, chunk index inside the tensor,
 layer depth, tensor kind), and every block is modulated by adaLN-Zero from the sum of the
 timestep embedding and the task condition (already embedded to the model width by a provider in
-:mod:`weightdiff.conditioning`). Blocks may also cross-attend to a sequence of condition vectors.
+:mod:`weightdiff.models.conditioning`). Blocks may also cross-attend to a sequence of condition vectors.
 
 Ragged batches (checkpoints with different numbers of tokens) are padded and carry a key mask:
 padded keys are never attended, padded inputs are zeroed before use, and padded outputs are
@@ -270,7 +270,7 @@ class WeightDiT(nn.Module):
         token_size: entries per token (D).
         num_tensors, max_chunks, max_depth, num_kinds: sizes of the tensor-index, chunk-index,
             depth and kind embedding tables (ids must be smaller; see
-            :class:`weightdiff.layout.TokenLayout`).
+            :class:`weightdiff.weights.layout.TokenLayout`).
         hidden: model width (H); condition vectors must have this width.
         depth: number of DiT blocks.
         heads: attention heads (must divide ``hidden``).
@@ -349,7 +349,7 @@ class WeightDiT(nn.Module):
         Args:
             x: noisy tokens (B, L, D).
             t: timesteps (B,) int or float (a scalar is broadcast).
-            c: condition (B, H), embedded by a provider from :mod:`weightdiff.conditioning`.
+            c: condition (B, H), embedded by a provider from :mod:`weightdiff.models.conditioning`.
             tensor_index, chunk_index, depth, kind: per-token ids, (L,) or (B, L) integer tensors.
             key_mask: (B, L) bool, True at real tokens; None means every token is real.
             cond_seq: (B, S, H) condition sequence for cross-attention; defaults to ``c`` as a

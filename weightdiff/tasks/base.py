@@ -150,6 +150,10 @@ class Task:
         """Natural-language descriptions of the task (several phrasings)."""
         raise NotImplementedError
 
+    def heldout_description(self) -> str:
+        """A description phrased unlike every training description, for zero-shot benchmarks."""
+        raise NotImplementedError(f"task family '{self.family}' has no held-out description")
+
     def data(self) -> TaskData:
         """Disjoint train/val/test splits, cached per process."""
         raise NotImplementedError

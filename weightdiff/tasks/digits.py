@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightdiff.nets import DigitsCNN
+from weightdiff.tasks.networks import DigitsCNN
 from weightdiff.tasks.base import Task, TaskData, register_family
 
 SPLIT_SEED = 0
@@ -59,6 +59,9 @@ class DigitsTask(Task):
             "Recognise upright handwritten digits from small 8 by 8 pixel scans.",
             "Ten-class digit recognition on low-resolution handwritten digit images.",
         ]
+
+    def heldout_description(self) -> str:
+        return "Identify which digit appears in each tiny handwritten scan."
 
     def data(self) -> TaskData:
         return digits_arrays()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from weightdiff.io import atomic_path
-from weightdiff.nets import MNIST1DCNN
+from weightdiff.tasks.networks import MNIST1DCNN
 from weightdiff.tasks.base import Task, TaskData, register_family
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,9 @@ class MNIST1DTask(Task):
             "Recognise which of ten digit templates produced a noisy, shifted, sheared 1-D sequence.",
             "Ten-class classification of procedurally generated 40-step MNIST-1D sequences.",
         ]
+
+    def heldout_description(self) -> str:
+        return "Identify the digit behind each short, noisy one-dimensional MNIST-1D signal."
 
     def data(self) -> TaskData:
         return mnist1d_arrays()

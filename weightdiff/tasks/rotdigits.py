@@ -23,27 +23,28 @@ The MLP base (96.2 % on upright digits) is the ``rotdigits`` base: the CNN's ada
 accurate only with ~35× the compute, too slow for a zoo of hundreds of adapters. Few-shot LoRA
 from the base with k labelled examples per class (same optimiser): k = 1: 52 %, k = 5: 80 %,
 k = 10: 85 %, k = 50: 93 %, all 1,000: 95.5 %. The full ``digits`` family keeps the
-:class:`~weightdiff.nets.DigitsCNN`.
+:class:`~weightdiff.targets.DigitsCNN`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightdiff.nets import DigitsMLP
-from weightdiff.tasks.base import Factor, Task, TaskData, register_family
+from weightdiff.errors import RecipeError, TaskStringError
+from weightdiff.tasks.base import Factor, Task, TaskData, make_task, register_family
 from weightdiff.tasks.digits import digits_arrays
+from weightdiff.tasks.networks import DigitsMLP
 
 ANGLE_RANGE = (-180.0, 180.0)
 
-# The adapter setup of this family (see weightdiff.train_loops for the measurements behind it).
+# The adapter setup of this family (see weightdiff.zoo.training for the measurements behind it).
 DEFAULT_LORA_CONFIG: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": ["fc1", "fc2"]}
 DEFAULT_ADAPTER_TRAINING: dict[str, Any] = {"steps": 100, "lr": 3e-2}  # full-batch Adam
 
@@ -147,6 +148,13 @@ class RotDigitsTask(Task):
             f"{' applied after mirroring them left to right' if flipped else ''}.",
         ]
 
+    def heldout_description(self) -> str:
+        """"Recognise handwritten digits that were [mirrored, then ]turned {|A|} degrees
+        anticlockwise|clockwise" (the mirroring comes first, as in the task)."""
+        way = " anticlockwise" if self.angle > 0 else " clockwise" if self.angle < 0 else ""
+        mirrored = "mirrored, then " if self.flip else ""
+        return f"Recognise handwritten digits that were {mirrored}turned {abs(self.angle):g} degrees{way}"
+
     def data(self) -> TaskData:
         return _rotated_data(self.angle, self.flip)
 
@@ -156,3 +164,127 @@ class RotDigitsTask(Task):
     def default_lora_config(self) -> dict[str, Any]:
         """The family's adapter setup (``LoraConfig`` keyword arguments)."""
         return dict(DEFAULT_LORA_CONFIG, target_modules=list(DEFAULT_LORA_CONFIG["target_modules"]))
+
+
+# ------------------------------------------------------------------ task grids for zoo recipes
+def _circular_distance(a: float, b: float) -> float:
+    """Distance in degrees between two angles on the circle (in [0, 180])."""
+    return abs((a - b + 180.0) % 360.0 - 180.0)
+
+
+@dataclass(frozen=True)
+class RotationGrid:
+    """Generates ``rotdigits`` training and held-out tasks from an angle grid with holes.
+
+    Training tasks are every (angle, flip) with angle on ``angle_min + k * angle_step`` in
+    ``[angle_min, angle_max)`` and flip in ``flips``, except angles strictly inside a hole and
+    ``combo_flip`` at angles inside a combo range. Held-out tasks come in three kinds:
+
+    * ``near``: the centre of each ``near_holes`` interval (every flip); at most
+      ``near_max_distance`` degrees from the nearest training angle of the same flip;
+    * ``far``: angles every ``far_step`` degrees inside each ``far_holes`` interval that are at least
+      ``far_min_distance`` degrees from *every* training angle (any flip);
+    * ``combo``: ``combo_flip`` at the grid angles inside each ``combo_ranges`` interval (closed);
+      these angles are trained only with the other flip value (unseen factor combinations).
+
+    Every generated held-out task is checked against its kind's distance rule, so a recipe whose
+    holes are too narrow fails at load time rather than producing mislabelled tasks.
+    """
+
+    family: str = "rotdigits"
+    angle_min: float = -180.0
+    angle_max: float = 180.0
+    angle_step: float = 1.5
+    flips: list[int] = field(default_factory=lambda: [0, 1])
+    far_holes: list[list[float]] = field(default_factory=list)
+    far_step: float = 2.5
+    far_min_distance: float = 20.0
+    near_holes: list[list[float]] = field(default_factory=list)
+    near_max_distance: float = 5.0
+    combo_ranges: list[list[float]] = field(default_factory=list)
+    combo_flip: int = 1
+
+    def _grid(self) -> list[float]:
+        n = math.ceil((self.angle_max - self.angle_min) / self.angle_step - 1e-9)
+        # Rounded so that 1.5-degree steps print as "-178.5", not "-178.49999999999997".
+        return [round(self.angle_min + k * self.angle_step, 6) for k in range(n)]
+
+    @staticmethod
+    def _inside(a: float, intervals: list[list[float]], closed: bool) -> bool:
+        eps = 1e-9
+        if closed:
+            return any(lo - eps <= a <= hi + eps for lo, hi in intervals)
+        return any(lo + eps < a < hi - eps for lo, hi in intervals)
+
+    def generate(self, source: str = "<recipe>") -> tuple[list[str], list[tuple[str, str]]]:
+        """Return ``(train_tasks, [(heldout_task, heldout_kind), ...])``, deterministically ordered.
+
+        Raises:
+            RecipeError: a malformed interval, a held-out task that breaks its kind's distance
+                rule, a held-out task that is also a training task, or duplicate task names.
+        """
+        where = f"{source}: field 'generator'"
+        if self.angle_step <= 0 or self.angle_max <= self.angle_min:
+            raise RecipeError(f"{where}: need angle_step > 0 and angle_min < angle_max, got step "
+                              f"{self.angle_step}, range [{self.angle_min}, {self.angle_max})")
+        for name in ("far_holes", "near_holes", "combo_ranges"):
+            for iv in getattr(self, name):
+                if len(iv) != 2 or iv[0] >= iv[1]:
+                    raise RecipeError(f"{where}.{name}: interval {iv} must be [lo, hi] with lo < hi")
+        holes = self.far_holes + self.near_holes
+
+        train_pairs = [(a, f) for a in self._grid() for f in self.flips
+                       if not self._inside(a, holes, closed=False)
+                       and not (f == self.combo_flip and self._inside(a, self.combo_ranges, closed=True))]
+        train_angles = {f: [a for a, g in train_pairs if g == f] for f in self.flips}
+        all_train_angles = [a for a, _ in train_pairs]
+
+        def nearest(a: float, angles: list[float]) -> float:
+            return min((_circular_distance(a, b) for b in angles), default=math.inf)
+
+        heldout: list[tuple[float, int, str]] = []
+        for lo, hi in self.near_holes:
+            c = round((lo + hi) / 2.0, 6)
+            for f in self.flips:
+                d = nearest(c, train_angles[f])
+                if not 0.0 < d <= self.near_max_distance:
+                    raise RecipeError(f"{where}.near_holes: held-out angle {c:g} (flip={f}) is {d:g} degrees "
+                                      f"from the nearest training angle; expected (0, {self.near_max_distance:g}]")
+                heldout.append((c, f, "near"))
+        for lo, hi in self.far_holes:
+            a = lo + self.far_min_distance
+            found = 0
+            while a <= hi - self.far_min_distance + 1e-9:
+                c = round(a, 6)
+                d = nearest(c, all_train_angles)
+                if d < self.far_min_distance - 1e-9:
+                    raise RecipeError(f"{where}.far_holes: held-out angle {c:g} is {d:g} degrees from a training "
+                                      f"angle; expected >= far_min_distance = {self.far_min_distance:g}")
+                heldout.extend((c, f, "far") for f in self.flips)
+                found += 1
+                a += self.far_step
+            if not found:
+                raise RecipeError(f"{where}.far_holes: hole [{lo:g}, {hi:g}] is narrower than "
+                                  f"2 * far_min_distance = {2 * self.far_min_distance:g} degrees")
+        other = [f for f in self.flips if f != self.combo_flip]
+        trained = set(train_pairs)
+        for a in self._grid():
+            if self._inside(a, self.combo_ranges, closed=True) and not self._inside(a, holes, closed=False):
+                if not any((a, f) in trained for f in other):
+                    raise RecipeError(f"{where}.combo_ranges: angle {a:g} is not trained with any other flip")
+                heldout.append((a, self.combo_flip, "combo"))
+
+        def name(a: float, f: int) -> str:
+            try:
+                return make_task(self.family, angle=float(a), flip=int(f)).name
+            except TaskStringError as exc:
+                raise RecipeError(f"{where}: {exc}") from None
+
+        train = [name(a, f) for a, f in train_pairs]
+        held = [(name(a, f), kind) for a, f, kind in heldout]
+        names = train + [n for n, _ in held]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise RecipeError(f"{where}: task '{dup}' is generated twice (a held-out task on the training grid, "
+                              "or two angles equal after %g rounding)")
+        return train, held

@@ -30,6 +30,9 @@ from weightdiff.io import atomic_path, check_finite, load_weights, read_json, sa
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, FORMAT_VERSION, METRIC_FIELDS, PARENTS_DIR,
                                      ZOO_FILE, entry_problem, network_problem, read_zoo_json)
 from weightdiff.zoo.recipe import Recipe, RunSpec
+from weightdiff.targets import Target
+from weightdiff.tasks import get_task
+from weightdiff.zoo.training import evaluate_module, train_base, train_full_run, train_lora_adapter
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +70,14 @@ def _network_from(recipe: Recipe, state: Mapping[str, torch.Tensor]) -> nn.Modul
 
 
 class LoopTrainer:
-    """The default trainer of both kinds, on ``weightdiff.train_loops``."""
+    """The default trainer of both kinds, on ``weightdiff.zoo.training``."""
 
     def train_base(self, recipe: Recipe) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        from weightdiff.tasks import get_task
-        from weightdiff.train_loops import evaluate_module, train_base
 
         module = train_base(recipe.family, seed=recipe.base_seed)  # the adapter family's base architecture
         return dict(module.state_dict()), evaluate_module(module, get_task(recipe.base_family()).data())
 
     def train_parent(self, recipe: Recipe, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        from weightdiff.train_loops import train_full_run
-
         # One cosine decay to a converged parent; the children then explore around it.
         ((_, state, metrics),) = train_full_run(
             recipe.tasks[0], recipe.parent_seed + index, epochs=recipe.parent_epochs, lr=recipe.lr,
@@ -88,8 +87,6 @@ class LoopTrainer:
 
     def train_run(self, recipe: Recipe, run: RunSpec, *, base: nn.Module | None,
                   parent: Mapping[str, torch.Tensor] | None) -> list[TrainedCheckpoint]:
-        from weightdiff.tasks import get_task
-        from weightdiff.train_loops import train_full_run, train_lora_adapter
 
         if recipe.kind == "full":
             network = functools.partial(_network_from, recipe, parent) if parent is not None else None
@@ -181,8 +178,6 @@ class _Builder:
 
     def target(self) -> Any:
         if self._target is None:
-            from weightdiff.nets import Target
-
             self._target = (Target.full(self.recipe.family) if self.recipe.kind == "full"
                             else Target.lora(self.base_module(), self.recipe.lora_config()))
         return self._target
@@ -209,8 +204,6 @@ class _Builder:
 
     def task_info(self, task: str) -> tuple[list[float], list[str]]:
         if task not in self._task_info:
-            from weightdiff.tasks import get_task
-
             t = get_task(task)
             self._task_info[task] = ([float(v) for v in t.code().tolist()], list(t.descriptions()))
         return self._task_info[task]

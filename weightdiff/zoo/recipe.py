@@ -27,133 +27,10 @@ from typing import Any, Literal
 import yaml
 
 from weightdiff.errors import RecipeError, TaskStringError
+from weightdiff.tasks import get_task
+from weightdiff.tasks.rotdigits import RotationGrid
 
 HeldoutKind = Literal["near", "far", "combo"]
-
-
-def _circular_distance(a: float, b: float) -> float:
-    """Distance in degrees between two angles on the circle (in [0, 180])."""
-    return abs((a - b + 180.0) % 360.0 - 180.0)
-
-
-@dataclass(frozen=True)
-class RotationGrid:
-    """Generates ``rotdigits`` training and held-out tasks from an angle grid with holes.
-
-    Training tasks are every (angle, flip) with angle on ``angle_min + k * angle_step`` in
-    ``[angle_min, angle_max)`` and flip in ``flips``, except angles strictly inside a hole and
-    ``combo_flip`` at angles inside a combo range. Held-out tasks come in three kinds:
-
-    * ``near``: the centre of each ``near_holes`` interval (every flip); at most
-      ``near_max_distance`` degrees from the nearest training angle of the same flip;
-    * ``far``: angles every ``far_step`` degrees inside each ``far_holes`` interval that are at least
-      ``far_min_distance`` degrees from *every* training angle (any flip);
-    * ``combo``: ``combo_flip`` at the grid angles inside each ``combo_ranges`` interval (closed);
-      these angles are trained only with the other flip value (unseen factor combinations).
-
-    Every generated held-out task is checked against its kind's distance rule, so a recipe whose
-    holes are too narrow fails at load time rather than producing mislabelled tasks.
-    """
-
-    family: str = "rotdigits"
-    angle_min: float = -180.0
-    angle_max: float = 180.0
-    angle_step: float = 1.5
-    flips: list[int] = field(default_factory=lambda: [0, 1])
-    far_holes: list[list[float]] = field(default_factory=list)
-    far_step: float = 2.5
-    far_min_distance: float = 20.0
-    near_holes: list[list[float]] = field(default_factory=list)
-    near_max_distance: float = 5.0
-    combo_ranges: list[list[float]] = field(default_factory=list)
-    combo_flip: int = 1
-
-    def _grid(self) -> list[float]:
-        n = math.ceil((self.angle_max - self.angle_min) / self.angle_step - 1e-9)
-        # Rounded so that 1.5-degree steps print as "-178.5", not "-178.49999999999997".
-        return [round(self.angle_min + k * self.angle_step, 6) for k in range(n)]
-
-    @staticmethod
-    def _inside(a: float, intervals: list[list[float]], closed: bool) -> bool:
-        eps = 1e-9
-        if closed:
-            return any(lo - eps <= a <= hi + eps for lo, hi in intervals)
-        return any(lo + eps < a < hi - eps for lo, hi in intervals)
-
-    def generate(self, source: str = "<recipe>") -> tuple[list[str], list[tuple[str, str]]]:
-        """Return ``(train_tasks, [(heldout_task, heldout_kind), ...])``, deterministically ordered.
-
-        Raises:
-            RecipeError: a malformed interval, a held-out task that breaks its kind's distance
-                rule, a held-out task that is also a training task, or duplicate task names.
-        """
-        from weightdiff.tasks import make_task  # tasks know nothing of the zoo; import on use
-
-        where = f"{source}: field 'generator'"
-        if self.angle_step <= 0 or self.angle_max <= self.angle_min:
-            raise RecipeError(f"{where}: need angle_step > 0 and angle_min < angle_max, got step "
-                              f"{self.angle_step}, range [{self.angle_min}, {self.angle_max})")
-        for name in ("far_holes", "near_holes", "combo_ranges"):
-            for iv in getattr(self, name):
-                if len(iv) != 2 or iv[0] >= iv[1]:
-                    raise RecipeError(f"{where}.{name}: interval {iv} must be [lo, hi] with lo < hi")
-        holes = self.far_holes + self.near_holes
-
-        train_pairs = [(a, f) for a in self._grid() for f in self.flips
-                       if not self._inside(a, holes, closed=False)
-                       and not (f == self.combo_flip and self._inside(a, self.combo_ranges, closed=True))]
-        train_angles = {f: [a for a, g in train_pairs if g == f] for f in self.flips}
-        all_train_angles = [a for a, _ in train_pairs]
-
-        def nearest(a: float, angles: list[float]) -> float:
-            return min((_circular_distance(a, b) for b in angles), default=math.inf)
-
-        heldout: list[tuple[float, int, str]] = []
-        for lo, hi in self.near_holes:
-            c = round((lo + hi) / 2.0, 6)
-            for f in self.flips:
-                d = nearest(c, train_angles[f])
-                if not 0.0 < d <= self.near_max_distance:
-                    raise RecipeError(f"{where}.near_holes: held-out angle {c:g} (flip={f}) is {d:g} degrees "
-                                      f"from the nearest training angle; expected (0, {self.near_max_distance:g}]")
-                heldout.append((c, f, "near"))
-        for lo, hi in self.far_holes:
-            a = lo + self.far_min_distance
-            found = 0
-            while a <= hi - self.far_min_distance + 1e-9:
-                c = round(a, 6)
-                d = nearest(c, all_train_angles)
-                if d < self.far_min_distance - 1e-9:
-                    raise RecipeError(f"{where}.far_holes: held-out angle {c:g} is {d:g} degrees from a training "
-                                      f"angle; expected >= far_min_distance = {self.far_min_distance:g}")
-                heldout.extend((c, f, "far") for f in self.flips)
-                found += 1
-                a += self.far_step
-            if not found:
-                raise RecipeError(f"{where}.far_holes: hole [{lo:g}, {hi:g}] is narrower than "
-                                  f"2 * far_min_distance = {2 * self.far_min_distance:g} degrees")
-        other = [f for f in self.flips if f != self.combo_flip]
-        trained = set(train_pairs)
-        for a in self._grid():
-            if self._inside(a, self.combo_ranges, closed=True) and not self._inside(a, holes, closed=False):
-                if not any((a, f) in trained for f in other):
-                    raise RecipeError(f"{where}.combo_ranges: angle {a:g} is not trained with any other flip")
-                heldout.append((a, self.combo_flip, "combo"))
-
-        def name(a: float, f: int) -> str:
-            try:
-                return make_task(self.family, angle=float(a), flip=int(f)).name
-            except TaskStringError as exc:
-                raise RecipeError(f"{where}: {exc}") from None
-
-        train = [name(a, f) for a, f in train_pairs]
-        held = [(name(a, f), kind) for a, f, kind in heldout]
-        names = train + [n for n, _ in held]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise RecipeError(f"{where}: task '{dup}' is generated twice (a held-out task on the training grid, "
-                              "or two angles equal after %g rounding)")
-        return train, held
 
 
 @dataclass(frozen=True)
@@ -175,7 +52,7 @@ class Recipe:
         checkpoint_epochs: epochs (1-based) after which a run's checkpoint is kept (late ones:
             several per run give the generator local variation to learn from).
         late_lr_schedule, late_lr_peak, late_lr_min: learning rate around the late checkpoints
-            (``cyclic``: one cosine cycle per checkpoint, see ``weightdiff.train_loops.lr_at``).
+            (``cyclic``: one cosine cycle per checkpoint, see ``weightdiff.zoo.training.lr_at``).
         parents: 0 for independent runs from scratch; P > 0 trains P parents first
             (``parent_epochs`` each, seeds ``parent_seed + p``) and run k fine-tunes parent ``k % P``.
         base_seed: seed of the frozen base network (LoRA zoos).
@@ -257,8 +134,6 @@ class Recipe:
             self._check_task(task, source)
 
     def _check_task(self, task: str, source: str) -> None:
-        from weightdiff.tasks import get_task
-
         try:
             t = get_task(task)
         except TaskStringError as exc:
@@ -287,8 +162,6 @@ class Recipe:
         return self._first_task().build_network()
 
     def _first_task(self) -> Any:
-        from weightdiff.tasks import get_task
-
         return get_task(self.tasks[0] if self.tasks else self.task_lists()[0][0])
 
     def task_lists(self, source: str = "<recipe>") -> tuple[list[str], list[tuple[str, str]]]:

@@ -27,6 +27,7 @@ from weightdiff.io import check_finite, load_weights, read_json
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, PARENTS_DIR, entry_problem,
                                      network_problem, read_row, read_zoo_json)
 from weightdiff.zoo.recipe import Recipe
+from weightdiff.targets import Target, make_lora_config
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
@@ -178,10 +179,8 @@ class Zoo:
         return self.parsed_recipe.lora_config()
 
     def target(self) -> Any:
-        """The :class:`weightdiff.nets.Target` that evaluates this zoo's weight sets (cached)."""
+        """The :class:`weightdiff.targets.Target` that evaluates this zoo's weight sets (cached)."""
         if self._target is None:
-            from weightdiff.nets import Target
-
             self._target = (Target.full(self.family) if self.kind == "full"
                             else Target.lora(self.base_module(), self.parsed_recipe.lora_config()))
         return self._target
@@ -238,8 +237,6 @@ class Zoo:
             params = load_weights(entry_dir / row["file"])
             target.check(params, str(entry_dir / row["file"]))
             if self.kind == "lora":
-                from weightdiff.nets import make_lora_config
-
                 cfg = make_lora_config(read_json(entry_dir / ADAPTER_CONFIG_FILE, "adapter config"))
                 want = self.parsed_recipe.lora_config()
                 if (cfg.r, float(cfg.lora_alpha), sorted(cfg.target_modules)) != (

@@ -189,7 +189,7 @@ def train_base(task_family: str = "digits", seed: int = 0, **overrides: Any) -> 
     """Train the frozen base network of an adapter family (eval mode, gradients off).
 
     ``"digits"`` and ``"rotdigits"`` both give the ``rotdigits`` base: a
-    :class:`~weightdiff.nets.DigitsMLP` trained on upright digits (see
+    :class:`~weightdiff.targets.DigitsMLP` trained on upright digits (see
     :func:`base_architecture_task`). Uses :data:`FULL_DEFAULTS` of the base family with a cosine
     decay to one final checkpoint; ``overrides`` replace any of ``epochs, lr, batch_size``.
     """

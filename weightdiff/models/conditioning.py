@@ -9,7 +9,8 @@ Two layers:
    to ``(B, hidden)`` vectors for the denoiser, each with a learned null embedding that replaces
    dropped rows (condition dropout for classifier-free guidance, Ho & Salimans 2022).
 
-Raw inputs per provider kind (built by :mod:`weightdiff.condinputs`):
+Raw inputs per provider kind (built by :func:`text_condition`, :func:`examples_condition`,
+:func:`none_condition`):
 
 ==========  ==========================================  =====================================
 kind        raw input                                   provider
@@ -33,9 +34,7 @@ import hashlib
 import logging
 import math
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
@@ -46,11 +45,11 @@ from torch import nn
 
 from weightdiff.errors import ConditionError, WeightDiffError
 from weightdiff.io import load_weights, save_weights
+from weightdiff.tasks.numeric import NUMERIC_DIM, parse_numeric_features
 
 logger = logging.getLogger(__name__)
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding size
-NUMERIC_DIM = 4  # [cos A, sin A, has_angle, mirror_sign]
 MAX_TEXT_CHARS = 2000
 MAX_SEQ_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
 _MODEL_NAME = "all-MiniLM-L6-v2"
@@ -187,107 +186,39 @@ class TextEncoder:
         return torch.stack([self._memory[k] for k in keys])
 
 
-# -------------------------------------------------------------------------------- numeric parser
-@dataclass(frozen=True)
-class NumericCondition:
-    """What :func:`parse_description` read from a text: an angle in degrees (CCW positive) and a mirror flag."""
-
-    angle: float | None
-    mirrored: bool
-
-    def features(self) -> torch.Tensor:
-        """(4,) float32 ``[cos A, sin A, has_angle, mirror_sign]``; A = 0 when no angle was found."""
-        a = math.radians(self.angle or 0.0)
-        return torch.tensor([math.cos(a), math.sin(a), float(self.angle is not None),
-                             1.0 if self.mirrored else -1.0], dtype=torch.float32)
+# ------------------------------------------------------------------------------ raw condition inputs
+# The training data module and the sampler both build conditions here, so a model sees the same
+# inputs at sampling time as during training.
+_ENCODER: TextEncoder | None = None
 
 
-_NUM = r"[-+\u2212]?\d+(?:\.\d+)?"
-_ANGLE_WITH_UNIT = re.compile(
-    rf"(?<![\w.])(?P<num>{_NUM})\s*-?\s*(?P<unit>°|º|˚|degrees?\b|degs?\b|radians?\b|rads?\b)", re.I)
-_ANGLE_FIELD = re.compile(rf"\bangle\s*[=:]\s*(?P<num>{_NUM})", re.I)
-_ANGLE_AFTER_VERB = re.compile(
-    rf"\b(?:rotat\w*|turn\w*|tilt\w*|spun|spin\w*)\s+(?:by\s+|through\s+)?(?:an?\s+angle\s+of\s+)?"
-    rf"(?P<num>{_NUM})(?![\d.])(?!\s*(?:%|percent|times|pixels?|px|steps?)\b)", re.I)
-_TURNS = [(re.compile(r"\bthree[\s-]quarters?(?:\s+of\s+a)?[\s-]turns?\b", re.I), 270.0),
-          (re.compile(r"\bquarter[\s-]turns?\b", re.I), 90.0),
-          (re.compile(r"\bhalf[\s-]turns?\b", re.I), 180.0),
-          (re.compile(r"\bupside[\s-]down\b", re.I), 180.0)]
-_CCW = re.compile(r"\b(?:counter|anti)[\s-]?clockwise\b|\bccw\b", re.I)
-_CW = re.compile(r"\bclockwise\b|\bcw\b", re.I)
-_MIRROR = re.compile(r"\b(?:mirror\w*|flip\w*|reflect\w*|left\s*(?:-|/|\bto\b)\s*right)\b", re.I)
-_FLIP_FIELD = re.compile(r"\b(?:flip|mirror)\s*[=:]\s*(?P<val>[01])\b", re.I)
-_NEGATIONS = {"not", "no", "without", "never", "non", "nor", "w/o"}
+def text_encoder() -> TextEncoder:
+    """The process-wide frozen text encoder (loaded on first use, embeddings cached on disk)."""
+    global _ENCODER
+    if _ENCODER is None:
+        _ENCODER = TextEncoder()
+    return _ENCODER
 
 
-_CLAUSE_BREAK = re.compile(r"[,;:.!?()]|\b(?:and|but|then|while)\b", re.I)
+def text_condition(descriptions: Sequence[str]) -> torch.Tensor:
+    """Descriptions -> (R, 384 + F): sentence embedding and parsed numeric features side by side."""
+    if len(descriptions) == 0:
+        raise ConditionError("no description given: need at least one non-empty task description")
+    emb = text_encoder().encode(list(descriptions)).float()
+    num = torch.stack([parse_numeric_features(d) for d in descriptions]).float()
+    return torch.cat([emb, num], dim=1)
 
 
-def _negated(text: str, start: int, window: int = 3) -> bool:
-    """Whether one of the ``window`` words before ``start``, in the same clause, negates what follows."""
-    before = _CLAUSE_BREAK.split(text[:start])[-1]
-    words = re.findall(r"[\w/']+", before.lower())[-window:]
-    return any(w in _NEGATIONS or w.endswith("n't") for w in words)
+def examples_condition(x: torch.Tensor, y: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw k labelled examples (without replacement) -> (x (k, x_dim), y (k,))."""
+    if x.shape[0] < k:
+        raise ConditionError(f"need {k} labelled examples, the task's training split has {x.shape[0]}")
+    idx = torch.randperm(x.shape[0], generator=generator)[:k]
+    return x[idx].flatten(1).float(), y[idx].long()
 
 
-def parse_description(text: str) -> NumericCondition:
-    """Read the angle and mirror flag from a task description (the numeric condition path).
-
-    Understood phrasings (case-insensitive):
-
-    - angles with a unit: ``40 degrees``, ``40 degree``, ``40-degree``, ``40°``, ``40 deg``,
-      ``-15 degrees``, ``0.5 rad``/``radians`` (converted to degrees); a task-string field
-      ``angle=40``; a bare number right after a rotation verb (``rotated by 40``,
-      ``turned 73``, ``tilted through 12``); ``quarter turn`` (90), ``half turn`` and
-      ``upside down`` (180), ``three-quarter turn`` (270). The first angle found is used.
-    - direction: angles are counter-clockwise positive (the task convention); ``clockwise`` or
-      ``cw`` negates, ``counter-clockwise``/``counterclockwise``/``anticlockwise``/
-      ``anti-clockwise``/``ccw`` keeps the sign (and wins if both appear).
-    - mirroring: ``mirror``/``mirrored``/``mirroring``, ``flip``/``flipped``, ``reflect``/
-      ``reflected``/``reflection``, ``left-right``/``left to right``; a task-string field
-      ``flip=0|1``. A negation among the three preceding words (``not``, ``no``, ``without``,
-      ``never``, ``non-``, ``…n't``) in the same clause cancels it, as do ``unmirrored``/``unflipped`` (not
-      matched); ``flipped upside down`` is read as a half turn, not a mirror.
-
-    Anything else (e.g. "upright digits") gives no angle and no mirror.
-    """
-    if not isinstance(text, str):
-        raise ConditionError(f"task description must be a string, got {type(text).__name__}: {text!r}")
-    angle: float | None = None
-    for pattern in (_ANGLE_WITH_UNIT, _ANGLE_FIELD, _ANGLE_AFTER_VERB):
-        m = pattern.search(text)
-        if m:
-            angle = float(m.group("num").replace("\u2212", "-"))
-            if m.groupdict().get("unit") and m.group("unit").lower().startswith("rad"):
-                angle = math.degrees(angle)
-            break
-    if angle is None:
-        for pattern, value in _TURNS:
-            if pattern.search(text):
-                angle = value
-                break
-    if angle is not None and not _CCW.search(text) and _CW.search(text):
-        angle = -angle
-
-    field = _FLIP_FIELD.search(text)
-    if field:
-        mirrored = field.group("val") == "1"
-    else:
-        mirrored = any(not _negated(text, m.start()) and not re.match(r"\s+upside[\s-]down", text[m.end():], re.I)
-                       for m in _MIRROR.finditer(text))
-    return NumericCondition(angle=angle, mirrored=mirrored)
-
-
-def parse_numeric_features(text: str) -> torch.Tensor:
-    """Text -> (4,) float32 ``[cos A, sin A, has_angle, mirror_sign]`` (see :func:`parse_description`).
-
-    ``mirror_sign`` is +1 for mirrored, -1 otherwise, so ``[:2]`` and ``[3]`` agree with the
-    task code ``[cos A, sin A, 2·flip - 1]``.
-
-    >>> parse_numeric_features("rotated by 90 degrees clockwise and mirrored").round().tolist()
-    [0.0, -1.0, 1.0, 1.0]
-    """
-    return parse_description(text).features()
+def none_condition(rows: int) -> torch.Tensor:
+    return torch.zeros(rows, 1)
 
 
 # ------------------------------------------------------------------------------------- providers

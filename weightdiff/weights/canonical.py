@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import Literal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from weightdiff.errors import CanonicalizationError
-from weightdiff.layout import module_of
+from weightdiff.weights.layout import module_of
 
 logger = logging.getLogger(__name__)
 
@@ -300,12 +301,15 @@ def aligned_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
     return state_distance(a, align_to_reference(b, a, spec, **kwargs))
 
 
-def canonicalize(sd: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None = None,
-                 spec: PermutationSpec | None = None) -> dict[str, torch.Tensor]:
-    """Fix the LoRA gauge of any LoRA pairs, then (given ``reference`` and ``spec``) align permutations."""
-    out = canonicalize_lora(sd)
-    if reference is not None:
-        if spec is None:
-            raise CanonicalizationError("permutation alignment needs a PermutationSpec with the reference")
-        out = align_to_reference(out, reference, spec)
-    return out
+def canonicalize(sd: Mapping[str, torch.Tensor], kind: Literal["full", "lora"],
+                 reference: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Canonical form of one checkpoint of a zoo of ``kind``; the network's function is unchanged.
+
+    ``"lora"``: every (A, B) pair in the SVD gauge (:func:`canonicalize_lora`). ``"full"``:
+    hidden units permuted to match ``reference`` by weight matching (unchanged without one).
+    """
+    if kind == "lora":
+        return canonicalize_lora(sd)
+    if reference is None:
+        return dict(sd)
+    return align_to_reference(sd, reference, sequential_permutation_spec(reference))

@@ -2,10 +2,10 @@
 
 Each item is one zoo checkpoint:
 
-- ``tokens`` (L, D): the checkpoint tokenised by a :class:`~weightdiff.tokenizer.WeightTokenizer`
+- ``tokens`` (L, D): the checkpoint tokenised by a :class:`~weightdiff.weights.tokenizer.WeightTokenizer`
   fitted on the training split (optionally canonicalised first: LoRA gauge fixing, or hidden-unit
   alignment to a reference checkpoint);
-- ``cond``: the raw condition of its task (:mod:`weightdiff.condinputs`) — for text, one of the
+- ``cond``: the raw condition of its task (:mod:`weightdiff.models.conditioning`) — for text, one of the
   task's descriptions drawn at random each time, so the model never sees only one phrasing;
 - ``fx``, ``fy``: a small batch of that task's training data for the functional loss.
 
@@ -25,14 +25,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from weightdiff.condinputs import examples_condition, none_condition, text_condition
+from weightdiff.models.conditioning import ConditionKind, examples_condition, none_condition, text_condition
 from weightdiff.errors import WeightDiffError
 from weightdiff.tasks import get_task
-from weightdiff.tokenizer import WeightTokenizer
+from weightdiff.weights.tokenizer import WeightTokenizer
 from weightdiff.zoo import Zoo
-from weightdiff.zoo_prep import prepare_state
-
-ConditionKind = Literal["text", "code", "examples", "none"]
+from weightdiff.weights.canonical import canonicalize
 
 
 class TaskConditions:
@@ -158,8 +156,8 @@ class ZooDataModule(L.LightningDataModule):
 
     def prepared(self, row: dict) -> dict[str, torch.Tensor]:
         """A zoo entry as the tokenizer sees it (canonicalised when ``canonicalize`` is set)."""
-        return prepare_state(self.zoo.load(row["id"]), self.zoo.kind, self.reference,
-                             canonicalize=self.hparams.canonicalize)
+        state = self.zoo.load(row["id"])
+        return canonicalize(state, self.zoo.kind, self.reference) if self.hparams.canonicalize else state
 
     @cached_property
     def tokenizer(self) -> WeightTokenizer:

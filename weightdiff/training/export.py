@@ -26,9 +26,9 @@ import torch
 
 from weightdiff.errors import ModelDirError, WeightFileError
 from weightdiff.io import atomic_path, load_weights, read_json, save_weights, write_json
-from weightdiff.layout import LAYOUT_FILE
-from weightdiff.schedule import ScheduleConfig
-from weightdiff.tokenizer import WeightTokenizer
+from weightdiff.weights.layout import LAYOUT_FILE
+from weightdiff.models.schedule import ScheduleConfig
+from weightdiff.weights.tokenizer import WeightTokenizer
 
 EXPORT_VERSION = 1
 _EMA_PREFIX = "ema.module."
@@ -49,7 +49,7 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     """Write the exported generator directory for a Lightning checkpoint. Returns ``out``."""
     # Imported here: the zoo/datamodule are needed only to rebuild the tokenizer and base.
-    from weightdiff.data import ZooDataModule
+    from weightdiff.training.datamodule import ZooDataModule
 
     state = read_lightning_checkpoint(ckpt)
     for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
@@ -88,82 +88,3 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
         }
         write_json(tmp / "config.json", json.loads(json.dumps(config, default=str)))
     return out
-
-
-@dataclass
-class LoadedGenerator:
-    """An exported generator ready to sample: modules, schedule, tokenizer and config."""
-
-    net: Any  # weightdiff.diffusion.Generator (EMA weights)
-    schedule: ScheduleConfig
-    tokenizer: WeightTokenizer
-    config: dict[str, Any]
-    path: Path
-
-    @property
-    def model_id(self) -> str:
-        return self.config["model_id"]
-
-    @property
-    def kind(self) -> str:
-        return self.config["zoo"]["kind"]
-
-    def base_state(self) -> dict[str, torch.Tensor] | None:
-        p = self.path / "base" / "model.safetensors"
-        return load_weights(p) if p.exists() else None
-
-    def adapter_config(self) -> dict[str, Any]:
-        return read_json(self.path / "base" / "adapter_config.json", "adapter config")
-
-    def target(self, task):
-        """The :class:`~weightdiff.nets.Target` that runs this generator's samples on ``task``."""
-        from weightdiff.nets import Target, make_lora_config
-
-        net = task.build_network()
-        if self.kind != "lora":
-            return Target.full(net)
-        net.load_state_dict(self.base_state(), strict=True)
-        known = set(make_lora_config({}).__dataclass_fields__)
-        cfg = {k: v for k, v in self.adapter_config().items() if k in known}
-        return Target.lora(net.eval().requires_grad_(False), make_lora_config(cfg))
-
-
-def load_generator(path: str | Path) -> LoadedGenerator:
-    """Load an exported generator directory, checking every file and key."""
-    from weightdiff.diffusion import Generator
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelDirError(f"model directory not found: {path}")
-    for name in ("config.json", "generator.safetensors", "tokenizer"):
-        if not (path / name).exists():
-            raise ModelDirError(f"{path} is not an exported generator: missing '{name}' "
-                                "(create one with `weightdiff export --ckpt <ckpt> --out <dir>`)")
-    config = read_json(path / "config.json", "generator config")
-    if config.get("format_version") != EXPORT_VERSION:
-        raise ModelDirError(f"{path / 'config.json'}: format_version {config.get('format_version')!r}, "
-                            f"expected {EXPORT_VERSION}")
-    m = config["model"]
-    net = Generator(config["spec"], m["hidden"], m["depth"], m["heads"], m["mlp_ratio"], m["cross_attention"],
-                    m["condition"])
-    weights = load_weights(path / "generator.safetensors")
-    expected = net.state_dict()
-    for key, value in weights.items():
-        if key in expected and value.shape != expected[key].shape:
-            raise ModelDirError(f"{path / 'generator.safetensors'}: tensor '{key}' has shape {tuple(value.shape)}, "
-                                f"expected {tuple(expected[key].shape)} from config.json")
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ModelDirError(f"{path / 'generator.safetensors'} does not match config.json: "
-                            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    net.eval()
-    tokenizer = WeightTokenizer.load(path / "tokenizer")
-    spec, layout = config["spec"], tokenizer.layout
-    if (layout.token_size, layout.token_length.tolist()) != (spec["token_size"], spec["token_length"]):
-        # A layout of another network would only fail after sampling, when decoding the tokens.
-        raise ModelDirError(f"{path / 'tokenizer' / LAYOUT_FILE} does not match config.json: the layout has "
-                            f"{layout.num_tokens} tokens of size {layout.token_size}, expected "
-                            f"{len(spec['token_length'])} tokens of size {spec['token_size']} with the same "
-                            "per-token lengths (is the tokenizer from another network?)")
-    return LoadedGenerator(net=net, schedule=ScheduleConfig(**config["schedule"]), tokenizer=tokenizer,
-                           config=config, path=path)

@@ -23,60 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from weightdiff.conditioning import build_condition
 from weightdiff.kernels import masked_mse
-from weightdiff.models.dit import WeightDiT
-from weightdiff.schedule import PredictionType, SamplerName, ScheduleConfig, denoise, predicted_x0
+from weightdiff.models.generator import Generator, sample_tokens
+from weightdiff.models.conditioning import ConditionKind
+from weightdiff.models.schedule import PredictionType, SamplerName, ScheduleConfig, denoise, predicted_x0
 
-ConditionKind = Literal["text", "code", "examples", "none"]
-
-
-class Generator(nn.Module):
-    """Denoiser + condition provider: everything a sampler needs, and what EMA averages.
-
-    Args:
-        spec: sizes known only after data loading (token size, layout id ranges, raw condition
-            sizes); produced by :attr:`weightdiff.data.ZooDataModule.spec`.
-    """
-
-    def __init__(self, spec: dict[str, Any], hidden: int, depth: int, heads: int, mlp_ratio: float,
-                 cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0):
-        super().__init__()
-        self.condition_kind = condition
-        extra = {"text_dropout": text_dropout} if condition == "text" else {}
-        self.cond = build_condition(condition, hidden, **spec["condition_dims"], **extra)
-        self.denoiser = WeightDiT(token_size=spec["token_size"], num_tensors=spec["num_tensors"],
-                                  max_chunks=spec["max_chunks"], max_depth=spec["max_depth"],
-                                  num_kinds=spec["num_kinds"], hidden=hidden, depth=depth, heads=heads,
-                                  mlp_ratio=mlp_ratio, cross_attention=cross_attention)
-        ids = spec["token_ids"]
-        for key in ("tensor_index", "chunk_index", "depth", "kind"):
-            self.register_buffer(f"ids_{key}", torch.as_tensor(ids[key], dtype=torch.long), persistent=False)
-
-    def embed_condition(self, raw: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw condition (see :mod:`weightdiff.conditioning`) -> (B, hidden)."""
-        return self.cond(raw, drop)
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x_t: (B, L, D), t: (B,), c: (B, hidden) -> (B, L, D)."""
-        return self.denoiser(x_t, t, c, tensor_index=self.ids_tensor_index, chunk_index=self.ids_chunk_index,
-                             depth=self.ids_depth, kind=self.ids_kind)
-
-    def guided_fn(self, c: torch.Tensor, null: torch.Tensor, guidance: float):
-        """Model closure for :func:`weightdiff.schedule.denoise` with classifier-free guidance.
-
-        out = out_null + g · (out_cond - out_null) (Ho & Salimans 2022); g = 1 is plain conditional.
-        ``c`` and ``null`` are (B, hidden): the embedded condition and the null embedding.
-        """
-        if guidance == 1.0 or self.condition_kind == "none":
-            return lambda x, t: self(x, t, c)
-
-        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            both = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, null]))
-            cond_out, null_out = both.chunk(2)
-            return null_out + guidance * (cond_out - null_out)
-
-        return fn
 
 
 class WeightDiffusion(L.LightningModule):
@@ -201,27 +152,3 @@ class WeightDiffusion(L.LightningModule):
         return sample_tokens(net, raw_cond, num, self.schedule, token_size=self.hparams.spec["token_size"],
                              num_tokens=len(self.hparams.spec["token_length"]), steps=steps or self.hparams.val_steps,
                              sampler=sampler or self.hparams.val_sampler, guidance=guidance, generator=generator)
-
-
-@torch.no_grad()
-def sample_tokens(net: Generator, raw_cond: Any, num: int, schedule: ScheduleConfig, *, token_size: int,
-                  num_tokens: int, steps: int, sampler: SamplerName, guidance: float,
-                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Generate ``num`` samples for each row of a raw condition batch.
-
-    Args:
-        raw_cond: raw condition batch with R rows (see :mod:`weightdiff.condinputs`).
-        noise: optional initial noise (R * num, L, D); otherwise drawn from ``generator``.
-    Returns:
-        tokens (R * num, L, D), ordered condition-major (all samples of row 0 first).
-    """
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    c = net.embed_condition(raw_cond, None)  # (R, H)
-    null = net.embed_condition(raw_cond, torch.ones(c.shape[0], dtype=torch.bool, device=device))
-    c, null = c.repeat_interleave(num, dim=0), null.repeat_interleave(num, dim=0)  # (R * num, H)
-    tokens = denoise(net.guided_fn(c, null, guidance), (c.shape[0], num_tokens, token_size), schedule, steps=steps,
-                     sampler=sampler, generator=generator, device=device, noise=noise)
-    net.train(was_training)
-    return tokens

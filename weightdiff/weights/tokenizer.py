@@ -3,7 +3,7 @@
 A state dict's selected floating-point tensors are flattened in key order into one ``(P,)``
 vector, cut into tokens of ``D`` entries (each tensor starts a new token; its last token is
 zero-padded) and, when fitted, normalised per tensor: ``token = (w - mean[t]) / std[t]``.
-The layout (:class:`~weightdiff.layout.TokenLayout`) says where every entry goes, so decoding
+The layout (:class:`~weightdiff.weights.layout.TokenLayout`) says where every entry goes, so decoding
 needs no model code and never relies on ``named_parameters()`` order.
 
 Example (``D = 4``)::
@@ -28,7 +28,7 @@ import torch
 
 from weightdiff.errors import LayoutMismatchError, NonFiniteWeightsError
 from weightdiff.kernels import pack, unpack
-from weightdiff.layout import TokenLayout, parse_dtype
+from weightdiff.weights.layout import TokenLayout, parse_dtype
 
 # Floor on the fitted per-tensor std. A tensor that is (nearly) constant across the population
 # (a LoRA B left at zero, a norm scale fixed at 1) has std ~0; dividing by it would turn float32

@@ -1,0 +1,121 @@
+"""Numbers in task descriptions: the angle and mirror flag a ``rotdigits`` description names.
+
+A frozen sentence embedding carries meaning but not numeric geometry (measured: adapters
+generated from "rotated by N degrees" descriptions did not generalise to unseen N), so the
+numbers a description states reach the generator directly, as ``[cos A, sin A, has_angle,
+mirror_sign]`` beside the embedding (see :mod:`weightdiff.models.conditioning`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from weightdiff.errors import ConditionError
+
+NUMERIC_DIM = 4  # [cos A, sin A, has_angle, mirror_sign]
+
+
+@dataclass(frozen=True)
+class NumericCondition:
+    """What :func:`parse_description` read from a text: an angle in degrees (CCW positive) and a mirror flag."""
+
+    angle: float | None
+    mirrored: bool
+
+    def features(self) -> torch.Tensor:
+        """(4,) float32 ``[cos A, sin A, has_angle, mirror_sign]``; A = 0 when no angle was found."""
+        a = math.radians(self.angle or 0.0)
+        return torch.tensor([math.cos(a), math.sin(a), float(self.angle is not None),
+                             1.0 if self.mirrored else -1.0], dtype=torch.float32)
+
+
+_NUM = r"[-+\u2212]?\d+(?:\.\d+)?"
+_ANGLE_WITH_UNIT = re.compile(
+    rf"(?<![\w.])(?P<num>{_NUM})\s*-?\s*(?P<unit>°|º|˚|degrees?\b|degs?\b|radians?\b|rads?\b)", re.I)
+_ANGLE_FIELD = re.compile(rf"\bangle\s*[=:]\s*(?P<num>{_NUM})", re.I)
+_ANGLE_AFTER_VERB = re.compile(
+    rf"\b(?:rotat\w*|turn\w*|tilt\w*|spun|spin\w*)\s+(?:by\s+|through\s+)?(?:an?\s+angle\s+of\s+)?"
+    rf"(?P<num>{_NUM})(?![\d.])(?!\s*(?:%|percent|times|pixels?|px|steps?)\b)", re.I)
+_TURNS = [(re.compile(r"\bthree[\s-]quarters?(?:\s+of\s+a)?[\s-]turns?\b", re.I), 270.0),
+          (re.compile(r"\bquarter[\s-]turns?\b", re.I), 90.0),
+          (re.compile(r"\bhalf[\s-]turns?\b", re.I), 180.0),
+          (re.compile(r"\bupside[\s-]down\b", re.I), 180.0)]
+_CCW = re.compile(r"\b(?:counter|anti)[\s-]?clockwise\b|\bccw\b", re.I)
+_CW = re.compile(r"\bclockwise\b|\bcw\b", re.I)
+_MIRROR = re.compile(r"\b(?:mirror\w*|flip\w*|reflect\w*|left\s*(?:-|/|\bto\b)\s*right)\b", re.I)
+_FLIP_FIELD = re.compile(r"\b(?:flip|mirror)\s*[=:]\s*(?P<val>[01])\b", re.I)
+_NEGATIONS = {"not", "no", "without", "never", "non", "nor", "w/o"}
+
+
+_CLAUSE_BREAK = re.compile(r"[,;:.!?()]|\b(?:and|but|then|while)\b", re.I)
+
+
+def _negated(text: str, start: int, window: int = 3) -> bool:
+    """Whether one of the ``window`` words before ``start``, in the same clause, negates what follows."""
+    before = _CLAUSE_BREAK.split(text[:start])[-1]
+    words = re.findall(r"[\w/']+", before.lower())[-window:]
+    return any(w in _NEGATIONS or w.endswith("n't") for w in words)
+
+
+def parse_description(text: str) -> NumericCondition:
+    """Read the angle and mirror flag from a task description (the numeric condition path).
+
+    Understood phrasings (case-insensitive):
+
+    - angles with a unit: ``40 degrees``, ``40 degree``, ``40-degree``, ``40°``, ``40 deg``,
+      ``-15 degrees``, ``0.5 rad``/``radians`` (converted to degrees); a task-string field
+      ``angle=40``; a bare number right after a rotation verb (``rotated by 40``,
+      ``turned 73``, ``tilted through 12``); ``quarter turn`` (90), ``half turn`` and
+      ``upside down`` (180), ``three-quarter turn`` (270). The first angle found is used.
+    - direction: angles are counter-clockwise positive (the task convention); ``clockwise`` or
+      ``cw`` negates, ``counter-clockwise``/``counterclockwise``/``anticlockwise``/
+      ``anti-clockwise``/``ccw`` keeps the sign (and wins if both appear).
+    - mirroring: ``mirror``/``mirrored``/``mirroring``, ``flip``/``flipped``, ``reflect``/
+      ``reflected``/``reflection``, ``left-right``/``left to right``; a task-string field
+      ``flip=0|1``. A negation among the three preceding words (``not``, ``no``, ``without``,
+      ``never``, ``non-``, ``…n't``) in the same clause cancels it, as do ``unmirrored``/``unflipped`` (not
+      matched); ``flipped upside down`` is read as a half turn, not a mirror.
+
+    Anything else (e.g. "upright digits") gives no angle and no mirror.
+    """
+    if not isinstance(text, str):
+        raise ConditionError(f"task description must be a string, got {type(text).__name__}: {text!r}")
+    angle: float | None = None
+    for pattern in (_ANGLE_WITH_UNIT, _ANGLE_FIELD, _ANGLE_AFTER_VERB):
+        m = pattern.search(text)
+        if m:
+            angle = float(m.group("num").replace("\u2212", "-"))
+            if m.groupdict().get("unit") and m.group("unit").lower().startswith("rad"):
+                angle = math.degrees(angle)
+            break
+    if angle is None:
+        for pattern, value in _TURNS:
+            if pattern.search(text):
+                angle = value
+                break
+    if angle is not None and not _CCW.search(text) and _CW.search(text):
+        angle = -angle
+
+    field = _FLIP_FIELD.search(text)
+    if field:
+        mirrored = field.group("val") == "1"
+    else:
+        mirrored = any(not _negated(text, m.start()) and not re.match(r"\s+upside[\s-]down", text[m.end():], re.I)
+                       for m in _MIRROR.finditer(text))
+    return NumericCondition(angle=angle, mirrored=mirrored)
+
+
+def parse_numeric_features(text: str) -> torch.Tensor:
+    """Text -> (4,) float32 ``[cos A, sin A, has_angle, mirror_sign]`` (see :func:`parse_description`).
+
+    ``mirror_sign`` is +1 for mirrored, -1 otherwise, so ``[:2]`` and ``[3]`` agree with the
+    task code ``[cos A, sin A, 2·flip - 1]``.
+
+    >>> parse_numeric_features("rotated by 90 degrees clockwise and mirrored").round().tolist()
+    [0.0, -1.0, 1.0, 1.0]
+    """
+    return parse_description(text).features()
