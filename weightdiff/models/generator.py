@@ -47,6 +47,9 @@ class Generator(nn.Module):
         ids = spec["token_ids"]
         for key in ("tensor_index", "chunk_index", "depth", "kind"):
             self.register_buffer(f"ids_{key}", torch.as_tensor(ids[key], dtype=torch.long), persistent=False)
+        length = torch.as_tensor(spec["token_length"], dtype=torch.long)
+        # (L, D) False on the padding at the end of each tensor's last token.
+        self.register_buffer("valid", torch.arange(spec["token_size"])[None, :] < length[:, None], persistent=False)
 
     def embed_condition(self, raw: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Raw condition (see :mod:`weightdiff.conditioning`) -> (B, hidden)."""
@@ -93,7 +96,7 @@ def sample_tokens(net: Generator, raw_cond: Any, num: int, schedule: ScheduleCon
     null = net.embed_condition(raw_cond, torch.ones(c.shape[0], dtype=torch.bool, device=device))
     c, null = c.repeat_interleave(num, dim=0), null.repeat_interleave(num, dim=0)  # (R * num, H)
     tokens = denoise(net.guided_fn(c, null, guidance), (c.shape[0], num_tokens, token_size), schedule, steps=steps,
-                     sampler=sampler, generator=generator, device=device, noise=noise)
+                     sampler=sampler, generator=generator, device=device, noise=noise, valid=net.valid)
     net.train(was_training)
     return tokens
 

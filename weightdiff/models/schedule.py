@@ -68,11 +68,45 @@ def predicted_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Ten
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
+def output_from_x0(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor,
+                   prediction_type: PredictionType) -> torch.Tensor:
+    """The denoiser output in ``prediction_type`` that corresponds to a clean estimate ``x0``.
+
+    Inverts :func:`predicted_x0`: ε = (x_t - sqrt(ᾱ) x0) / sqrt(1 - ᾱ), v = (sqrt(ᾱ) x_t - x0) / sqrt(1 - ᾱ).
+    """
+    if prediction_type == "sample":
+        return x0
+    a = alpha_bar_t.to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+    sigma = (1 - a).sqrt().clamp_min(1e-12)
+    if prediction_type == "epsilon":
+        return (x_t - a.sqrt() * x0) / sigma
+    if prediction_type == "v_prediction":
+        return (a.sqrt() * x_t - x0) / sigma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def mask_padding(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor,
+                 prediction_type: PredictionType, valid: torch.Tensor) -> torch.Tensor:
+    """``output`` with the clean estimate set to 0 on padded token entries (``valid`` False).
+
+    Padding is 0 in every training token, so its clean value is known exactly; what the network
+    outputs there was never trained (the loss masks it) and must not flow back through the
+    sampler. The mask acts on x̂0, then the output is converted back to ``prediction_type``;
+    valid entries are returned untouched.
+
+    Args:
+        output, x_t: (B, L, D); alpha_bar_t: (B,); valid: (L, D) bool.
+    """
+    x0 = predicted_x0(output, x_t, alpha_bar_t, prediction_type).masked_fill(~valid, 0.0)
+    return torch.where(valid, output, output_from_x0(x0, x_t, alpha_bar_t, prediction_type))
+
+
 @torch.no_grad()
 def denoise(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
             schedule: ScheduleConfig, *, steps: int = 25, sampler: SamplerName = "ddim",
             generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-            dtype: torch.dtype = torch.float32, noise: torch.Tensor | None = None) -> torch.Tensor:
+            dtype: torch.dtype = torch.float32, noise: torch.Tensor | None = None,
+            valid: torch.Tensor | None = None) -> torch.Tensor:
     """Run the reverse process from Gaussian noise to clean tokens.
 
     Args:
@@ -83,6 +117,8 @@ def denoise(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shap
         generator: CPU generator for the initial noise (reproducible across devices).
         noise: the initial noise x_T itself (B, L, D), e.g. drawn per sample from its own seed so
             a sample does not depend on how samples were batched; overrides ``generator``.
+        valid: (L, D) bool, False on padded token entries: their clean estimate is set to 0 at
+            every step (:func:`mask_padding`) and they are 0 in the result.
 
     Returns:
         x0 tokens (B, L, D).
@@ -90,16 +126,21 @@ def denoise(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shap
     if noise is None:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     x = noise.to(device=device, dtype=dtype)
+    alphas_cumprod = schedule.training_scheduler().alphas_cumprod.to(device)
+    if valid is not None:
+        valid = valid.to(device)
     if sampler == "x0":
         t = torch.full((shape[0],), schedule.num_train_timesteps - 1, dtype=torch.long, device=device)
-        ddpm = schedule.training_scheduler()
-        alpha_bar = ddpm.alphas_cumprod.to(device)[t]
-        return predicted_x0(model_fn(x, t), x, alpha_bar, schedule.prediction_type)
+        x0 = predicted_x0(model_fn(x, t), x, alphas_cumprod[t], schedule.prediction_type)
+        return x0 if valid is None else x0.masked_fill(~valid, 0.0)
     scheduler = schedule.sampling_scheduler(sampler)
     scheduler.set_timesteps(steps, device=device)
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         tt = torch.full((shape[0],), int(t), dtype=torch.long, device=device)
-        out = model_fn(scheduler.scale_model_input(x, t), tt)
+        x_in = scheduler.scale_model_input(x, t)
+        out = model_fn(x_in, tt)
+        if valid is not None:
+            out = mask_padding(out, x_in, alphas_cumprod[tt], schedule.prediction_type, valid)
         x = scheduler.step(out, t, x).prev_sample
-    return x
+    return x if valid is None else x.masked_fill(~valid, 0.0)
