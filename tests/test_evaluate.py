@@ -14,7 +14,7 @@ from weightdiff.evaluate.baselines import (
     stack_params, zero_adapter,
 )
 from weightdiff.evaluate.hypernet import HypernetTrainConfig, ParamCodec, RidgeHypernet, train_mlp_hypernet
-from weightdiff.evaluate.novelty import ComparisonSpace, nearest_zoo_distance, wrong_set_iou, zoo_nn_spacing
+from weightdiff.evaluate.novelty import ComparisonSpace, wrong_set_iou
 from weightdiff.evaluate.report import RESULT_KEYS, aggregate, slug, task_stats, write_results
 from weightdiff.evaluate.weights import evaluate_params, find_weight_paths, load_weight_sets, target_for
 from weightdiff.io import save_weights
@@ -88,15 +88,6 @@ def test_wrong_set_iou_hand_cases():
     self_iou = wrong_set_iou(zoo, labels, zoo, exclude=[0, 1, 2])
     assert self_iou.tolist() == pytest.approx([1 / 3, 1 / 3, 0.0])
     assert math.isnan(wrong_set_iou(zoo[:1], labels, zoo[:1], exclude=[0]).item())
-
-
-def test_nearest_distance_and_spacing():
-    zoo = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
-    d = nearest_zoo_distance(torch.tensor([[3.0, 4.0], [0.0, 1.0]]), zoo)
-    assert d.tolist() == pytest.approx([0.0, 1.0 / math.sqrt(2)])
-    d = nearest_zoo_distance(zoo, zoo, exclude=[0, 1, 2])
-    assert d.tolist() == pytest.approx([5 / math.sqrt(2)] * 3)
-    assert zoo_nn_spacing(zoo) == pytest.approx(5 / math.sqrt(2))
 
 
 def test_comparison_space_ignores_symmetries(digits):

@@ -3,9 +3,9 @@
 Triton decides at import time whether ``@triton.jit`` kernels are interpreted, and other test
 modules may import the kernels first. So the Triton kernels are tested in a child pytest process
 started with ``TRITON_INTERPRET=1 WEIGHTDIFF_FORCE_TRITON=1``, which runs this same file: there
-the public ops dispatch to Triton and every test compares them with the torch references and with
-a naive autograd oracle. In this process the ops run the torch path, with each of its two
-strategies (``torch_path``).
+the public ops dispatch to Triton and every test compares them with the short specifications
+(``*_ref``) and with a naive autograd oracle. In this process the ops run the optimised torch
+path, with each of its two strategies (``torch_path``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from weightdiff.kernels import masked_mse, masked_mse_ref, pack, pack_ref, unpack, unpack_ref
+from weightdiff.kernels import _ragged, masked_mse, masked_mse_ref, pack, pack_ref, unpack, unpack_ref
 
 CHILD_ENV = "WEIGHTDIFF_KERNEL_TEST_CHILD"
 IN_CHILD = os.environ.get(CHILD_ENV) == "1"
@@ -88,8 +88,8 @@ def torch_path(request, monkeypatch):
             pytest.skip("the torch path's strategy does not apply to the Triton kernels")
         return
     threshold = 0 if request.param == "loop" else 1 << 62
-    for name in ("pack", "unpack"):
-        monkeypatch.setattr(sys.modules[f"weightdiff.kernels.{name}"], "_MIN_ELEMENTS_PER_RUN", threshold)
+    for name in ("_PACK_MIN_ELEMENTS_PER_RUN", "_UNPACK_MIN_ELEMENTS_PER_RUN"):
+        monkeypatch.setattr(_ragged, name, threshold)
 
 
 LAYOUTS = [(d, order) for d in (7, 16, 64) for order in ("contiguous", "shuffled")] + [(16, "with_empty")]
@@ -123,6 +123,54 @@ def test_unpack_matches_reference_and_drops_padding(token_size, order, batch, to
     garbage = tokens.clone()
     garbage[:, ~valid_mask(length, token_size)] = float("nan")
     assert torch.equal(unpack(garbage, src, length, tidx, mean, std, num_params), flat)
+
+
+# Tensor sizes at every ragged boundary of the token sizes below: empty, a single entry, one short
+# of, exactly and one past a whole token (D = 7 and 16), and large odd sizes.
+BOUNDARY_SIZES = [0, 1, 6, 7, 8, 15, 16, 17, 100, 301]
+EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("order", ["contiguous", "shuffled", "with_empty"])
+@pytest.mark.parametrize("token_size", [1, 7, 16, 64])
+def test_ops_match_specification_on_ragged_boundaries(token_size, order, batch, torch_path):
+    """The optimised paths against the short ``*_ref`` specifications, with rounding-derived bounds."""
+    src, length, tidx, num_params, mean, std = make_layout(BOUNDARY_SIZES, token_size, order)
+    zeros, ones = torch.zeros_like(mean), torch.ones_like(std)
+    layout = (src, length, tidx)
+    flat = torch.randn(batch, num_params) * 3
+    # Without normalisation pack and unpack only move entries: exact.
+    identity = pack(flat, *layout, zeros, ones, token_size)
+    torch.testing.assert_close(identity, pack_ref(flat, *layout, zeros, ones, token_size), rtol=0, atol=0)
+    torch.testing.assert_close(unpack(identity, *layout, zeros, ones, num_params),
+                               unpack_ref(identity, *layout, zeros, ones, num_params), rtol=0, atol=0)
+
+    # pack computes x * fl(1 / std) + fl(-mean / std), the specification (x - mean) / std: each
+    # side rounds at most twice, so they differ by under 4 eps * (|x| + |mean|) / std.
+    tokens = pack(flat, *layout, mean, std, token_size)
+    atol = 4 * EPS * float(((flat.abs().max() + mean.abs()) / std).max())
+    torch.testing.assert_close(tokens, pack_ref(flat, *layout, mean, std, token_size), rtol=0, atol=atol)
+    # unpack computes mean + std * y, possibly fused; the specification rounds y * std, then the
+    # sum: under 2 eps * (|y| std + |mean|).
+    y = torch.randn(batch, src.numel(), token_size) * 3
+    atol = 2 * EPS * float((y.abs().max() * std + mean.abs()).max())
+    torch.testing.assert_close(unpack(y, *layout, mean, std, num_params),
+                               unpack_ref(y, *layout, mean, std, num_params), rtol=0, atol=atol)
+
+    # masked_mse sums n non-negative terms in another order than the specification: each sum is
+    # within (n - 1) eps / 2 of the exact one, each term within eps of its exact value.
+    rows = length.repeat(batch)
+    pred = tokens.reshape(-1, token_size).requires_grad_()
+    target = torch.randn_like(pred)
+    weight = torch.rand(rows.numel()) + 0.5
+    n = int(rows.sum())
+    loss = masked_mse(pred, target, rows, weight)
+    loss_ref = masked_mse_ref(pred, target, rows, weight)
+    torch.testing.assert_close(loss, loss_ref, rtol=(n + 2) * EPS, atol=0)
+    # The gradient 2 w (pred - target) / count is a handful of roundings on either side.
+    (grad,), (grad_ref,) = torch.autograd.grad(loss, pred), torch.autograd.grad(loss_ref, pred)
+    torch.testing.assert_close(grad, grad_ref, rtol=8 * EPS, atol=0)
 
 
 @pytest.mark.parametrize("token_size,order", LAYOUTS)
@@ -307,7 +355,7 @@ def test_masked_mse_errors_name_the_argument():
 @pytest.mark.parametrize("op", ["pack", "unpack"])
 def test_run_loop_and_gather_paths_agree(op, monkeypatch):
     """The per-run loop (contiguous layouts) and the general gather agree to float32 rounding."""
-    module = sys.modules[f"weightdiff.kernels.{op}"]
+    threshold = f"_{op.upper()}_MIN_ELEMENTS_PER_RUN"
     src, length, tidx, num_params, mean, std = make_layout(SIZES, 16)
     if op == "pack":
         x = torch.randn(3, num_params)
@@ -316,9 +364,9 @@ def test_run_loop_and_gather_paths_agree(op, monkeypatch):
         x = torch.randn(3, src.numel(), 16)
         args = (x, src, length, tidx, mean, std, num_params)
     fn = pack if op == "pack" else unpack
-    monkeypatch.setattr(module, "_MIN_ELEMENTS_PER_RUN", 0)  # always the loop
+    monkeypatch.setattr(_ragged, threshold, 0)  # always the loop
     loop = fn(*args)
-    monkeypatch.setattr(module, "_MIN_ELEMENTS_PER_RUN", 1 << 62)  # always the gather
+    monkeypatch.setattr(_ragged, threshold, 1 << 62)  # always the gather
     torch.testing.assert_close(fn(*args), loop)
 
 
@@ -355,8 +403,7 @@ def test_triton_kernels_under_interpreter():
 @pytest.mark.skipif(not IN_CHILD, reason="Triton launch detail")
 def test_batch_axis_is_launched_in_chunks(monkeypatch):
     # CUDA caps grid axis 1 at 65535 programs; a tiny cap exercises the chunked launch.
-    for name in ("pack", "unpack"):
-        monkeypatch.setattr(sys.modules[f"weightdiff.kernels.{name}"], "MAX_GRID_Y", 2)
+    monkeypatch.setattr(_ragged, "MAX_GRID_Y", 2)
     src, length, tidx, num_params, mean, std = make_layout(SIZES, 16)
     flat = torch.randn(5, num_params)
     tokens = pack(flat, src, length, tidx, mean, std, 16)
@@ -371,7 +418,7 @@ def test_child_dispatches_to_interpreted_triton():
 
     from weightdiff.kernels._dispatch import use_triton
 
-    kernels = [getattr(sys.modules[f"weightdiff.kernels.{name}"], f"_{name}_kernel")
-               for name in ("pack", "unpack", "masked_mse")]
+    kernels = [_ragged._pack_kernel, _ragged._unpack_kernel,
+               sys.modules["weightdiff.kernels.masked_mse"]._masked_mse_kernel]
     assert all(isinstance(k, InterpretedFunction) for k in kernels)
     assert use_triton(torch.zeros(1))

@@ -240,7 +240,6 @@ from weightdiff.zoo.training import (  # noqa: E402
     train_base,
     train_full_run,
     train_lora_adapter,
-    zscored_distance,
 )
 
 
@@ -320,12 +319,3 @@ def test_few_shot_indices() -> None:
     assert not torch.equal(idx, few_shot_indices(y, 5, seed=1))
     with pytest.raises(ValueError, match="fewer than examples_per_class"):
         few_shot_indices(y, 1000, seed=0)
-
-
-def test_zscored_distance_scale() -> None:
-    gen = torch.Generator().manual_seed(0)
-    a = {"w": torch.randn(200, 50, generator=gen) * 3.0, "b": torch.randn(400, generator=gen) * 0.1}
-    scale = {"w": 3.0, "b": 0.1}
-    noisy = {k: v + 0.05 * scale[k] * torch.randn(v.shape, generator=gen) for k, v in a.items()}
-    assert zscored_distance(a, noisy, scale) == pytest.approx(0.05, rel=0.05)
-    assert zscored_distance(a, a, scale) == 0.0

@@ -25,11 +25,11 @@ from typing import Literal
 
 import torch
 
+from weightdiff.targets import Target
+from weightdiff.tasks import Task
 from weightdiff.weights.canonical import (
     PermutationSpec, align_to_reference, canonicalize_lora, permute_state_dict, sequential_permutation_spec,
 )
-from weightdiff.targets import Target
-from weightdiff.tasks import Task
 
 NOISE_SCALES = (0.01, 0.05, 0.1, 0.2, 0.5)
 

@@ -6,8 +6,8 @@ training checkpoints (canonicalised like the generator's inputs: see
 :func:`weightdiff.evaluate.baselines.canonical_params`). They answer "does a diffusion model
 beat a plain regression from condition to weights?".
 
-* :class:`RidgeHypernet`: closed-form ridge regression, regularisation chosen by grouped
-  (leave-tasks-out) cross-validation on the training tasks.
+* :class:`RidgeHypernet`: closed-form ridge regression (scikit-learn), regularisation chosen by
+  grouped (leave-tasks-out) cross-validation on the training tasks.
 * :class:`MLPHypernet`: a Text-to-LoRA-style MLP (Charakorn et al. 2025) trained with the
   generator's two losses: MSE to the zoo weights in normalised space, plus the task's
   cross-entropy of the predicted weights run inside the target network (the functional loss).
@@ -20,8 +20,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import Ridge
+from sklearn.metrics import mean_squared_error
+from sklearn.model_selection import PredefinedSplit, cross_val_predict
 from torch import nn
 
 from weightdiff.targets import Target
@@ -99,14 +103,20 @@ class Standardizer:
 class RidgeHypernet:
     """Ridge regression from conditions ``(n, C)`` to flat weights ``(n, P)``, with an intercept.
 
-    ``W = (X^T X + α I)^-1 X^T (Y - ȳ)`` on standardised features (closed form; the intercept is
-    not penalised). ``α`` is chosen from ``alphas`` by K-fold cross-validation with whole tasks
-    held out per fold (``groups``), scored by mean squared error; with fewer than two groups the
-    smallest ``α`` is used.
+    ``W = (X^T X + α I)^-1 X^T (Y - ȳ)`` on standardised, centred features (closed form by
+    :class:`sklearn.linear_model.Ridge`; the intercept is not penalised). ``α`` is chosen from
+    ``alphas`` by K-fold cross-validation with whole tasks held out per fold (``groups``; tasks are
+    dealt to folds in a seeded random order), scored by the mean squared error over all held-out
+    rows; with fewer than two groups the smallest ``α`` is used.
 
     Args:
         alphas: candidate regularisation strengths.
         folds: number of cross-validation folds (capped at the number of groups).
+
+    Attributes (after :meth:`fit`):
+        alpha_: the chosen ``α``.
+        cv_mse_: ``{α: cross-validated MSE}`` (empty when no cross-validation ran).
+        w_, b_: ``(C, P)`` and ``(P,)`` float64 coefficients on the standardised features.
     """
 
     def __init__(self, alphas: Sequence[float] = DEFAULT_ALPHAS, folds: int = 5) -> None:
@@ -115,38 +125,30 @@ class RidgeHypernet:
         self.alpha_: float | None = None
         self.cv_mse_: dict[float, float] = {}
 
-    @staticmethod
-    def _solve(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fit on standardised ``x (n, C)``; returns ``(W (C, P), b (P,))`` in float64."""
-        xm, ym = x.mean(0), y.mean(0)
-        xc, yc = x - xm, y - ym
-        gram = xc.T @ xc + alpha * torch.eye(x.shape[1], dtype=x.dtype)
-        w = torch.linalg.solve(gram, xc.T @ yc)
-        return w, ym - xm @ w
+    def _task_folds(self, groups: Sequence[str], k: int) -> PredefinedSplit:
+        """Each row's fold: the sorted task names in a seeded random order, dealt round-robin."""
+        names = sorted(set(groups))
+        perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(0)).tolist()
+        fold_of = {names[j]: i % k for i, j in enumerate(perm)}
+        return PredefinedSplit([fold_of[g] for g in groups])
 
     def fit(self, features: torch.Tensor, targets: torch.Tensor, groups: Sequence[str] | None = None) -> RidgeHypernet:
         """Fit on ``features (n, C)`` and ``targets (n, P)``; ``groups`` names each row's task."""
         self.scaler = Standardizer(features)
-        x, y = self.scaler(features), targets.double()
+        x, y = self.scaler(features).cpu().numpy(), targets.detach().double().cpu().numpy()
         groups = list(groups) if groups is not None else [str(i) for i in range(x.shape[0])]
-        names = sorted(set(groups))
-        k = min(self.folds, len(names))
+        k = min(self.folds, len(set(groups)))
         if k < 2 or len(self.alphas) == 1:
             self.alpha_ = min(self.alphas)
         else:
-            perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(0)).tolist()
-            fold_of = {names[j]: i % k for i, j in enumerate(perm)}
-            fold = torch.tensor([fold_of[g] for g in groups])
+            folds = self._task_folds(groups, k)
             for alpha in self.alphas:
-                err, count = 0.0, 0
-                for f in range(k):
-                    tr, te = fold != f, fold == f
-                    w, b = self._solve(x[tr], y[tr], alpha)
-                    err += float(((x[te] @ w + b - y[te]) ** 2).sum())
-                    count += int(te.sum()) * y.shape[1]
-                self.cv_mse_[alpha] = err / count
+                held_out = cross_val_predict(Ridge(alpha=alpha, solver="cholesky"), x, y, cv=folds)
+                self.cv_mse_[alpha] = float(mean_squared_error(y, held_out))
             self.alpha_ = min(self.cv_mse_, key=self.cv_mse_.__getitem__)
-        self.w_, self.b_ = self._solve(x, y, self.alpha_)
+        ridge = Ridge(alpha=self.alpha_, solver="cholesky").fit(x, y)
+        self.w_ = torch.from_numpy(ridge.coef_.T.copy()).to(features.device)  # (C, P)
+        self.b_ = torch.from_numpy(np.asarray(ridge.intercept_, dtype=np.float64)).to(features.device)  # (P,)
         log.info("ridge hypernetwork: alpha=%g (cv mse %s)", self.alpha_,
                  {a: round(v, 4) for a, v in self.cv_mse_.items()})
         return self

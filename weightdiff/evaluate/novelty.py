@@ -9,11 +9,12 @@ means little until it is shown to differ from the zoo. Two measures:
   novel. The IoU of two empty sets (two perfect models) is defined as 0 here: no shared error is
   evidence of copying, and a perfect model cannot be told apart from a copy by its errors anyway.
 * **Nearest-zoo distance** (weight space). RMS distance to the nearest zoo checkpoint in the zoo's
-  per-tensor z-scored space, after removing weight-space symmetries (:func:`comparison_space`):
+  per-tensor z-scored space, after removing weight-space symmetries (:class:`ComparisonSpace`):
   hidden-unit permutations for whole networks (alignment to a reference checkpoint), the LoRA
   gauge for adapters (the merged update ``ΔW = scaling · B A`` of each module is compared). It is
-  reported also as a ratio to :func:`zoo_nn_spacing`, the median nearest-neighbour distance among
-  the zoo's own checkpoints, so 1 means "as far from the zoo as zoo checkpoints are from each other".
+  reported also as a ratio to :meth:`ComparisonSpace.spacing`, the median nearest-neighbour
+  distance among the zoo's own checkpoints, so 1 means "as far from the zoo as zoo checkpoints are
+  from each other".
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.func import vmap
 
-from weightdiff.weights.canonical import PermutationSpec, sequential_permutation_spec
 from weightdiff.evaluate.baselines import align_full
 from weightdiff.targets import PEFT_PREFIX, Target
+from weightdiff.weights.canonical import PermutationSpec, sequential_permutation_spec
 
 
 def wrong_set_iou(preds: torch.Tensor, labels: torch.Tensor, zoo_preds: torch.Tensor,
@@ -62,39 +63,6 @@ def wrong_set_iou(preds: torch.Tensor, labels: torch.Tensor, zoo_preds: torch.Te
         return torch.full((preds.shape[0],), float("nan"))
     best = iou.max(1).values
     return torch.where(torch.isinf(best), torch.full_like(best, float("nan")), best)
-
-
-def nearest_zoo_distance(flat: torch.Tensor, zoo_flat: torch.Tensor,
-                         exclude: Sequence[int | None] | None = None) -> torch.Tensor:
-    """RMS distance from each model to its nearest zoo checkpoint.
-
-    Args:
-        flat: models ``(S, P)`` in the comparison space (:func:`comparison_space`).
-        zoo_flat: zoo checkpoints ``(Z, P)`` in the same space.
-        exclude: per model, a zoo index to skip (the model itself), or ``None``.
-
-    Returns:
-        ``(S,)`` float32: ``min_z ||flat_s - zoo_z|| / sqrt(P)``; NaN when nothing is left to compare.
-    """
-    d = torch.cdist(flat.double(), zoo_flat.double()) / flat.shape[1] ** 0.5  # (S, Z)
-    if exclude is not None:
-        if len(exclude) != flat.shape[0]:
-            raise ValueError(f"exclude has {len(exclude)} entries, expected one per model ({flat.shape[0]})")
-        for i, j in enumerate(exclude):
-            if j is not None:
-                d[i, j] = float("inf")
-    if d.shape[1] == 0:
-        return torch.full((flat.shape[0],), float("nan"))
-    best = d.min(1).values
-    return torch.where(torch.isinf(best), torch.full_like(best, float("nan")), best).float()
-
-
-def zoo_nn_spacing(zoo_flat: torch.Tensor) -> float:
-    """Median over zoo checkpoints of the RMS distance to their nearest other checkpoint ``(Z, P)``."""
-    if zoo_flat.shape[0] < 2:
-        return float("nan")
-    d = nearest_zoo_distance(zoo_flat, zoo_flat, exclude=list(range(zoo_flat.shape[0])))
-    return float(d.double().quantile(0.5))  # the midpoint of the two middle values for even counts
 
 
 def _base_name(adapter_key: str) -> str:

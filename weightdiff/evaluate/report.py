@@ -22,7 +22,6 @@ from weightdiff.io import atomic_path, write_json
 
 RESULT_KEYS = ("suite", "seen", "unseen", "unseen_by_kind", "latency_ms_per_sample", "generation_seconds", "sgd",
                "sgd_examples_to_match", "settings")
-STAT_KEYS = ("best", "mean", "median", "iou", "distance", "distance_ratio")
 
 
 def _nanmean(values: Sequence[float]) -> float | None:

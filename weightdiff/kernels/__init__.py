@@ -22,10 +22,13 @@ Worked example, tensors of 6, 2 and 9 entries (``w`` (2, 3), ``b`` (2,), ``v`` (
     unpack: flat[b, src_offset[l] + j] = tokens[b, l, j] * std[t] + mean[t]    (padding dropped)
     masked_mse(pred.reshape(B * L, D), target.reshape(B * L, D), length.repeat(B))
 
-Each op lives in its own module with a Triton kernel (``_name_kernel``), a torch reference
-(``name_ref``) and a differentiable dispatcher (``name``) that runs the kernel on CUDA tensors,
-or anywhere with ``WEIGHTDIFF_FORCE_TRITON=1`` (tests add ``TRITON_INTERPRET=1`` to run it on
-CPU), and the reference otherwise.
+Each op lives in its own module with a short torch specification (``name_ref``: the formula
+above, written so it can be checked by eye against this example) and a differentiable dispatcher
+(``name``) that runs a Triton kernel on CUDA tensors, or anywhere with ``WEIGHTDIFF_FORCE_TRITON=1``
+(tests add ``TRITON_INTERPRET=1`` to run it on CPU), and an optimised torch path otherwise; tests
+compare both with the specification. Pack and unpack are each other's gradient, so their kernels
+and torch paths (an affine gather into tokens and an affine scatter back) live together in the
+private ``_ragged`` module; masked_mse keeps its kernels beside it.
 """
 
 from weightdiff.kernels.masked_mse import masked_mse, masked_mse_ref

@@ -1,4 +1,4 @@
-"""Helpers shared by the ragged-layout ops: backend choice, layout checks, contiguous token runs.
+"""Helpers shared by the ragged-layout ops: backend choice, launch sizes and layout checks.
 
 Not public API. The ops in :mod:`weightdiff.kernels` describe a layout by three per-token
 ``(L,)`` integer tensors (``src_offset``, ``length``, ``tensor_index``); see the package
@@ -135,28 +135,3 @@ def check_layout_values(src_offset: torch.Tensor, length: torch.Tensor, tensor_i
         raise ValueError(f"src_offset/length must cover each of the num_params={num_params} flat "
                          f"positions exactly once; the tokens cover {int(length.clamp(min=0).sum())} "
                          "positions or leave a gap")
-
-
-def token_runs(src_offset: torch.Tensor, length: torch.Tensor,
-               tensor_index: torch.Tensor, token_size: int) -> tuple[list[int], list[int], list[int]]:
-    """Split the tokens into runs that are one contiguous block of flat memory.
-
-    A run is tokens ``a .. b-1`` of one tensor where each token starts ``token_size`` after the
-    previous one and all but possibly the last are full. The full tokens of a run are then a plain
-    ``(B, n, D)`` view of the flat vector, which is what makes the torch references as fast as a
-    copy. A tensor laid out in the usual way is exactly one run.
-
-    Returns:
-        ``(starts, ends, full)``: python lists, one entry per run: first token, one past the last
-        token, and the number of leading full tokens (``ends - starts`` or one less).
-    """
-    n = src_offset.numel()
-    if n == 0:
-        return [], [], []
-    cont = torch.zeros(n, dtype=torch.bool, device=src_offset.device)
-    cont[1:] = ((src_offset[1:] == src_offset[:-1] + token_size) & (length[:-1] == token_size)
-                & (tensor_index[1:] == tensor_index[:-1]))
-    starts = (~cont).nonzero().view(-1)
-    ends = torch.cat([starts[1:], starts.new_tensor([n])])
-    full = ends - starts - (length[ends - 1] != token_size).long()
-    return starts.tolist(), ends.tolist(), full.tolist()

@@ -10,12 +10,11 @@ timestep embedding and the task condition (already embedded to the model width b
 
 Ragged batches (checkpoints with different numbers of tokens) are padded and carry a key mask:
 padded keys are never attended, padded inputs are zeroed before use, and padded outputs are
-zero, so a sequence's output does not depend on what it is batched with. Packed batches
-``(ΣL, D)`` with ``cu_seqlens`` go through :meth:`WeightDiT.forward_packed`.
+zero, so a sequence's output does not depend on what it is batched with.
 
 Example::
 
-    >>> model = WeightDiT_XS(token_size=64, num_tensors=6, max_chunks=40, max_depth=3, num_kinds=4)
+    >>> model = WeightDiT(token_size=64, num_tensors=6, max_chunks=40, max_depth=3, num_kinds=4)
     >>> x = torch.randn(2, 50, 64); t = torch.tensor([10, 900]); c = torch.randn(2, 256)
     >>> ids = torch.zeros(50, dtype=torch.long)
     >>> model(x, t, c, tensor_index=ids, chunk_index=ids, depth=ids, kind=ids).shape
@@ -25,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -41,60 +39,6 @@ ID_FIELDS = ("tensor_index", "chunk_index", "depth", "kind")
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: x (B, L, H) * (1 + scale (B, H)) + shift (B, H)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-# ------------------------------------------------------------------------------ ragged helpers
-def lengths_to_cu_seqlens(lengths: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Sequence lengths (B,) -> cumulative offsets ``cu_seqlens`` (B + 1,) int32, starting at 0.
-
-    >>> lengths_to_cu_seqlens([3, 0, 2]).tolist()
-    [0, 3, 3, 5]
-    """
-    lengths = torch.as_tensor(lengths)
-    if lengths.dim() != 1 or lengths.is_floating_point() or bool((lengths < 0).any()):
-        raise ValueError(f"lengths must be a 1-d tensor of non-negative integers, got {lengths!r}")
-    return F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-
-
-def cu_seqlens_to_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """``cu_seqlens`` (B + 1,) -> lengths (B,) int64."""
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-
-
-def pad_ragged(seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad a list of sequences ``(L_i, D)`` into ``x (B, max L_i, D)`` and ``key_mask (B, max L_i)``.
-
-    ``key_mask`` is True at real tokens; padded entries of ``x`` are zero.
-    """
-    if len(seqs) == 0:
-        raise ValueError("pad_ragged needs at least one sequence")
-    x = nn.utils.rnn.pad_sequence(list(seqs), batch_first=True)
-    lengths = torch.tensor([s.shape[0] for s in seqs], device=x.device)
-    key_mask = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
-    return x, key_mask
-
-
-def pad_packed(packed: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed ``(ΣL, ...)`` + ``cu_seqlens`` (B + 1,) -> padded ``(B, max L, ...)`` and ``key_mask (B, max L)``.
-
-    The inverse is :func:`unpad`: ``unpad(*pad_packed(p, cu)) == p``.
-    """
-    lengths = cu_seqlens_to_lengths(cu_seqlens).to(packed.device)
-    if int(cu_seqlens[-1]) != packed.shape[0]:
-        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but the packed tensor has {packed.shape[0]} rows")
-    b = lengths.shape[0]
-    max_len = int(lengths.max()) if b > 0 else 0
-    row = torch.repeat_interleave(torch.arange(b, device=packed.device), lengths)  # (ΣL,)
-    pos = torch.arange(packed.shape[0], device=packed.device) - cu_seqlens.to(packed.device).long()[row]
-    out = packed.new_zeros((b, max_len, *packed.shape[1:]))
-    out[row, pos] = packed
-    key_mask = torch.arange(max_len, device=packed.device) < lengths[:, None]
-    return out, key_mask
-
-
-def unpad(x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """Padded ``(B, L, ...)`` + ``key_mask (B, L)`` -> packed ``(ΣL, ...)`` (rows in batch order)."""
-    return x[key_mask]
 
 
 # ------------------------------------------------------------------------------------ embedders
@@ -406,30 +350,3 @@ class WeightDiT(nn.Module):
             h = block(h, cond, key_mask, cond_seq, cond_seq_mask)  # (B, L, H)
         out = self.final_layer(h, cond)  # (B, L, D)
         return out.masked_fill(~valid, 0.0)
-
-    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, t: torch.Tensor, c: torch.Tensor, *,
-                       tensor_index: torch.Tensor, chunk_index: torch.Tensor, depth: torch.Tensor,
-                       kind: torch.Tensor, cond_seq: torch.Tensor | None = None,
-                       cond_seq_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed ragged batch: x (ΣL, D), cu_seqlens (B + 1,), per-token ids (ΣL,) -> (ΣL, D)."""
-        xp, key_mask = pad_packed(x, cu_seqlens)
-        ids = [pad_packed(v, cu_seqlens)[0] for v in (tensor_index, chunk_index, depth, kind)]
-        out = self(xp, t, c, tensor_index=ids[0], chunk_index=ids[1], depth=ids[2], kind=ids[3],
-                   key_mask=key_mask, cond_seq=cond_seq, cond_seq_mask=cond_seq_mask)
-        return unpad(out, key_mask)
-
-
-# ------------------------------------------------------------------------------------ model sizes
-def WeightDiT_XS(**kwargs: Any) -> WeightDiT:
-    return WeightDiT(hidden=256, depth=4, heads=4, **kwargs)
-
-
-def WeightDiT_S(**kwargs: Any) -> WeightDiT:
-    return WeightDiT(hidden=384, depth=12, heads=6, **kwargs)
-
-
-def WeightDiT_B(**kwargs: Any) -> WeightDiT:
-    return WeightDiT(hidden=768, depth=12, heads=12, **kwargs)
-
-
-WeightDiT_models = {"WeightDiT-XS": WeightDiT_XS, "WeightDiT-S": WeightDiT_S, "WeightDiT-B": WeightDiT_B}

@@ -23,10 +23,9 @@ on the next linear layer's input axis in blocks of ``H*W`` (``AxisRef.block``). 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
-from typing import Literal
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -282,23 +281,6 @@ def align_to_reference(sd: Mapping[str, torch.Tensor], reference: Mapping[str, t
                        spec: PermutationSpec, **kwargs: int) -> dict[str, torch.Tensor]:
     """``sd`` with its hidden units permuted to match ``reference`` (same function as ``sd``)."""
     return permute_state_dict(sd, spec, weight_matching(reference, sd, spec, **kwargs))
-
-
-def state_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """L2 distance over the floating-point tensors of ``a`` (``b`` must hold the same keys)."""
-    total = 0.0
-    for k, v in a.items():
-        if v.is_floating_point():
-            if k not in b:
-                raise CanonicalizationError(f"tensor '{k}' is missing from the second state dict")
-            total += float(torch.sum((v.detach().double() - b[k].detach().double()) ** 2))
-    return math.sqrt(total)
-
-
-def aligned_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                     spec: PermutationSpec, **kwargs: int) -> float:
-    """L2 distance between ``a`` and ``b`` after aligning ``b``'s hidden units to ``a``."""
-    return state_distance(a, align_to_reference(b, a, spec, **kwargs))
 
 
 def canonicalize(sd: Mapping[str, torch.Tensor], kind: Literal["full", "lora"],

@@ -4,13 +4,12 @@
 shard=(i, n), workers=K)`` fills ``<root>/<name>``; ``Zoo.open(path)`` reads it back.
 """
 
-from weightdiff.zoo.build import (TRAINERS, BuildReport, LoopTrainer, TrainedCheckpoint, ZooTrainer, build_zoo,
-                                  parse_shard, register_trainer, run_build, shard_runs)
+from weightdiff.zoo.build import (BuildReport, LoopTrainer, TrainedCheckpoint, ZooTrainer, build_zoo, parse_shard,
+                                  run_build, shard_runs)
 from weightdiff.zoo.recipe import Recipe, RotationGrid, RunSpec, load_recipe, task_slug
 from weightdiff.zoo.store import Zoo
 
 __all__ = [
-    "TRAINERS", "BuildReport", "LoopTrainer", "Recipe", "RotationGrid", "RunSpec", "TrainedCheckpoint", "Zoo",
-    "ZooTrainer", "build_zoo", "load_recipe", "parse_shard", "register_trainer", "run_build", "shard_runs",
-    "task_slug",
+    "BuildReport", "LoopTrainer", "Recipe", "RotationGrid", "RunSpec", "TrainedCheckpoint", "Zoo", "ZooTrainer",
+    "build_zoo", "load_recipe", "parse_shard", "run_build", "shard_runs", "task_slug",
 ]

@@ -6,8 +6,8 @@ entries is missing or fails its hash check; entries that are already valid are n
 Shards (``shard=(i, n)``) take the runs whose index is ``i`` modulo ``n``, so n array jobs fill
 one zoo without overlap. ``workers=K`` trains K runs at a time in K single-threaded processes.
 
-Training itself is delegated to a :class:`ZooTrainer` looked up by zoo kind in
-:data:`TRAINERS` (or passed in), so the orchestration can be tested with a fake trainer.
+Training itself is delegated to a :class:`ZooTrainer` (:class:`LoopTrainer` unless another is
+passed in), so the orchestration can be tested with a fake trainer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,15 +100,6 @@ class LoopTrainer:
             steps=recipe.steps, lr=recipe.lr, seed=run.seed, examples_per_class=recipe.examples_per_class,
             batch_size=recipe.lora_batch_size)
         return [TrainedCheckpoint(recipe.steps, state, metrics)]
-
-
-# Trainer factories by zoo kind; ``register_trainer`` adds or replaces one.
-TRAINERS: dict[str, Callable[[], ZooTrainer]] = {"full": LoopTrainer, "lora": LoopTrainer}
-
-
-def register_trainer(kind: str, factory: Callable[[], ZooTrainer]) -> None:
-    """Use ``factory()`` to train zoos of ``kind`` (e.g. a cluster-specific trainer)."""
-    TRAINERS[kind] = factory
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -325,7 +316,7 @@ def run_build(recipe: Recipe, root: str | os.PathLike = "checkpoints_zoo", *, sh
         shard: ``(i, n)``: build only the runs with index ``i`` modulo ``n``.
         workers: processes training runs in parallel (each single-threaded); 1 trains in-process.
         progress: show a tqdm bar over the runs to train.
-        trainer: overrides the trainer registered for ``recipe.kind`` in :data:`TRAINERS`.
+        trainer: trains the networks; a :class:`LoopTrainer` (both kinds) by default.
 
     Raises:
         RecipeError: the zoo folder holds a zoo built from a different recipe.
@@ -339,7 +330,7 @@ def run_build(recipe: Recipe, root: str | os.PathLike = "checkpoints_zoo", *, sh
     if workers < 1:
         raise ZooBuildError(f"workers = {workers}: expected >= 1")
     start = time.perf_counter()
-    trainer = trainer if trainer is not None else TRAINERS[recipe.kind]()
+    trainer = trainer if trainer is not None else LoopTrainer()
     zoo_dir = Path(root) / recipe.name
     zoo_dir.mkdir(parents=True, exist_ok=True)
     _ensure_zoo_json(zoo_dir, recipe)
