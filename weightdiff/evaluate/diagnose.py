@@ -1,0 +1,280 @@
+"""Is the denoiser a denoiser? Diagnostics of a trained generator at every noise level.
+
+A generator is judged by more than its final samples (DESIGN.md, "The denoiser must be a
+denoiser"). For zoo entries noised to level t, x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε (DDPM eq. 4),
+:func:`noise_level_report` compares the model's clean estimate x̂0(x_t, t, c) with two
+references:
+
+- **identity**: x_t / sqrt(ᾱ_t), what returning the noisy input gives. A model worse than it at
+  low noise has not learnt to denoise there;
+- **oracle**: the exact posterior mean of the training entries of the same task,
+  E[x0 | x_t] = Σ_i w_i x0_i with w ∝ exp(-|x_t - sqrt(ᾱ_t) x0_i|² / (2 (1 - ᾱ_t))). It is the
+  minimiser of the training loss on the empirical data, and it reproduces zoo entries: the
+  memorising oracle.
+
+and measures the accuracy of x̂0 in the target network per level. :func:`path_report` follows a
+sampler from noise to sample and reports, per step, the accuracy of the current x̂0 and its
+distance to the nearest training entry (in normalised token space, on valid entries). A model
+whose one-step estimate beats its own multi-step sampler is a regressor, not a generative model.
+
+Plain torch; no trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from weightdiff.evaluate.report import _save_figure
+from weightdiff.io import write_json
+from weightdiff.models.schedule import denoise, predicted_x0
+from weightdiff.tasks import get_task
+from weightdiff.weights.canonical import canonicalize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 175, 250, 400, 550, 700, 850, 999)
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over valid entries, per sample: a, b (N, L, D), valid (L, D) -> (N,)."""
+    diff = (a - b).pow(2) * valid
+    return diff.flatten(1).sum(1) / valid.sum()
+
+
+def posterior_mean(x_t: torch.Tensor, alpha_bar: float, candidates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Exact posterior mean of x0 given x_t under the empirical distribution ``candidates``.
+
+    Args:
+        x_t: (N, L, D) noisy tokens at cumulative alpha ``alpha_bar``.
+        candidates: (M, L, D) clean training tokens (the empirical data distribution).
+        valid: (L, D) bool; padded entries take no part in the likelihood.
+    Returns:
+        (N, L, D) Σ_i softmax_i(-|x_t - sqrt(ᾱ) x0_i|² / (2 (1 - ᾱ))) x0_i.
+    """
+    if alpha_bar >= 1.0:
+        raise ValueError("the posterior at alpha_bar = 1 is a point mass; use t > 0")
+    xt = (x_t * valid).flatten(1).double()                              # (N, P)
+    xs = (candidates * valid).flatten(1).double() * math.sqrt(alpha_bar)  # (M, P)
+    d2 = torch.cdist(xt, xs).pow(2)                                       # (N, M)
+    w = torch.softmax(-d2 / (2 * (1 - alpha_bar)), dim=1)
+    return (w @ candidates.flatten(1).double()).view_as(x_t).to(x_t.dtype)
+
+
+def nearest_distance(x: torch.Tensor, zoo: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """L2 distance of each of x (N, L, D) to its nearest row of zoo (M, L, D), on valid entries -> (N,)."""
+    return torch.cdist((x * valid).flatten(1).double(), (zoo * valid).flatten(1).double()).min(1).values.float()
+
+
+class _Entries:
+    """Training (or held-out) zoo entries as the generator saw them: tokens, tasks and conditions."""
+
+    def __init__(self, gen: Any, zoo: Any, split: str, limit: int | None, seed: int,
+                 condition: Callable[[str], Any]) -> None:
+        rows = zoo.rows(split)
+        if limit is not None and len(rows) > limit:
+            pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]
+            rows = [rows[i] for i in sorted(pick.tolist())]
+        data = gen.config.get("data", {})
+        reference = None
+        if zoo.kind == "full" and data.get("canonicalize", True):
+            reference = zoo.load(zoo.rows("train")[0]["id"])  # the datamodule's alignment reference
+
+        def prepared(row: dict) -> dict[str, torch.Tensor]:
+            state = zoo.load(row["id"])
+            return canonicalize(state, zoo.kind, reference) if data.get("canonicalize", True) else state
+
+        self.rows = rows
+        self.tasks = [r["task"] for r in rows]
+        self.tokens = gen.tokenizer.encode_batch([prepared(r) for r in rows])[0]  # (N, L, D)
+        self.conditions = {t: condition(t) for t in dict.fromkeys(self.tasks)}
+
+
+def _accuracy(gen: Any, tokens: torch.Tensor, tasks: Sequence[str], split: str = "val") -> torch.Tensor:
+    """Accuracy (N,) of decoded tokens (N, L, D), each on its own task's ``split``."""
+    out = torch.empty(tokens.shape[0])
+    for name in dict.fromkeys(tasks):
+        idx = torch.tensor([i for i, t in enumerate(tasks) if t == name])
+        task = get_task(name)
+        x, y = task.data().split(split)
+        params = gen.tokenizer.decode_float(tokens[idx])
+        out[idx] = gen.target(task).accuracy(params, x, y)
+    return out
+
+
+@torch.no_grad()
+def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+                       condition: Callable[[str], Any], *, timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+                       max_entries: int | None = 64, accuracy: bool = True, seed: int = 0) -> dict[str, Any]:
+    """x̂0 error (model / identity / oracle) and x̂0 accuracy per noise level, on training and held-out entries.
+
+    Args:
+        gen: a loaded generator (``tokenizer``, ``schedule``, ``target(task)``, ``config``).
+        zoo: the zoo the generator was trained on.
+        model_fn: ``(x_t (B, L, D), t (B,), raw condition batch) -> denoiser output (B, L, D)``.
+        condition: task name -> raw condition with one row.
+        timesteps: noise levels t in [0, T).
+        max_entries: entries per split (evenly drawn; ``None``: all).
+    Returns:
+        ``{"timesteps": [...], "train": {...}, "heldout": {...}}`` with, per split, lists over t of
+        ``model_mse``, ``identity_mse``, ``oracle_mse`` (train only), ``model_acc``, ``oracle_acc``.
+    """
+    alphas = gen.schedule.training_scheduler().alphas_cumprod
+    ptype = gen.schedule.prediction_type
+    valid = gen.tokenizer.layout.valid_mask
+    train = _Entries(gen, zoo, "train", max_entries, seed, condition)
+    by_task = {}
+    all_train = _Entries(gen, zoo, "train", None, seed, lambda t: None)
+    for name in dict.fromkeys(all_train.tasks):
+        by_task[name] = all_train.tokens[[i for i, t in enumerate(all_train.tasks) if t == name]]
+    splits = {"train": train}
+    if zoo.rows("heldout"):
+        splits["heldout"] = _Entries(gen, zoo, "heldout", max_entries, seed + 1, condition)
+    report: dict[str, Any] = {"timesteps": [int(t) for t in timesteps], "prediction_type": ptype}
+    for split, entries in splits.items():
+        rows: dict[str, list[float | None]] = {k: [] for k in ("model_mse", "identity_mse", "oracle_mse",
+                                                                 "model_acc", "oracle_acc")}
+        g = torch.Generator().manual_seed(seed)
+        for t in timesteps:
+            a = float(alphas[t])
+            x0 = entries.tokens
+            noise = torch.randn(x0.shape, generator=g)
+            x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
+            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+            x0_hat = torch.empty_like(x0)
+            for name in entries.conditions:
+                idx = torch.tensor([i for i, n in enumerate(entries.tasks) if n == name])
+                raw = entries.conditions[name]
+                raw_rows = tuple(r.expand(len(idx), *r.shape[1:]) for r in raw) if isinstance(raw, tuple) \
+                    else raw.expand(len(idx), *raw.shape[1:])
+                out = model_fn(x_t[idx], tt[idx], raw_rows)
+                x0_hat[idx] = predicted_x0(out, x_t[idx], alphas[tt[idx]], ptype)
+            x0_hat = x0_hat.masked_fill(~valid, 0.0)
+            rows["model_mse"].append(float(masked_mse(x0_hat, x0, valid).mean()))
+            rows["identity_mse"].append(float(masked_mse(x_t / math.sqrt(a), x0, valid).mean()))
+            oracle = None
+            if split == "train" and t > 0:
+                oracle = torch.empty_like(x0)
+                for name in entries.conditions:
+                    idx = torch.tensor([i for i, n in enumerate(entries.tasks) if n == name])
+                    oracle[idx] = posterior_mean(x_t[idx], a, by_task[name], valid)
+                rows["oracle_mse"].append(float(masked_mse(oracle, x0, valid).mean()))
+            else:
+                rows["oracle_mse"].append(None)
+            rows["model_acc"].append(float(_accuracy(gen, x0_hat, entries.tasks).mean()) if accuracy else None)
+            rows["oracle_acc"].append(float(_accuracy(gen, oracle, entries.tasks).mean())
+                                      if accuracy and oracle is not None else None)
+            log.info("%s t=%d: model %.4g identity %.4g oracle %s", split, t, rows["model_mse"][-1],
+                     rows["identity_mse"][-1], rows["oracle_mse"][-1])
+        report[split] = rows
+    return report
+
+
+@torch.no_grad()
+def path_report(gen: Any, zoo_tokens: torch.Tensor, task: str, sample_fn: Callable[..., torch.Tensor], *,
+                num: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Accuracy and nearest-zoo distance of x̂0 along one sampler's path.
+
+    Args:
+        zoo_tokens: (M, L, D) training tokens (for the nearest-entry distance).
+        sample_fn: ``(record, noise) -> tokens``: runs the sampler from ``noise`` (num, L, D),
+            calling ``record(x_t, t, output)`` at every model evaluation.
+    Returns:
+        ``{"t": [...], "accuracy": [...], "nearest_distance": [...], "final_accuracy", "final_distance",
+        "zoo_spacing"}`` (distances in normalised token space; spacing = median nearest-neighbour
+        distance inside the zoo).
+    """
+    alphas = gen.schedule.training_scheduler().alphas_cumprod
+    ptype = gen.schedule.prediction_type
+    valid = gen.tokenizer.layout.valid_mask
+    steps: list[tuple[int, torch.Tensor]] = []
+
+    def record(x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> None:
+        steps.append((int(t[0]), predicted_x0(out, x_t, alphas[t], ptype).masked_fill(~valid, 0.0)))
+
+    shape = (num, *zoo_tokens.shape[1:])
+    noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + i))
+                         for i in range(num)])
+    final = sample_fn(record, noise)
+    tasks = [task] * num
+    zoo_d = torch.cdist((zoo_tokens * valid).flatten(1).double(), (zoo_tokens * valid).flatten(1).double())
+    zoo_d.fill_diagonal_(float("inf"))
+    return {
+        "task": task,
+        "t": [t for t, _ in steps],
+        "accuracy": [float(_accuracy(gen, x, tasks).mean()) for _, x in steps],
+        "nearest_distance": [float(nearest_distance(x, zoo_tokens, valid).median()) for _, x in steps],
+        "final_accuracy": float(_accuracy(gen, final, tasks).mean()),
+        "final_distance": float(nearest_distance(final, zoo_tokens, valid).median()),
+        "zoo_spacing": float(zoo_d.min(1).values.median()),
+    }
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Three panels: x̂0 error per noise level, x̂0 accuracy per level, and the sampler paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ts = np.asarray(report["noise_levels"]["timesteps"])
+    styles = {"train": "-", "heldout": "--"}
+    for split in ("train", "heldout"):
+        rows = report["noise_levels"].get(split)
+        if not rows:
+            continue
+        for key, colour in (("model_mse", "C0"), ("identity_mse", "C7"), ("oracle_mse", "C3")):
+            vals = np.asarray([np.nan if v is None else v for v in rows[key]], dtype=float)
+            axes[0].plot(ts, vals, styles[split], color=colour, marker="o", ms=3,
+                         label=f"{key.removesuffix('_mse')} ({split})")
+        for key, colour in (("model_acc", "C0"), ("oracle_acc", "C3")):
+            vals = np.asarray([np.nan if v is None else 100 * v for v in rows[key]], dtype=float)
+            if not np.isnan(vals).all():
+                axes[1].plot(ts, vals, styles[split], color=colour, marker="o", ms=3,
+                             label=f"{key.removesuffix('_acc')} x̂0 ({split})")
+    axes[0].set(yscale="log", xlabel="noise level t", ylabel="x̂0 MSE (normalised tokens)",
+                title="x̂0 error: model vs identity x_t/√ᾱ vs posterior-mean oracle")
+    axes[1].set(xlabel="noise level t", ylabel="accuracy of x̂0 (%)", title="accuracy of the clean estimate")
+    twin = axes[2].twinx()
+    for name, p in report.get("paths", {}).items():
+        line, = axes[2].plot(range(len(p["accuracy"])), 100 * np.asarray(p["accuracy"]), marker="o", ms=3,
+                             label=f"{name}: accuracy (solid), nearest-zoo distance (dotted)")
+        twin.plot(range(len(p["nearest_distance"])), p["nearest_distance"], ":", color=line.get_color())
+        twin.axhline(p["zoo_spacing"], color="k", lw=0.6)
+    twin.set_ylabel("median nearest-zoo distance; zoo spacing (black line)")
+    axes[2].set(xlabel="sampler step", ylabel="accuracy of x̂0 (%)", title="along the sampler's path")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(report.get("title", "denoiser diagnostics"))
+    return _save_figure(fig, path)
+
+
+def write_report(out: str | Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    """``diagnose.json`` and ``diagnose.png`` under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "diagnose.json", report)
+    return out / "diagnose.json", plot_report(report, out / "diagnose.png")
+
+
+def sampler_path_fn(gen: Any, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sampler: str,
+                    steps: int) -> Callable[..., torch.Tensor]:
+    """A ``sample_fn`` for :func:`path_report` that runs :func:`denoise` with ``model_fn`` (x_t, t) -> output."""
+    valid = gen.tokenizer.layout.valid_mask
+
+    def run(record: Callable[..., None], noise: torch.Tensor) -> torch.Tensor:
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = model_fn(x, t)
+            record(x, t, out)
+            return out
+        return denoise(fn, tuple(noise.shape), gen.schedule, steps=steps, sampler=sampler, noise=noise, valid=valid)
+
+    return run
