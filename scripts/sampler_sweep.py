@@ -4,7 +4,8 @@
         --setting steps=20 --setting sampler=x0 --setting steps=20,guidance=2
 
 Each setting is ``key=value[,key=value]`` over SamplerSettings fields (steps, sampler, guidance,
-seed, temperature). Samples are conditioned on held-out free-text paraphrases; prints the mean
+seed, temperature); steps and sampler left out are the generator's own (``model_index.json``).
+Samples are conditioned on held-out free-text paraphrases; prints the mean
 test accuracy over held-out tasks and over every 40th training task. Choose settings on the
 seen tasks; the full benchmark (scripts/benchmark.py) is the number to report.
 """
@@ -14,23 +15,24 @@ from __future__ import annotations
 import argparse
 import time
 
+from dataclasses import replace
+
 from weightdiff.evaluate.benchmark import heldout_description
-from weightdiff.models.generator import load_generator
-from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
+from weightdiff.sampling import SamplerSettings, WeightDiffusionPipeline, generate_tokens, make_condition
 from weightdiff.tasks import get_task
 from weightdiff.zoo import Zoo
 
 _TYPES = {"steps": int, "sampler": str, "guidance": float, "seed": int, "temperature": float}
 
 
-def parse_setting(text: str) -> SamplerSettings:
+def parse_setting(text: str) -> dict:
     kwargs = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key not in _TYPES:
             raise argparse.ArgumentTypeError(f"unknown sampler setting {key!r}; expected one of {sorted(_TYPES)}")
         kwargs[key] = _TYPES[key](value)
-    return SamplerSettings(**kwargs)
+    return kwargs
 
 
 def main() -> None:
@@ -41,11 +43,12 @@ def main() -> None:
     p.add_argument("--num", type=int, default=8, help="samples per task")
     p.add_argument("--seen-stride", type=int, default=40)
     args = p.parse_args()
-    gen = load_generator(args.model)
+    gen = WeightDiffusionPipeline.from_pretrained(args.model)
     zoo = Zoo.open(args.zoo)
     groups = {"unseen": sorted({r["task"] for r in zoo.rows("heldout")}),
               "seen": sorted({r["task"] for r in zoo.rows("train")})[::args.seen_stride]}
-    for settings in args.setting:
+    for kwargs in args.setting:
+        settings: SamplerSettings = replace(gen.settings(), **kwargs)
         t0 = time.perf_counter()
         means = {}
         for group, names in groups.items():

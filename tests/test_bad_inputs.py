@@ -5,7 +5,7 @@ hypothesis test once per kind of file it corrupts, and an input reached by sever
 CLI, or two consumers) once:
 
 * weight files (7): random truncations (hypothesis) of a zoo entry's weight file, a sample's
-  ``adapter_model.safetensors`` and an exported ``generator.safetensors``; a truncated file whose
+  ``adapter_model.safetensors`` and an exported ``generator/diffusion_pytorch_model.safetensors``; a truncated file whose
   length prefix starts with the pickle opcode 0x80; random bit flips (hypothesis) of each of the
   three files;
 * PEFT adapters (4): a missing key, an extra key, rank-4 tensors under an r = 8 config, an r = 4
@@ -13,7 +13,7 @@ CLI, or two consumers) once:
 * non-finite zoo entries (3): NaN, +Inf, -Inf, through ``Zoo.load`` and ``Zoo.verify``;
 * generator directories (6): a layout of another format version, a truncated ``layout.json``
   (hypothesis), a truncated layout statistics file, a layout of another network (load and
-  decode), ``generator.safetensors`` with a tensor of another shape, no ``tokenizer/``;
+  decode), generator weights with a tensor of another shape, no ``tokenizer/``;
 * manifests (14): each of the 12 required ``entry.json`` fields missing, a field of the wrong
   type, a duplicate id;
 * configs (4): a zoo recipe with an unknown key / a wrong type; a fit config with an unknown key /
@@ -64,6 +64,7 @@ from weightdiff.zoo.manifest import REQUIRED_FIELDS, entry_problem
 
 TASK = "rotdigits:angle=-15"  # a training task of the tiny zoo: its text embedding is cached by the fit
 ENTRY = "rotdigits_angle-15_flip0-s000-c0030"
+GENERATOR_WEIGHTS = "generator/diffusion_pytorch_model.safetensors"  # in an exported generator folder
 CLI_TIMEOUT_S = 240
 CLI_PARALLEL = 4  # subprocesses spend most of their time importing; overlap them
 HYPOTHESIS = settings(max_examples=30, deadline=None, derandomize=True,
@@ -178,7 +179,7 @@ def _sample_argv(model: Path, out: Path, *extra: str) -> list[str]:
 @cli_case(in_subprocess=False)
 def generator_truncated(c: Inputs) -> CliCase:
     g = c.copy(c.gen, "gen_truncated")
-    f = g / "generator.safetensors"
+    f = g / GENERATOR_WEIGHTS
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     out = c.tmp / "out_generator_truncated"
     return CliCase(_sample_argv(g, out, "--task", TASK), [str(f), "not a readable safetensors file"],
@@ -190,10 +191,10 @@ def tokenizer_of_another_network(c: Inputs) -> CliCase:
     g = c.copy(c.gen, "gen_other_tokenizer")
     shutil.rmtree(g / "tokenizer")
     WeightTokenizer.from_state_dict(DigitsCNN().state_dict(), token_size=32).save(g / "tokenizer")
-    spec = json.loads((g / "config.json").read_text())["spec"]
+    config = json.loads((g / "generator" / "config.json").read_text())
     out = c.tmp / "out_other_tokenizer"
     return CliCase(_sample_argv(g, out, "--task", TASK),
-                   [str(g / "tokenizer" / "layout.json"), f"expected {len(spec['token_length'])} tokens"],
+                   [str(g / "tokenizer" / "layout.json"), f"expected {config['num_tokens']} tokens"],
                    untouched=(out,))
 
 
@@ -421,7 +422,7 @@ def _check_sample(sample_path: Path, data: bytes, original: bytes, task) -> bool
 
 def _check_generator(gen_dir: Path, data: bytes, original: bytes) -> None:
     """A changed generator file: a named error, or a strict load with the intact file's tensors."""
-    path = gen_dir / "generator.safetensors"
+    path = gen_dir / GENERATOR_WEIGHTS
     keys = set(load_weights(path))
     path.write_bytes(data)
     try:
@@ -429,7 +430,7 @@ def _check_generator(gen_dir: Path, data: bytes, original: bytes) -> None:
     except WeightDiffError as exc:
         assert str(path) in str(exc)
     else:  # values changed only
-        assert set(loaded.net.state_dict()) == keys
+        assert set(loaded.generator.state_dict()) == keys
     finally:
         path.write_bytes(original)
 
@@ -440,7 +441,7 @@ def test_truncated_weight_files_raise_weight_file_error_naming_the_file(scratch,
     zoo, gen_dir, sample_path = scratch
     task = get_task(TASK)
     loaders = [(_zoo_file(zoo), lambda: Zoo.open(zoo).load(ENTRY)),
-               (gen_dir / "generator.safetensors", lambda: load_generator(gen_dir)),
+               (gen_dir / GENERATOR_WEIGHTS, lambda: load_generator(gen_dir)),
                (sample_path / "adapter_model.safetensors", lambda: target_for(load_weight_sets([sample_path]), task))]
     for path, load in loaders:
         original = path.read_bytes()
@@ -509,7 +510,7 @@ def test_bit_flipped_sample_raises_a_named_error_or_keeps_its_tensors(scratch, d
 @given(data=st.data())
 def test_bit_flipped_generator_raises_a_named_error_or_loads_strictly(scratch, data):
     gen_dir = scratch[1]
-    path = gen_dir / "generator.safetensors"
+    path = gen_dir / GENERATOR_WEIGHTS
     original = path.read_bytes()
     pos, bit = _flip_strategy(data.draw, path)
     _check_generator(gen_dir, flip_bit(original, pos, bit), original)
@@ -643,14 +644,14 @@ def test_layout_of_another_network_fails_load_and_decode(gen, tiny_generator, tm
 
 def test_generator_weights_of_another_size(tiny_generator, tmp_path):
     g = copy_tree(tiny_generator, tmp_path / "gen")
-    tensors = load_weights(g / "generator.safetensors")
+    tensors = load_weights(g / GENERATOR_WEIGHTS)
     key = next(k for k, v in tensors.items() if v.dim() == 2)
     rows, cols = tensors[key].shape
     tensors[key] = torch.zeros(rows + 1, cols)
-    save_weights(g / "generator.safetensors", tensors)
+    save_weights(g / GENERATOR_WEIGHTS, tensors)
     with pytest.raises(ModelDirError) as err:
         load_generator(g)
-    assert_names(err.value, str(g / "generator.safetensors"), f"'{key}'", f"({rows + 1}, {cols})",
+    assert_names(err.value, str(g / GENERATOR_WEIGHTS), f"'{key}'", f"({rows + 1}, {cols})",
                  f"expected ({rows}, {cols})")
 
 
@@ -694,7 +695,7 @@ def test_bad_descriptions(gen, text, needle):
 
 
 def _bad_condition_calls(gen):
-    text = gen.net.cond  # the tiny generator's text provider: (B, 384 + 4)
+    text = gen.generator.cond  # the tiny generator's text provider: (B, 384 + 4)
     code = CodeCondition(16, code_dim=3)
     examples = ExampleSetCondition(16, x_dim=64, num_classes=10, heads=2)
     x, y = torch.zeros(1, 5, 64), torch.zeros(1, 5, dtype=torch.long)

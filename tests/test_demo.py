@@ -33,9 +33,9 @@ def test_quick_demo_end_to_end(tiny_lora_zoo, tmp_path, monkeypatch):
     npz = next((bench / "predictions").glob("*.npz"))
     assert np.load(npz)["predictions"].ndim == 2
     # a second run reuses what was built (generator not retrained)
-    mtime = (run / "generator" / "generator.safetensors").stat().st_mtime
+    mtime = (run / "generator" / "generator" / "diffusion_pytorch_model.safetensors").stat().st_mtime
     run_demo(run, zoo_config=REPO / "configs/zoo/tiny-rotdigits-lora.yaml", fit_config=REPO / "configs/tiny.yaml",
              workers=1, quick=True, zoo_root=tiny_lora_zoo.parent,
              bench_kwargs=dict(num=2, steps=3, max_seen_tasks=1, max_unseen_tasks=1, sgd_tasks=1, sgd_ks=(1,),
                                hypernet_steps=20, progress=False))
-    assert (run / "generator" / "generator.safetensors").stat().st_mtime == mtime
+    assert (run / "generator" / "generator" / "diffusion_pytorch_model.safetensors").stat().st_mtime == mtime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -43,3 +44,27 @@ def test_padding_takes_no_part_in_the_posterior_or_the_errors():
     assert torch.equal(masked_mse(x_t, zoo[:2], VALID), masked_mse(noisy_pad, zoo[:2], VALID))
     assert torch.equal(nearest_distance(x_t, zoo, VALID), nearest_distance(noisy_pad, zoo, VALID))
     assert torch.equal(nearest_distance(zoo[1:2], zoo, VALID), torch.zeros(1))
+
+
+def test_diagnose_command_on_a_trained_generator(tiny_generator, tiny_lora_zoo, tmp_path, capsys):
+    from weightdiff.cli import main
+
+    out = tmp_path / "diag"
+    argv = ["diagnose", "--model", str(tiny_generator), "--zoo", str(tiny_lora_zoo), "--out", str(out),
+            "--paths", "[ddim:3]", "--max-entries", "6", "--num", "2"]
+    assert main(argv) == 0
+    report = json.loads((out / "diagnose.json").read_text())
+    levels = report["noise_levels"]
+    n = len(levels["timesteps"])
+    for key in ("model_mse", "identity_mse", "oracle_mse", "model_acc"):
+        assert len(levels["train"][key]) == n
+    # identity error grows with the noise level; the oracle reproduces training entries at low noise
+    assert levels["train"]["identity_mse"][0] < levels["train"]["identity_mse"][-2]
+    assert levels["train"]["oracle_mse"][1] < 1e-3
+    assert all(0.0 <= a <= 1.0 for a in levels["train"]["model_acc"])
+    path = report["paths"]["ddim-3"]
+    assert len(path["accuracy"]) == 3 and path["zoo_spacing"] > 0
+    assert (out / "diagnose.png").stat().st_size > 10_000
+    assert "ddim-3: final accuracy" in capsys.readouterr().out
+    assert main([*argv[:-6], "--paths", "[euler:3]"]) == 2
+    assert "euler:3" in capsys.readouterr().err

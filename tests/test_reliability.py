@@ -219,9 +219,12 @@ def _place_in_sample(sample_dir: Path, data: bytes) -> list[Callable[[], object]
     return [lambda: load_weight_sets([sample_dir]), lambda: load_weight_sets(find_weight_paths(sample_dir.parent))]
 
 
+GENERATOR_WEIGHTS = "generator/diffusion_pytorch_model.safetensors"  # in an exported generator folder
+
+
 def _place_in_generator(gen_dir: Path, data: bytes) -> list[Callable[[], object]]:
-    (gen_dir / "generator.safetensors").write_bytes(data)
-    return [lambda: load_generator(gen_dir), lambda: load_weights(gen_dir / "generator.safetensors")]
+    (gen_dir / GENERATOR_WEIGHTS).write_bytes(data)
+    return [lambda: load_generator(gen_dir), lambda: load_weights(gen_dir / GENERATOR_WEIGHTS)]
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch.save"])
@@ -240,7 +243,7 @@ def test_malicious_pickle_is_refused_and_not_executed(where, kind, tiny_lora_zoo
         file = dirs[0] / "adapter_model.safetensors"
     else:
         loads = _place_in_generator(Path(shutil.copytree(tiny_generator, tmp_path / "gen")), data)
-        file = tmp_path / "gen" / "generator.safetensors"
+        file = tmp_path / "gen" / GENERATOR_WEIGHTS
     for load in loads:
         with pytest.raises(WeightFileError) as err:
             load()

@@ -1,8 +1,10 @@
-"""Training through the Lightning CLI: loss goes down, export round-trips, resume, DDP, safe loading."""
+"""Training through the Lightning CLI: loss goes down, export round-trips, resume, DDP, safe loading,
+the learning-rate schedule."""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import pickle
 import subprocess
@@ -16,6 +18,7 @@ from tests.conftest import REPO, fit_args
 from weightdiff.errors import WeightFileError
 from weightdiff.models.generator import load_generator
 from weightdiff.training.export import export_checkpoint, read_lightning_checkpoint
+from weightdiff.training.module import warmup_cosine
 
 
 def _metric(run: Path, key: str) -> list[float]:
@@ -37,13 +40,19 @@ def test_export_round_trips_ema_weights(tiny_run, tiny_generator):
     ckpt = read_lightning_checkpoint(next(tiny_run.glob("**/checkpoints/last.ckpt")))
     gen = load_generator(tiny_generator)
     ema = {k[len("ema.module."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.module.")}
-    ema.pop("n_averaged", None)
-    state = gen.net.state_dict()
+    state = gen.generator.state_dict()
     assert ema.keys() == state.keys()
     for k in ema:
         assert torch.equal(ema[k], state[k]), k
     assert gen.config["global_step"] == ckpt["global_step"] > 0
     assert gen.tokenizer.layout.num_params > 0
+    # the layout's integer ids are copied into the EMA model, never averaged (and rounded down)
+    layout = gen.tokenizer.layout
+    assert torch.equal(ema["ids_tensor_index"], layout.token_tensor_index)
+    assert torch.equal(ema["token_length"], layout.token_length)
+    # the checkpoint carries the tokenizer the export wrote
+    saved = ckpt["ZooDataModule"]["tokenizer"]
+    assert torch.equal(saved["mean"], layout.mean) and saved["layout"] == layout.to_json()
 
 
 def test_resume_continues_from_saved_step_and_ema(tiny_lora_zoo, tmp_path):
@@ -105,3 +114,21 @@ def test_datamodule_encodes_entries_exactly_as_the_tokenizer_was_fitted(tiny_lor
     raw = dm.zoo.load(row["id"])
     expected = canonicalize_lora(raw) if canonicalize else raw
     assert torch.equal(dm._train.tokens[0], dm.tokenizer.encode(expected)[0])
+
+
+@pytest.mark.parametrize("warmup, total", [(10, 60), (1, 7), (0, 5), (4, 4), (8, 3)])
+def test_learning_rate_is_linear_warmup_then_cosine_to_a_tenth(warmup, total):
+    lr = 1e-3
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=lr)
+    sched = warmup_cosine(opt, warmup, total)
+    warm = min(warmup, total)
+    for step in range(total):
+        if step < warm:
+            expected = (step + 1) / warm
+        else:
+            progress = (step - warm) / max(total - warm, 1)
+            expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr * expected, rel=1e-12, abs=1e-15), step
+        opt.step()
+        sched.step()

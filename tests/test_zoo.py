@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from weightdiff.cli import main as cli_main
 from weightdiff.errors import ManifestError, RecipeError, ZooBuildError
 from weightdiff.zoo import (Recipe, TrainedCheckpoint, Zoo, build_zoo, load_recipe, parse_shard, run_build,
                             shard_runs)
-from weightdiff.zoo.commands import add_zoo_parser, main as zoo_main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "zoo"
@@ -432,6 +432,11 @@ def test_build_killed_midway_resumes_without_rewriting(tmp_path):
 
 
 # ------------------------------------------------------------------------------ real trainers, CLI
+def zoo_main(argv: list[str]) -> int:
+    """``weightdiff zoo ARGV`` in this process."""
+    return cli_main(["zoo", *argv])
+
+
 def test_real_tiny_builds_and_cli(tmp_path, capsys):
     for name in ("tiny-rotdigits-lora", "tiny-digits-cnn-parents"):
         code = zoo_main(["build", "--config", str(CONFIGS / f"{name}.yaml"), "--root", str(tmp_path),
@@ -456,9 +461,4 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert zoo_main(["verify", str(path)]) == 2
     captured = capsys.readouterr()
     assert "digits-s000-c0002:" in captured.out and "1 problem(s)" in captured.err
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_zoo_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["zoo", "info", str(path)])
-    assert args.func(args) == 0 and "fake-digits (full, family digits)" in capsys.readouterr().out
+    assert zoo_main(["info", str(path)]) == 0 and "fake-digits (full, family digits)" in capsys.readouterr().out

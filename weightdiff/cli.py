@@ -1,23 +1,423 @@
 """The ``weightdiff`` command line.
 
-``fit`` / ``validate`` / ``test`` are LightningCLI subcommands driven by ``configs/*.yaml``;
-``zoo``, ``export``, ``sample``, ``evaluate`` and ``demo`` are plain subcommands. User errors
-(:class:`~weightdiff.errors.WeightDiffError`) print one line on stderr and exit with status 2;
-anything else is a bug and keeps its traceback.
+``fit`` and ``validate`` are LightningCLI subcommands driven by ``configs/*.yaml``. Every other
+subcommand is a typed function below, turned into a jsonargparse subcommand: its signature is the
+subcommand's options and their defaults, its docstring's ``Args:`` their help, so ``--help`` shows
+every default. Parameter ``select_with`` is the option ``--select-with``; a ``bool`` option given
+alone means true (``--quick``, or ``--quick false``).
+
+User errors (:class:`~weightdiff.errors.WeightDiffError`) and bad options print one line,
+``weightdiff: error: ...``, on stderr and exit with status 2; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from json import dumps
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from weightdiff import __version__
-from weightdiff.errors import WeightDiffError
+from weightdiff.errors import ConditionError, ManifestError, WeightDiffError
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
+LIGHTNING_COMMANDS = ("fit", "validate")
 EXIT_USER_ERROR = 2
+MAX_TASK_LINES = 20  # `zoo info` lists tasks one per line up to this many (all of them with --json)
+# weightdiff.models.schedule.SamplerName, spelled here so that --help imports no torch
+# (tests/test_cli.py checks that the two agree).
+Sampler = Literal["ddim", "dpm", "x0"]
+Split = Literal["train", "val", "test"]
+
+
+# Each subcommand imports its library code inside its function body: building the parser then
+# imports no torch, so `weightdiff --help` takes a fraction of a second instead of several.
+
+
+# ------------------------------------------------------------------------------------ zoo
+def zoo_build(config: str, root: str = "checkpoints_zoo", shard: str = "0/1", workers: int = 1,
+              no_progress: bool = False) -> None:
+    """Train the checkpoints of a zoo recipe (resumable, shardable).
+
+    Args:
+        config: recipe YAML, e.g. configs/zoo/rotdigits-lora.yaml.
+        root: folder holding zoos.
+        shard: i/n: build the runs with index i modulo n.
+        workers: training processes, one per core.
+        no_progress: no progress bar.
+    """
+    from weightdiff.zoo import load_recipe, parse_shard, run_build
+
+    shard_range = parse_shard(shard)
+    report = run_build(load_recipe(config), root, shard=shard_range, workers=workers, progress=not no_progress)
+    accs = report.test_accs
+    acc = (f"; test acc of new entries mean {sum(accs) / len(accs):.4f}, min {min(accs):.4f}, max {max(accs):.4f}"
+           if accs else "")
+    print(f"zoo {report.zoo_dir}: shard {shard} has {report.shard_runs} of {report.planned_runs} runs; "
+          f"{report.skipped_runs} already built, {report.trained_runs} trained ({report.entries_written} entries) "
+          f"in {report.seconds:.1f} s{acc}")
+
+
+def _fmt_acc(stats: dict[str, float | None]) -> str:
+    if not stats["n"]:
+        return "test acc –"
+    return f"test acc mean {stats['mean']:.4f} min {stats['min']:.4f} max {stats['max']:.4f}"
+
+
+def zoo_info(path: str, json: bool = False) -> None:
+    """Counts and test accuracy per split, held-out kind and task.
+
+    Args:
+        path: zoo folder, e.g. checkpoints_zoo/rotdigits-lora.
+        json: print the full numbers as JSON.
+    """
+    from weightdiff.zoo import Zoo
+
+    info = Zoo.open(path).info()
+    if json:
+        print(dumps(info, indent=2))
+        return
+    lines = [f"zoo {info['name']} ({info['kind']}, family {info['family']}) at {info['path']}",
+             f"  {info['entries']} of {info['planned_entries']} planned entries, {info['runs']} runs, "
+             f"{info['tasks']} tasks, {info['num_params']} parameters per entry; {_fmt_acc(info['test_acc'])}"]
+    if "base" in info and "test_acc" in info["base"]:
+        lines.append(f"  base network: test acc {info['base']['test_acc']:.4f}")
+    for split, s in info["splits"].items():
+        lines.append(f"  split {split}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s['test_acc'])}")
+    for kind, s in info["heldout_kinds"].items():
+        lines.append(f"    held-out {kind}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s['test_acc'])}")
+    if len(info["per_task"]) <= MAX_TASK_LINES:
+        for task, s in info["per_task"].items():
+            lines.append(f"  {task} [{s['split']}]: {s['entries']} entries; {_fmt_acc(s['test_acc'])}")
+    else:
+        lines.append(f"  ({len(info['per_task'])} tasks: use --json for per-task numbers)")
+    if info["temporary_dirs"]:
+        lines.append(f"  {info['temporary_dirs']} temporary folder(s) from interrupted builds under entries/")
+    print("\n".join(lines))
+
+
+def zoo_verify(path: str) -> None:
+    """Re-hash every entry and check that it loads strictly; exit 2 on problems.
+
+    Args:
+        path: zoo folder, e.g. checkpoints_zoo/rotdigits-lora.
+    """
+    from weightdiff.zoo import Zoo
+
+    zoo = Zoo.open(path)
+    problems = zoo.verify()
+    for entry_id, why in problems:
+        print(f"{entry_id}: {why}")
+    if problems:
+        raise ManifestError(f"zoo {path}: {len(problems)} problem(s) found (listed above)")
+    print(f"zoo {path}: {len(zoo.rows())} entries verified")
+
+
+# ------------------------------------------------------------------------- generator, samples
+def export(ckpt: str, out: str) -> None:
+    """Export EMA weights + layout + config from a Lightning checkpoint.
+
+    Args:
+        ckpt: Lightning checkpoint written by `weightdiff fit`.
+        out: output directory (the generator `sample` loads).
+    """
+    from weightdiff.training.export import export_checkpoint
+
+    print(f"exported generator to {export_checkpoint(ckpt, out)}")
+
+
+def sample(model: str, out: str, task: str | None = None, description: str | None = None,
+           examples: int | None = None, num: int = 4, steps: int | None = None, sampler: Sampler | None = None,
+           temperature: float = 1.0, guidance: float = 1.0, seed: int = 0, batch_size: int = 64,
+           select_with: int | None = None, candidates: int = 8, no_cache: bool = False, devices: int = 1) -> None:
+    """Sample weights for a task, a free-text description or labelled examples.
+
+    Args:
+        model: exported generator directory (`weightdiff export`).
+        out: output directory (one sub-directory per sample).
+        task: task string, e.g. 'rotdigits:angle=70,flip=0' (give --task or --description).
+        description: free-text task description (text-conditioned generators).
+        examples: labelled examples of --task fed to an examples-conditioned generator.
+        num: number of samples.
+        steps: sampler steps (null: the generator's).
+        sampler: ddim / dpm (DPM-Solver++) / x0 (one-step clean estimate); null: the generator's.
+        temperature: scale of the initial noise.
+        guidance: classifier-free guidance scale (1 = off).
+        seed: sample i starts from the noise of seed + i.
+        batch_size: samples generated at once.
+        select_with: best-of-k: score candidates on this many labelled training examples of --task,
+            keep the best.
+        candidates: candidates per kept sample with --select-with.
+        no_cache: bypass the generated-weights cache.
+        devices: sample over this many devices through Lightning's predict loop (1: plain torch).
+    """
+    from weightdiff.models.generator import load_generator
+    from weightdiff.sampling import SamplerSettings, make_condition, select_best
+    from weightdiff.sampling import sample as sample_weights
+
+    if (task is None) == (description is None):
+        raise ConditionError("give exactly one of --task and --description")
+    if num < 1:
+        raise ConditionError(f"--num must be at least 1, got {num}")
+    if devices < 1:
+        raise ConditionError(f"--devices must be at least 1, got {devices}")
+    if examples is not None and task is None:
+        raise ConditionError("--examples K draws K labelled examples of a task: give --task too")
+    if select_with is not None and task is None:
+        raise ConditionError("--select-with needs --task (the labelled examples come from the task)")
+    gen = load_generator(model)
+    cond = make_condition(gen, task=task, description=description, examples=examples, seed=seed)
+    validated = gen.config.get("sampling", {})  # the sampler the generator was validated with
+    settings = SamplerSettings(steps=validated.get("steps", SamplerSettings.steps) if steps is None else steps,
+                               sampler=validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler,
+                               guidance=guidance, seed=seed, temperature=temperature)
+    if select_with is not None:
+        dirs, info = select_best(gen, cond, num, settings, out, task=task, examples=select_with,
+                                 candidates=candidates, use_cache=not no_cache)
+    else:
+        generate = None
+        if devices > 1:
+            from functools import partial
+
+            from weightdiff.training.predict import predict_tokens  # lightning: imported only for this case
+
+            generate = partial(predict_tokens, devices=devices)
+        dirs, info = sample_weights(gen, cond, num, settings, out, use_cache=not no_cache, batch_size=batch_size,
+                                    generate=generate)
+    src = "cache" if info["from_cache"] else f"{info['seconds']:.2f} s"
+    print(f"wrote {len(dirs)} samples to {out} ({src})")
+
+
+# -------------------------------------------------------------------------------- evaluation
+def evaluate(task: str, weights: list[str] | str, base: str | None = None, split: Split = "test",
+             chunk: int = 64, json: str | None = None) -> None:
+    """Evaluate weights (samples, zoo entries) on a split of a task.
+
+    Args:
+        task: task string, e.g. 'rotdigits:angle=70,flip=0'.
+        weights: checkpoint directory, directory of checkpoint directories, zoo directory or a
+            quoted glob pattern; several as a list, e.g. '[samples/, zoo/]'.
+        base: base network (model.safetensors or its directory) for LoRA adapters; null: from the
+            sample's sample.json or the zoo the entries are in.
+        split: the task's data split.
+        chunk: networks evaluated at once.
+        json: write the per-checkpoint accuracies and summary to this JSON file.
+    """
+    from weightdiff.evaluate.weights import evaluate_weights
+    from weightdiff.io import write_json
+
+    result = evaluate_weights(task, [weights] if isinstance(weights, str) else weights, base, split=split,
+                              chunk=chunk)
+    if json is not None:
+        write_json(json, result)
+    width = max(len(row["id"]) for row in result["weights"])
+    for row in result["weights"]:
+        print(f"{row['id']:<{width}}  {row['accuracy']:.4f}")
+    print(f"{result['task']} ({split}, {result['num']} {result['kind']} checkpoints): best {result['best']:.4f}  "
+          f"mean {result['mean']:.4f}  median {result['median']:.4f}")
+    if json is not None:
+        print(f"wrote {json}")
+
+
+def benchmark(suite: str, zoo: str, out: str, model: str | None = None, num: int = 32, steps: int | None = None,
+              sampler: Sampler | None = None, guidance: float = 1.0, seed: int = 0, from_description: bool = False,
+              max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None, sgd_tasks: int | None = None,
+              sgd_ks: Sequence[int | str] = (1, 5, 10, 50, "all"), hypernet_steps: int | None = None,
+              functional_loss_weight: float | None = None, batch_size: int = 64, select_per_class: int | None = 10,
+              threads: int | None = None) -> None:
+    """The honest benchmark of one suite: a generator beside every baseline, in one run.
+
+    Writes results.json, results.md, predictions/*.npz and PNG plots under --out.
+
+    Args:
+        suite: digits-cnn, mnist1d-cnn or adapt-lora (weightdiff.tasks.suites).
+        zoo: zoo directory (its training split is what the generator saw).
+        out: output directory.
+        model: exported generator directory (null: the baselines alone).
+        num: samples per task.
+        steps: sampler steps (null: the generator's).
+        sampler: ddim / dpm / x0 (null: the generator's).
+        guidance: classifier-free guidance scale.
+        seed: sampling and baseline seed.
+        from_description: condition the generator on a held-out free-text paraphrase of each task.
+        max_seen_tasks: evenly spread training tasks evaluated (null: all).
+        max_unseen_tasks: evenly spread held-out tasks evaluated (null: all).
+        sgd_tasks: unseen tasks (seen for full suites) that get few-shot SGD (null: all; 0: skip).
+        sgd_ks: labelled examples per class of few-shot SGD, e.g. '[1, 5, all]'.
+        hypernet_steps: MLP hypernetwork steps (null: as many as the generator's, at least 2000).
+        functional_loss_weight: MLP hypernetwork functional loss weight (null: the generator's own).
+        batch_size: generator batch size.
+        select_per_class: labelled examples per class for the 'generated best-of-N' row (0: no such row).
+        threads: torch CPU threads (null: torch's choice).
+    """
+    import torch
+
+    from weightdiff.evaluate.benchmark import run_benchmark
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    run_benchmark(suite, model, zoo, out, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                  from_description=from_description, max_seen_tasks=max_seen_tasks,
+                  max_unseen_tasks=max_unseen_tasks, sgd_tasks=sgd_tasks, sgd_ks=sgd_ks,
+                  hypernet_steps=hypernet_steps, functional_loss_weight=functional_loss_weight,
+                  batch_size=batch_size, select_per_class=select_per_class)
+    print(f"wrote {out}/results.json and results.md")
+
+
+def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] = ("ddim:10", "ddim:20"), task: str | None = None,
+             max_entries: int | None = 64, num: int = 16, seed: int = 0) -> None:
+    """Judge the denoiser at every noise level and along its sampler's path (diagnose.json, diagnose.png).
+
+    Per noise level, on noised training and held-out zoo entries: the x̂0 error of the model against
+    returning the noisy input (identity) and against the exact posterior mean of the training
+    entries (the memorising oracle), and the accuracy of x̂0; then, along each sampler's path from
+    noise, the accuracy of x̂0 and its distance to the nearest training entry.
+
+    Args:
+        model: exported generator directory.
+        zoo: the zoo it was trained on.
+        out: output directory.
+        paths: samplers to follow, as sampler:steps, e.g. '[ddim:10, dpm:20]'.
+        task: task the paths sample for (null: the zoo's first training task).
+        max_entries: zoo entries per split at each noise level (null: all).
+        num: samples per path.
+        seed: noise seed.
+    """
+    from weightdiff.evaluate.diagnose import diagnose_generator, write_report
+    from weightdiff.models.generator import load_generator
+    from weightdiff.zoo import Zoo
+
+    parsed = []
+    for spec in paths:
+        name, _, steps = spec.partition(":")
+        if name not in ("ddim", "dpm") or not steps.isdigit() or int(steps) < 1:
+            raise ConditionError(f"--paths: {spec!r} is not sampler:steps with sampler ddim or dpm and steps >= 1")
+        parsed.append((name, int(steps)))
+    if num < 1:
+        raise ConditionError(f"--num must be at least 1, got {num}")
+    report = diagnose_generator(load_generator(model), Zoo.open(zoo), paths=parsed, task=task,
+                                max_entries=max_entries, num=num, seed=seed)
+    json_path, png = write_report(out, report)
+    train = report["noise_levels"]["train"]
+    t = report["noise_levels"]["timesteps"]
+    print(f"x̂0 MSE on training entries at t = {t[0]}: model {train['model_mse'][0]:.4g}, identity "
+          f"{train['identity_mse'][0]:.4g}; at t = {t[-1]}: model {train['model_mse'][-1]:.4g}")
+    for name, p in report["paths"].items():
+        print(f"{name}: final accuracy {100 * p['final_accuracy']:.1f} %, nearest-zoo distance "
+              f"{p['final_distance']:.3g} (zoo spacing {p['zoo_spacing']:.3g})")
+    print(f"wrote {json_path} and {png}")
+
+
+def demo(run_dir: str = "runs/demo", zoo_config: str = "configs/zoo/rotdigits-lora.yaml",
+         fit_config: str = "configs/rotdigits-lora.yaml", workers: int = 2, quick: bool = False) -> None:
+    """The main job: build the default zoo, train, sample from text, benchmark.
+
+    Args:
+        run_dir: run folder for every output.
+        zoo_config: zoo recipe YAML.
+        fit_config: LightningCLI fit config YAML.
+        workers: zoo build processes (one per core).
+        quick: tiny settings (seconds; used by the tests).
+    """
+    from weightdiff.demo import run_demo
+
+    run_demo(Path(run_dir), zoo_config=Path(zoo_config), fit_config=Path(fit_config), workers=workers, quick=quick)
+
+
+ZOO_COMMANDS: dict[str, Callable[..., None]] = {"build": zoo_build, "info": zoo_info, "verify": zoo_verify}
+COMMANDS: dict[str, Callable[..., None]] = {"export": export, "sample": sample, "evaluate": evaluate,
+                                            "benchmark": benchmark, "diagnose": diagnose, "demo": demo}
+_POSITIONAL = (zoo_info, zoo_verify)  # `weightdiff zoo info PATH`: the required argument is positional
+
+
+# ------------------------------------------------------------------------------------ parser
+class _Parser(ArgumentParser):
+    """jsonargparse's parser with this CLI's conventions for the options of a function signature
+    (see the module docstring); jsonargparse's own options keep their names.
+
+    Parse errors raise :class:`ArgumentError` (``exit_on_error=False``) so that :func:`main`
+    prints them as one line.
+    """
+
+    _in_signature = False  # inside add_function_arguments
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultHelpFormatter)
+        kwargs.setdefault("exit_on_error", False)
+        super().__init__(*args, **kwargs)
+
+    def add_function_arguments(self, *args: Any, **kwargs: Any) -> list[str]:
+        self._in_signature = True
+        try:
+            return super().add_function_arguments(*args, **kwargs)
+        finally:
+            self._in_signature = False
+
+    def add_argument(self, *args: Any, **kwargs: Any):
+        if not self._in_signature:
+            return super().add_argument(*args, **kwargs)
+        if args and args[0].startswith("--") and "_" in args[0] and "dest" not in kwargs:
+            kwargs["dest"] = args[0][2:].rstrip("+")
+            args = tuple(a.replace("_", "-") for a in args)  # `--sgd_ks`, `--sgd_ks+` → `--sgd-ks`, `--sgd-ks+`
+        if kwargs.get("type") is bool and "nargs" not in kwargs:
+            kwargs.update(nargs="?", const=True)
+        return super().add_argument(*args, **kwargs)
+
+
+def _doc(fn: Callable) -> tuple[str, str]:
+    """(one-line help, description): the docstring's first line, and everything before ``Args:``."""
+    doc = inspect.getdoc(fn) or ""
+    return doc.split("\n", 1)[0], doc.split("\nArgs:", 1)[0].strip()
+
+
+def _function_parser(fn: Callable) -> _Parser:
+    parser = _Parser(description=_doc(fn)[1])
+    parser.add_function_arguments(fn, as_group=False, as_positional=fn in _POSITIONAL)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """The parser of every subcommand but the LightningCLI ones, which are listed only."""
+    parser = _Parser(prog="weightdiff", description="Generate neural-network weights (LoRA adapters, small CNNs) "
+                                                    "with a conditional diffusion transformer.")
+    parser.add_argument("--version", action="version", version=f"weightdiff {__version__}")
+    commands = parser.add_subcommands(dest="command", required=False)
+    for name in LIGHTNING_COMMANDS:
+        commands.add_subcommand(name, _Parser(add_help=False),
+                                help=f"LightningCLI {name}: `weightdiff {name} --config configs/<x>.yaml` "
+                                     f"(see `weightdiff {name} --help`)")
+    zoo = _Parser(description="Build, verify and inspect checkpoint zoos.")
+    commands.add_subcommand("zoo", zoo, help=zoo.description)
+    zoo_commands = zoo.add_subcommands(dest="command")
+    for name, fn in ZOO_COMMANDS.items():
+        zoo_commands.add_subcommand(name, _function_parser(fn), help=_doc(fn)[0])
+    for name, fn in COMMANDS.items():
+        commands.add_subcommand(name, _function_parser(fn), help=_doc(fn)[0])
+    return parser
+
+
+def _selected(ns: Namespace) -> tuple[Callable[..., None], dict[str, Any]]:
+    """The function of the parsed subcommand and its keyword arguments."""
+    if ns.command == "zoo":
+        return ZOO_COMMANDS[ns.zoo.command], ns.zoo[ns.zoo.command].as_dict()
+    return COMMANDS[ns.command], ns[ns.command].as_dict()
+
+
+def _help_hint(argv: Sequence[str]) -> str:
+    """``weightdiff zoo build --help`` for ``zoo build --bad``: where the accepted options are listed."""
+    words = ["weightdiff"]
+    if argv and argv[0] in COMMANDS:
+        words.append(argv[0])
+    elif argv and argv[0] == "zoo":
+        words += argv[:2] if len(argv) > 1 and argv[1] in ZOO_COMMANDS else argv[:1]
+    return " ".join([*words, "--help"])
 
 
 def _quiet_environment() -> None:
@@ -29,41 +429,8 @@ def _quiet_environment() -> None:
         os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from weightdiff.training.export import export_checkpoint
-
-    out = export_checkpoint(args.ckpt, args.out)
-    print(f"exported generator to {out}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="weightdiff",
-        description="Generate neural-network weights (LoRA adapters, small CNNs) with a conditional diffusion "
-                    "transformer.")
-    parser.add_argument("--version", action="version", version=f"weightdiff {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in LIGHTNING_COMMANDS:
-        sub.add_parser(name, help=f"LightningCLI {name}: `weightdiff {name} --config configs/<x>.yaml` "
-                                  f"(see `weightdiff {name} --help`)", add_help=False)
-
-    from weightdiff.zoo.commands import add_zoo_parser
-
-    add_zoo_parser(sub)
-
-    p = sub.add_parser("export", help="export EMA weights + layout + config from a Lightning checkpoint")
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `weightdiff fit`")
-    p.add_argument("--out", required=True, help="output directory (the artefact `sample` loads)")
-    p.set_defaults(func=_cmd_export)
-
-    from weightdiff.commands import add_pipeline_parsers
-
-    add_pipeline_parsers(sub)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status (``--help`` and ``--version`` exit 0 themselves)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_environment()
     try:
@@ -73,11 +440,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_lightning_cli(argv if argv != sys.argv[1:] else None)
             return 0
         parser = build_parser()
-        args = parser.parse_args(argv)
-        if not getattr(args, "func", None):
+        try:
+            ns = parser.parse_args(argv)
+        except ArgumentError as exc:
+            message = " ".join(str(exc).split())  # jsonargparse's type errors span several lines
+            print(f"weightdiff: error: {message} (see `{_help_hint(argv)}`)", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if ns.command is None:
             parser.print_help()
             return 0
-        return int(args.func(args) or 0)
+        fn, kwargs = _selected(ns)
+        fn(**kwargs)
+        return 0
     except WeightDiffError as exc:
         print(f"weightdiff: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from weightdiff.errors import WeightDiffError
 from weightdiff.evaluate.benchmark import run_benchmark
-from weightdiff.io import read_json
+from weightdiff.models.generator import MODEL_INDEX_FILE
 from weightdiff.training.export import export_checkpoint
 from weightdiff.training.lightning_cli import run_lightning_cli
 from weightdiff.zoo import Zoo, build_zoo, load_recipe
@@ -59,7 +59,7 @@ def run_demo(run_dir: Path, *, zoo_config: Path, fit_config: Path, workers: int 
 
     gen_dir = run_dir / "generator"
     t0 = _stage(2, f"train the generator: {fit_config}")
-    if (gen_dir / "config.json").exists():
+    if (gen_dir / MODEL_INDEX_FILE).exists():
         _done(t0, f"reusing the exported generator in {gen_dir}")
     else:
         train_dir = run_dir / "train"
@@ -81,10 +81,8 @@ def run_demo(run_dir: Path, *, zoo_config: Path, fit_config: Path, workers: int 
 
     t0 = _stage(4, "sample adapters for held-out tasks from free-text descriptions, and benchmark")
     bench_dir = run_dir / "benchmark"
-    sampling = read_json(gen_dir / "config.json", "generator config").get("sampling", {})
-    kwargs = {"sampler": sampling.get("sampler", "ddim"), "steps": sampling.get("steps", 20), **(bench_kwargs or {})}
     results = run_benchmark(suite="adapt-lora", model=gen_dir, zoo=zoo_path, out=bench_dir,
-                            from_description=True, **kwargs)
+                            from_description=True, **(bench_kwargs or {}))  # sampler and steps: the generator's
     _done(t0, f"benchmark written to {bench_dir}")
     print("\n" + (bench_dir / "results.md").read_text(), flush=True)
     print(f"Run folder: {run_dir.resolve()}  (total {time.perf_counter() - t_all:.0f} s)", flush=True)

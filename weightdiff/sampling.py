@@ -1,14 +1,25 @@
 """Sample weights for a task, a free-text description or a few labelled examples.
 
-Samples are generated through the Lightning Trainer's predict loop (so many samples spread over
-devices the way training does), in batches bounded by ``batch_size``. Sample ``i`` starts from
-noise drawn from its own seed (``seed + i``), so a sample never depends on how samples were
-batched or split over devices, and the same request gives bit-identical weights.
+:class:`WeightDiffusionPipeline` is the exported generator as a callable, diffusers-style
+pipeline (plain torch)::
 
-Generated tokens are cached under ``$WEIGHTDIFF_CACHE/samples/`` (default
-``~/.cache/weightdiff``), keyed by (model id, condition embedding, sampler settings, seed), so a
-repeated request returns at once. Each sample directory is written under a temporary name and
-renamed when complete: an interrupted run never leaves a half-written sample visible.
+    >>> pipe = WeightDiffusionPipeline.from_pretrained("runs/demo/generator")
+    >>> out = pipe("handwritten digits rotated by 40 degrees", num_samples=4, seed=0)
+    >>> out.save("samples/")   # sample_0000/ ... : PEFT adapter folders (or model.safetensors)
+
+Samples are drawn in batches bounded by ``batch_size``. Sample ``i`` starts from noise drawn from
+its own seed (``seed + i``), so a sample never depends on how samples were batched or split over
+devices, and the same request gives bit-identical weights. Large jobs can spread over several
+devices through Lightning's predict loop (:func:`weightdiff.training.predict.predict_tokens`, passed
+to :func:`generate_tokens` as ``generate``) around
+the same core; ``import weightdiff.sampling`` itself never imports Lightning.
+
+The functions :func:`make_condition`, :func:`generate_tokens`, :func:`sample` and
+:func:`select_best` work on any loaded generator (:func:`weightdiff.models.generator.load_generator`).
+:func:`generate_tokens` caches tokens under ``$WEIGHTDIFF_CACHE/samples/`` (default
+``~/.cache/weightdiff``), keyed by (model id, condition, sampler settings, number), so a repeated
+request returns at once. Each sample directory is written under a temporary name and renamed when
+complete: an interrupted run never leaves a half-written sample visible.
 """
 
 from __future__ import annotations
@@ -18,23 +29,29 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from weightdiff.models.conditioning import examples_condition, none_condition, text_condition
-from weightdiff.models.generator import sample_tokens
 from weightdiff.errors import ConditionError, ModelDirError
-from weightdiff.models.generator import LoadedGenerator
 from weightdiff.io import atomic_path, load_weights, save_weights, write_json
-from weightdiff.models.schedule import SamplerName
+from weightdiff.models.conditioning import examples_condition, none_condition, text_condition
+from weightdiff.models.generator import GeneratorArtefact, sample_tokens, seeded_noise
+from weightdiff.models.schedule import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, SamplerName
 from weightdiff.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+#: ``(gen, cond, num, settings, *, batch_size, progress) -> tokens (num, L, D)``: a sampling core.
+TokenGenerator = Callable[..., torch.Tensor]
+
+#: safetensors metadata of every written weight file (as transformers / diffusers / PEFT write it).
+WEIGHTS_METADATA = {"format": "pt"}
+SAMPLE_FILE = "sample.json"
 
 
 @dataclass(frozen=True)
@@ -45,8 +62,8 @@ class SamplerSettings:
     for samples nearer the conditional mode; 0 with the ``x0`` sampler is deterministic).
     """
 
-    steps: int = 20
-    sampler: SamplerName = "ddim"
+    steps: int = DEFAULT_NUM_INFERENCE_STEPS
+    sampler: SamplerName = DEFAULT_SAMPLER
     guidance: float = 1.0
     seed: int = 0
     temperature: float = 1.0
@@ -60,7 +77,132 @@ class Condition:
     info: dict[str, Any]
 
 
-def make_condition(gen: LoadedGenerator, *, task: str | None = None, description: str | None = None,
+@dataclass
+class WeightSamples:
+    """Generated weight sets, with the condition and settings that produced them.
+
+    Attributes:
+        state_dicts: one state dict per sample, with the zoo's tensor names, shapes and dtypes
+            (PEFT adapter keys for LoRA generators).
+        condition: where the condition came from (task, description, examples).
+        settings: the sampler settings.
+        seeds: the seed of each sample's initial noise.
+        kind: ``"lora"`` (PEFT adapters) or ``"full"`` (whole networks).
+        adapter_config: (LoRA) the PEFT ``adapter_config.json`` written beside each adapter.
+        model_id, model_dir: the generator that made them.
+        seconds: generation wall time for all samples.
+    """
+
+    state_dicts: list[dict[str, torch.Tensor]]
+    condition: dict[str, Any]
+    settings: SamplerSettings
+    seeds: list[int]
+    kind: str
+    model_id: str
+    model_dir: str | None
+    seconds: float
+    adapter_config: dict[str, Any] | None = None
+    tokens: torch.Tensor | None = field(default=None, repr=False)  # (S, L, D) normalised tokens
+
+    def __len__(self) -> int:
+        return len(self.state_dicts)
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """The samples batched: ``{name: (S, *shape)}`` (what :class:`~weightdiff.targets.Target` evaluates)."""
+        return {k: torch.stack([sd[k] for sd in self.state_dicts]) for k in self.state_dicts[0]}
+
+    def save(self, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
+        """Write ``<out_dir>/<prefix>_0000`` ... , each atomically; returns the directories.
+
+        LoRA samples are PEFT adapter folders (``adapter_model.safetensors`` +
+        ``adapter_config.json``) loadable with ``PeftModel.from_pretrained`` on the base network;
+        whole networks are ``model.safetensors``. Each folder also holds ``sample.json``.
+        """
+        out = Path(out_dir)
+        dirs = []
+        for i, state in enumerate(self.state_dicts):
+            dest = out / f"{prefix}_{i:04d}"
+            with atomic_path(dest, directory=True) as tmp:
+                if self.kind == "lora":
+                    save_weights(tmp / "adapter_model.safetensors", state, metadata=WEIGHTS_METADATA)
+                    write_json(tmp / "adapter_config.json", self.adapter_config)
+                else:
+                    save_weights(tmp / "model.safetensors", state, metadata=WEIGHTS_METADATA)
+                write_json(tmp / SAMPLE_FILE, {
+                    "condition": self.condition, "seed": self.seeds[i], "index": i,
+                    "sampler": asdict(self.settings), "model_id": self.model_id, "model_dir": self.model_dir,
+                    "kind": self.kind, "generation_seconds": self.seconds / len(self.state_dicts),
+                })
+            dirs.append(dest)
+        return dirs
+
+
+class WeightDiffusionPipeline(GeneratorArtefact):
+    """An exported generator as a callable pipeline: ``from_pretrained`` / ``save_pretrained`` / ``__call__``.
+
+    ``WeightDiffusionPipeline.from_pretrained(path)`` loads and checks an exported folder
+    (:class:`~weightdiff.models.generator.GeneratorArtefact`); ``save_pretrained(path)`` writes it
+    atomically. The sampler defaults (``model_index.json``, ``sampling``) are those the
+    generator was trained and validated with.
+    """
+
+    def condition(self, description: str | None = None, *, task: str | None = None,
+                  examples: tuple[torch.Tensor, torch.Tensor] | None = None, num_examples: int | None = None,
+                  seed: int = 0) -> Condition:
+        """The raw condition of one request (exactly one of ``description``, ``task``, ``examples``).
+
+        Args:
+            description: free text (text-conditioned generators); a task never seen in the zoo is fine.
+            task: a task string: its first description, its code, or ``num_examples`` labelled
+                examples drawn with ``seed`` from its training split, as the generator was trained.
+            examples: labelled examples ``(x (K, ...), y (K,))`` (examples-conditioned generators).
+        """
+        if sum(v is not None for v in (description, task, examples)) != 1:
+            raise ConditionError("give exactly one of description, task or examples")
+        if examples is None:
+            return _condition(self, task=task, description=description, examples=num_examples, seed=seed)
+        kind = self.config["model"]["condition"]
+        if kind != "examples":
+            raise ConditionError(f"this generator is conditioned on '{kind}', not on labelled examples")
+        x, y = (torch.as_tensor(v) for v in examples)
+        if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+            raise ConditionError(f"examples must be (x (K, ...), y (K,)), got x {tuple(x.shape)} and y {tuple(y.shape)}")
+        return Condition((x.flatten(1).float()[None], y.long()[None]), {"examples": int(x.shape[0])})
+
+    def settings(self, num_inference_steps: int | None = None, sampler: SamplerName | None = None,
+                 guidance_scale: float = 1.0, seed: int = 0, temperature: float = 1.0) -> SamplerSettings:
+        """Sampler settings, defaulting to the generator's own sampler and number of steps."""
+        default = self.info["sampling"]
+        return SamplerSettings(steps=num_inference_steps or default["steps"], sampler=sampler or default["sampler"],
+                               guidance=guidance_scale, seed=seed, temperature=temperature)
+
+    def __call__(self, description: str | None = None, *, task: str | None = None,
+                 examples: tuple[torch.Tensor, torch.Tensor] | None = None, num_samples: int = 1,
+                 num_inference_steps: int | None = None, sampler: SamplerName | None = None,
+                 guidance_scale: float = 1.0, seed: int = 0, temperature: float = 1.0, batch_size: int = 64,
+                 num_examples: int | None = None, progress: bool = False) -> WeightSamples:
+        """Generate ``num_samples`` weight sets for one condition.
+
+        Args:
+            description, task, examples, num_examples: the condition (see :meth:`condition`).
+            num_inference_steps, sampler: default: the generator's (``model_index.json``).
+            guidance_scale: classifier-free guidance scale (1 = plain conditional).
+            seed: sample ``i`` starts from noise drawn from seed ``seed + i``.
+            temperature: scale of the initial noise.
+            batch_size: samples per forward batch (bounds memory; results do not depend on it).
+        Returns:
+            :class:`WeightSamples` (``.save(out_dir)`` writes them).
+        """
+        cond = self.condition(description, task=task, examples=examples, num_examples=num_examples, seed=seed)
+        settings = self.settings(num_inference_steps, sampler, guidance_scale, seed, temperature)
+        t0 = time.perf_counter()
+        tokens = _generate(self, cond, num_samples, settings, batch_size=batch_size, progress=progress)
+        return _samples(self, tokens, cond, settings, seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------ conditions
+def make_condition(gen: GeneratorArtefact, *, task: str | None = None, description: str | None = None,
                    examples: int | None = None, seed: int = 0) -> Condition:
     """Build the raw condition the generator was trained with, from one kind of request.
 
@@ -68,18 +210,24 @@ def make_condition(gen: LoadedGenerator, *, task: str | None = None, description
     code, the examples provider draws ``examples`` (default: the training setting) labelled examples.
     ``description``: free text (text provider only); a task never seen in the zoo is fine.
     """
-    kind = gen.config["model"]["condition"]
     if sum(v is not None for v in (task, description)) != 1:
         raise ConditionError("give exactly one of --task or --description")
+    return _condition(gen, task=task, description=description, examples=examples, seed=seed)
+
+
+def _condition(gen: GeneratorArtefact, *, task: str | None, description: str | None, examples: int | None,
+               seed: int) -> Condition:
+    kind = gen.config["model"]["condition"]
     if description is not None:
         if kind != "text":
             raise ConditionError(f"this generator is conditioned on '{kind}', not on text descriptions; "
                                  "use --task instead")
         return Condition(text_condition([description]), {"description": description})
     t = get_task(task)
-    if t.family != _zoo_task_family(gen):
+    family = gen.config["zoo"]["family"]
+    if t.family != family:
         raise ModelDirError(f"task '{t.name}' is of family '{t.family}', but the generator at {gen.path} was "
-                            f"trained on a '{_zoo_task_family(gen)}' zoo")
+                            f"trained on a '{family}' zoo")
     info: dict[str, Any] = {"task": t.name}
     if kind == "text":
         desc = t.descriptions()[0]
@@ -96,16 +244,49 @@ def make_condition(gen: LoadedGenerator, *, task: str | None = None, description
     return Condition(none_condition(1), info)
 
 
-def _zoo_task_family(gen: LoadedGenerator) -> str:
-    return gen.config["zoo"]["family"]
+# ------------------------------------------------------------------------------- the sampling core
+def _to_device(raw: Any, device: torch.device) -> Any:
+    return tuple(r.to(device) for r in raw) if isinstance(raw, tuple) else raw.to(device)
 
 
+def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerSettings, *,
+              batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Tokens (num, L, D) on the CPU, in batches of at most ``batch_size``, on the generator's device."""
+    if num < 1:
+        raise ConditionError(f"--num must be at least 1, got {num}")
+    if batch_size < 1:
+        raise ConditionError(f"--batch-size must be at least 1, got {batch_size}")
+    net = gen.generator
+    device = next(net.parameters()).device
+    raw = _to_device(cond.raw, device)
+    shape = (net.config.num_tokens, net.config.token_size)
+    out = []
+    for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress, leave=False):
+        seeds = range(settings.seed + start, settings.seed + min(num, start + batch_size))
+        noise = seeded_noise(seeds, shape, settings.temperature).to(device)
+        out.append(sample_tokens(net, raw, len(seeds), gen.schedule, steps=settings.steps, sampler=settings.sampler,
+                                 guidance=settings.guidance, noise=noise).cpu())
+    return torch.cat(out)
+
+
+def _samples(gen: GeneratorArtefact, tokens: torch.Tensor, cond: Condition, settings: SamplerSettings, *,
+             seconds: float, seeds: list[int] | None = None) -> WeightSamples:
+    """Decode tokens (S, L, D) into state dicts (original shapes and dtypes)."""
+    return WeightSamples(
+        state_dicts=[gen.tokenizer.decode(tokens[i], base=None) for i in range(tokens.shape[0])],
+        condition=cond.info, settings=settings,
+        seeds=seeds if seeds is not None else [settings.seed + i for i in range(tokens.shape[0])],
+        kind=gen.kind, model_id=gen.model_id, model_dir=str(gen.path.resolve()) if gen.path is not None else None,
+        seconds=seconds, adapter_config=gen.adapter_config() if gen.kind == "lora" else None, tokens=tokens)
+
+
+# ------------------------------------------------------------------------------------------ cache
 def _cond_bytes(raw: Any) -> bytes:
     parts = raw if isinstance(raw, tuple) else (raw,)
     return b"".join(p.detach().contiguous().numpy().tobytes() for p in parts)
 
 
-def cache_key(gen: LoadedGenerator, cond: Condition, settings: SamplerSettings, num: int) -> str:
+def cache_key(gen: GeneratorArtefact, cond: Condition, settings: SamplerSettings, num: int) -> str:
     h = hashlib.sha256()
     h.update(gen.model_id.encode())
     h.update(_cond_bytes(cond.raw))
@@ -117,104 +298,53 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("WEIGHTDIFF_CACHE", Path.home() / ".cache" / "weightdiff")) / "samples"
 
 
-class _SeedDataset(Dataset):
-    def __init__(self, num: int):
-        self.num = num
-
-    def __len__(self) -> int:
-        return self.num
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-class SamplerModule(L.LightningModule):
-    """Predict-loop wrapper: each batch is a list of sample indices; returns their tokens."""
-
-    def __init__(self, gen: LoadedGenerator, cond: Condition, settings: SamplerSettings):
-        super().__init__()
-        self.net = gen.net
-        self.gen, self.cond, self.settings = gen, cond, settings
-
-    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        spec = self.gen.config["spec"]
-        shape = (len(spec["token_length"]), spec["token_size"])
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(self.settings.seed + int(i)))
-                             for i in batch]) * self.settings.temperature
-        raw = self.cond.raw
-        return sample_tokens(self.net, _to_device(raw, self.device), len(batch), self.gen.schedule,
-                             token_size=shape[1], num_tokens=shape[0], steps=self.settings.steps,
-                             sampler=self.settings.sampler, guidance=self.settings.guidance,
-                             noise=noise.to(self.device)).cpu()
-
-
-def _to_device(raw: Any, device: torch.device) -> Any:
-    return tuple(r.to(device) for r in raw) if isinstance(raw, tuple) else raw.to(device)
-
-
-def generate_tokens(gen: LoadedGenerator, cond: Condition, num: int, settings: SamplerSettings, *,
+# ------------------------------------------------------------------------------------ public API
+def generate_tokens(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerSettings, *,
                     batch_size: int = 64, use_cache: bool = True, progress: bool = True,
-                    trainer_kwargs: dict | None = None) -> tuple[torch.Tensor, bool]:
-    """Tokens (num, L, D) for one condition, through the predict loop; returns (tokens, from_cache)."""
+                    generate: TokenGenerator | None = None) -> tuple[torch.Tensor, bool]:
+    """Tokens (num, L, D) for one condition; returns (tokens, from_cache).
+
+    Plain torch on the generator's device. ``generate`` replaces that core with another function of
+    the same arguments, e.g. ``functools.partial(weightdiff.training.predict.predict_tokens,
+    devices=N)`` to run it in Lightning's predict loop over N devices.
+    """
     if num < 1:
         raise ConditionError(f"--num must be at least 1, got {num}")
     key = cache_key(gen, cond, settings, num)
     path = _cache_dir() / f"{key}.safetensors"
     if use_cache and path.exists():
         return load_weights(path)["tokens"], True
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=progress, enable_model_summary=False, **(trainer_kwargs or {}))
-    loader = DataLoader(_SeedDataset(num), batch_size=batch_size, shuffle=False,
-                        collate_fn=lambda idx: torch.tensor(idx))
-    outs = trainer.predict(SamplerModule(gen, cond, settings), loader)
-    tokens = torch.cat(outs)
+    tokens = (generate or _generate)(gen, cond, num, settings, batch_size=batch_size, progress=progress)
     if use_cache:
         save_weights(path, {"tokens": tokens})
     return tokens, False
 
 
-def write_samples(gen: LoadedGenerator, tokens: torch.Tensor, cond: Condition, settings: SamplerSettings,
-                  out: str | Path, *, seconds: float, prefix: str = "sample") -> list[Path]:
+def write_samples(gen: GeneratorArtefact, tokens: torch.Tensor, cond: Condition, settings: SamplerSettings,
+                  out: str | Path, *, seconds: float, prefix: str = "sample",
+                  seeds: list[int] | None = None) -> list[Path]:
     """Decode tokens and write one directory per sample (atomically). Returns the directories.
 
-    Whole networks are written as ``model.safetensors``; LoRA samples as a PEFT adapter directory
-    (``adapter_model.safetensors`` + ``adapter_config.json``) loadable with
-    ``PeftModel.from_pretrained`` on the zoo's base network.
+    See :meth:`WeightSamples.save` for the files.
     """
-    out = Path(out)
-    adapter_config = gen.adapter_config() if gen.kind == "lora" else None
-    dirs = []
-    for i in range(tokens.shape[0]):
-        state = gen.tokenizer.decode(tokens[i], base=None)
-        dest = out / f"{prefix}_{i:04d}"
-        with atomic_path(dest, directory=True) as tmp:
-            if gen.kind == "lora":
-                save_weights(tmp / "adapter_model.safetensors", state)
-                write_json(tmp / "adapter_config.json", adapter_config)
-            else:
-                save_weights(tmp / "model.safetensors", state)
-            write_json(tmp / "sample.json", {
-                "condition": cond.info, "seed": settings.seed + i, "index": i,
-                "sampler": asdict(settings), "model_id": gen.model_id, "model_dir": str(gen.path.resolve()),
-                "kind": gen.kind, "generation_seconds": seconds / tokens.shape[0],
-            })
-        dirs.append(dest)
-    return dirs
+    return _samples(gen, tokens, cond, settings, seconds=seconds, seeds=seeds).save(out, prefix)
 
 
-def sample(gen: LoadedGenerator, cond: Condition, num: int, settings: SamplerSettings, out: str | Path, *,
-           use_cache: bool = True, batch_size: int = 64, progress: bool = True) -> tuple[list[Path], dict]:
+def sample(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerSettings, out: str | Path, *,
+           use_cache: bool = True, batch_size: int = 64, progress: bool = True,
+           generate: TokenGenerator | None = None) -> tuple[list[Path], dict]:
     """Generate, decode and write ``num`` samples. Returns (directories, timing info)."""
     t0 = time.perf_counter()
     tokens, cached = generate_tokens(gen, cond, num, settings, batch_size=batch_size, use_cache=use_cache,
-                                     progress=progress)
+                                     progress=progress, generate=generate)
     seconds = time.perf_counter() - t0
     dirs = write_samples(gen, tokens, cond, settings, out, seconds=seconds)
     return dirs, {"seconds": seconds, "from_cache": cached, "num": num}
 
 
-def select_best(gen: LoadedGenerator, cond: Condition, num: int, settings: SamplerSettings, out: str | Path, *,
-                task: str, examples: int, candidates: int = 8, use_cache: bool = True) -> tuple[list[Path], dict]:
+def select_best(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerSettings, out: str | Path, *,
+                task: str, examples: int, candidates: int = 8, use_cache: bool = True,
+                batch_size: int = 64) -> tuple[list[Path], dict]:
     """Best-of-k: generate ``num * candidates`` samples, keep the ``num`` most accurate on
     ``examples`` labelled training examples of ``task``. This uses labelled data, so its results
     are reported as their own row, never mixed with zero-shot samples.
@@ -222,7 +352,8 @@ def select_best(gen: LoadedGenerator, cond: Condition, num: int, settings: Sampl
     if examples < 1 or candidates < 1:
         raise ConditionError(f"--select-with and --candidates must be positive, got {examples} and {candidates}")
     t0 = time.perf_counter()
-    tokens, cached = generate_tokens(gen, cond, num * candidates, settings, use_cache=use_cache)
+    tokens, cached = generate_tokens(gen, cond, num * candidates, settings, use_cache=use_cache,
+                                     batch_size=batch_size, progress=False)
     t = get_task(task)
     d = t.data()
     idx = torch.randperm(d.x_train.shape[0], generator=torch.Generator().manual_seed(settings.seed))[:examples]
@@ -231,6 +362,7 @@ def select_best(gen: LoadedGenerator, cond: Condition, num: int, settings: Sampl
     keep = torch.argsort(acc, descending=True, stable=True)[:num]
     seconds = time.perf_counter() - t0
     cond = Condition(cond.raw, {**cond.info, "selected_with_examples": examples, "candidates": num * candidates})
-    dirs = write_samples(gen, tokens[keep], cond, settings, out, seconds=seconds)
+    dirs = write_samples(gen, tokens[keep], cond, settings, out, seconds=seconds,
+                         seeds=[settings.seed + int(i) for i in keep])
     return dirs, {"seconds": seconds, "from_cache": cached, "num": num,
                   "selection_accuracy": acc[keep].tolist()}

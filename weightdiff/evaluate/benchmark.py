@@ -177,7 +177,8 @@ def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.
 
 
 def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: str | Path, *, num: int = 32,
-                  steps: int = 20, sampler: str = "ddim", guidance: float = 1.0, from_description: bool = False,
+                  steps: int | None = None, sampler: str | None = None, guidance: float = 1.0,
+                  from_description: bool = False,
                   seed: int = 0, max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None,
                   sgd_tasks: int | None = None, sgd_ks: Sequence[int | str] = DEFAULT_KS,
                   sgd_seeds: Sequence[int] = (0,),
@@ -192,7 +193,8 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         zoo: the zoo directory (its training split is what the generator saw).
         out: output directory.
         num: samples per task (generated, gaussian) and the cap on noise-added sources per task.
-        steps, sampler, guidance, seed: generator sampling settings.
+        steps, sampler, guidance, seed: generator sampling settings; ``None`` steps and sampler are
+            those the generator was validated with (``gen.config["sampling"]``).
         from_description: condition the generator on :func:`heldout_description` (free text).
         max_seen_tasks, max_unseen_tasks: evenly spread subsets of the tasks (``None``: all).
         sgd_tasks: how many unseen tasks (seen for full suites), spread over the held-out kinds,
@@ -228,7 +230,11 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
                                 f"'{gen.config['zoo'].get('family')}', but suite '{suite}' is {kind}/{family}")
     trained = gen.config.get("training", {}) if gen is not None else {}
     if functional_loss_weight is None:
-        functional_loss_weight = float(trained.get("functional_loss_weight") or 1.0)
+        functional_loss_weight = float(trained.get("functional_loss_weight", 1.0))  # a trained weight of 0 stays 0
+    if gen is not None:
+        validated = gen.config.get("sampling", {})
+        steps = validated.get("steps", SamplerSettings.steps) if steps is None else steps
+        sampler = validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler
     if hypernet_steps is None:
         hypernet_steps = max(2000, int(gen.config.get("global_step", 0)) if gen is not None else 0)
     z = _ZooState(zoo_obj, num=num, seed=seed)

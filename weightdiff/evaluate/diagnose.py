@@ -34,6 +34,7 @@ import torch
 from weightdiff.evaluate.report import _save_figure
 from weightdiff.io import write_json
 from weightdiff.models.schedule import denoise, predicted_x0
+from weightdiff.sampling import make_condition
 from weightdiff.tasks import get_task
 from weightdiff.weights.canonical import canonicalize
 
@@ -92,7 +93,7 @@ class _Entries:
 
         self.rows = rows
         self.tasks = [r["task"] for r in rows]
-        self.tokens = gen.tokenizer.encode_batch([prepared(r) for r in rows])[0]  # (N, L, D)
+        self.tokens = gen.tokenizer.encode_batch([prepared(r) for r in rows])  # (N, L, D)
         self.conditions = {t: condition(t) for t in dict.fromkeys(self.tasks)}
 
 
@@ -127,7 +128,7 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
     """
     alphas = gen.schedule.training_scheduler().alphas_cumprod
     ptype = gen.schedule.prediction_type
-    valid = gen.tokenizer.layout.valid_mask
+    valid = gen.tokenizer.layout.valid_mask()
     train = _Entries(gen, zoo, "train", max_entries, seed, condition)
     by_task = {}
     all_train = _Entries(gen, zoo, "train", None, seed, lambda t: None)
@@ -192,7 +193,7 @@ def path_report(gen: Any, zoo_tokens: torch.Tensor, task: str, sample_fn: Callab
     """
     alphas = gen.schedule.training_scheduler().alphas_cumprod
     ptype = gen.schedule.prediction_type
-    valid = gen.tokenizer.layout.valid_mask
+    valid = gen.tokenizer.layout.valid_mask()
     steps: list[tuple[int, torch.Tensor]] = []
 
     def record(x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> None:
@@ -239,7 +240,12 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
             if not np.isnan(vals).all():
                 axes[1].plot(ts, vals, styles[split], color=colour, marker="o", ms=3,
                              label=f"{key.removesuffix('_acc')} x̂0 ({split})")
-    axes[0].set(yscale="log", xlabel="noise level t", ylabel="x̂0 MSE (normalised tokens)",
+    model_vals = [v for split in ("train", "heldout") for v in report["noise_levels"].get(split, {}).get("model_mse", [])]
+    positive = [v for split in ("train", "heldout") for key in ("model_mse", "identity_mse", "oracle_mse")
+                for v in report["noise_levels"].get(split, {}).get(key, []) if v]
+    if positive and model_vals:  # identity explodes at t -> T and the oracle can be exactly 0: keep the model in view
+        axes[0].set_ylim(max(min(positive) / 2, 1e-8), 20 * max(model_vals))
+    axes[0].set(yscale="log", xlabel="noise level t", ylabel="x̂0 MSE (normalised tokens; 0 not drawn)",
                 title="x̂0 error: model vs identity x_t/√ᾱ vs posterior-mean oracle")
     axes[1].set(xlabel="noise level t", ylabel="accuracy of x̂0 (%)", title="accuracy of the clean estimate")
     twin = axes[2].twinx()
@@ -268,7 +274,7 @@ def write_report(out: str | Path, report: dict[str, Any]) -> tuple[Path, Path]:
 def sampler_path_fn(gen: Any, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sampler: str,
                     steps: int) -> Callable[..., torch.Tensor]:
     """A ``sample_fn`` for :func:`path_report` that runs :func:`denoise` with ``model_fn`` (x_t, t) -> output."""
-    valid = gen.tokenizer.layout.valid_mask
+    valid = gen.tokenizer.layout.valid_mask()
 
     def run(record: Callable[..., None], noise: torch.Tensor) -> torch.Tensor:
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -278,3 +284,41 @@ def sampler_path_fn(gen: Any, model_fn: Callable[[torch.Tensor, torch.Tensor], t
         return denoise(fn, tuple(noise.shape), gen.schedule, steps=steps, sampler=sampler, noise=noise, valid=valid)
 
     return run
+
+
+def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] = (("ddim", 10), ("ddim", 20)),
+                       task: str | None = None, max_entries: int | None = 64, num: int = 16,
+                       timesteps: Sequence[int] = DEFAULT_TIMESTEPS, seed: int = 0) -> dict[str, Any]:
+    """The whole diagnosis of a loaded generator on its zoo: noise levels, then one path per sampler.
+
+    Args:
+        gen: a loaded generator (:func:`weightdiff.models.generator.load_generator`).
+        paths: ``(sampler, steps)`` pairs to follow from noise to sample.
+        task: the task the paths are sampled for (default: the first training task).
+        max_entries, num, timesteps, seed: see :func:`noise_level_report` and :func:`path_report`.
+    """
+    net = gen.generator
+
+    def condition(name: str) -> Any:
+        return make_condition(gen, task=name, seed=seed).raw
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, raw: Any) -> torch.Tensor:
+        cond = net.encode_condition(raw, None)
+        return net.guided_fn(cond, cond, 1.0)(x, t)
+
+    was_training = net.training
+    net.eval()
+    levels = noise_level_report(gen, zoo, model_fn, condition, timesteps=timesteps, max_entries=max_entries,
+                                seed=seed)
+    zoo_tokens = _Entries(gen, zoo, "train", None, seed, lambda name: None).tokens
+    task = task or zoo.rows("train")[0]["task"]
+    cond = net.encode_condition(condition(task), None).repeat_interleave(num)
+    step_fn = net.guided_fn(cond, cond, 1.0)
+    report = {"title": f"{gen.path}: zoo {zoo.name}, {gen.schedule.prediction_type} prediction",
+              "noise_levels": levels, "paths": {}}
+    for sampler, steps in paths:
+        report["paths"][f"{sampler}-{steps}"] = path_report(gen, zoo_tokens, task,
+                                                            sampler_path_fn(gen, step_fn, sampler, steps),
+                                                            num=num, seed=seed)
+    net.train(was_training)
+    return report

@@ -13,11 +13,9 @@ and of inputs so that memory stays bounded for any S and N.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch
 from torch import nn
 
 from weightdiff.errors import TargetMismatchError, WeightFileError
-from weightdiff.io import load_weights, read_json, write_json
+from weightdiff.io import load_weights, read_json
 from weightdiff.targets import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FULL_WEIGHTS_FILE, Target, make_lora_config
 from weightdiff.tasks import Task, get_task
 
@@ -286,45 +284,25 @@ def summarize(acc: torch.Tensor) -> dict[str, float]:
             "median": float(a.quantile(0.5)), "std": float(a.std()) if a.numel() > 1 else 0.0}
 
 
-def evaluate_command(args: argparse.Namespace) -> int:
-    """``weightdiff evaluate``: score checkpoints on a task's test split; optional JSON output."""
-    task = get_task(args.task)
-    paths: list[Path] = []
-    for spec in args.weights:
-        paths += find_weight_paths(spec)
-    weights = load_weight_sets(paths)
-    target = target_for(weights, task, args.base)
-    acc, _ = evaluate_params(target, task, weights.params, split=args.split, chunk=args.chunk)
-    summary = summarize(acc)
-    out = {"task": task.name, "split": args.split, "kind": weights.kind, **summary,
-           "weights": [{"id": i, "path": str(p), "accuracy": float(a)}
-                       for i, p, a in zip(weights.ids, weights.sources, acc.tolist())]}
-    if args.json:
-        write_json(args.json, out)
-    stream = sys.stdout
-    width = max(len(i) for i in weights.ids)
-    for row in out["weights"]:
-        stream.write(f"{row['id']:<{width}}  {row['accuracy']:.4f}\n")
-    stream.write(f"{task.name} ({args.split}, {summary['num']} {weights.kind} checkpoints): best "
-                 f"{summary['best']:.4f}  mean {summary['mean']:.4f}  median {summary['median']:.4f}\n")
-    if args.json:
-        stream.write(f"wrote {args.json}\n")
-    return 0
+def evaluate_weights(task: str, weights: Sequence[str | os.PathLike], base: str | os.PathLike | None = None,
+                     split: str = "test", chunk: int = 64) -> dict[str, Any]:
+    """Accuracy of checkpoints (samples, zoo entries) on one split of a task.
 
+    Args:
+        task: task string, e.g. ``"rotdigits:angle=70,flip=0"``.
+        weights: ``--weights`` specs (see :func:`find_weight_paths`), expanded in order.
+        base: the base network of LoRA adapters (default: :func:`find_base`).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        chunk: networks evaluated at once.
 
-def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``evaluate`` subcommand to the CLI's subparsers; returns the parser."""
-    p = subparsers.add_parser("evaluate", help="evaluate weights (samples, zoo entries) on a task's test split")
-    p.add_argument("--task", required=True, help="task string, e.g. 'rotdigits:angle=70,flip=0'")
-    p.add_argument("--weights", required=True, nargs="+",
-                   help="checkpoint directory, directory of checkpoint directories, zoo directory, or a quoted "
-                        "glob pattern (several allowed)")
-    p.add_argument("--base", default=None,
-                   help="base network (model.safetensors or its directory) for LoRA adapters; default: from the "
-                        "sample's sample.json or the zoo the entries are in")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--chunk", type=int, default=64, help="networks evaluated at once")
-    p.add_argument("--json", default=None, help="write the per-checkpoint accuracies and summary to this JSON file")
-    p.set_defaults(func=evaluate_command)
-    return p
-
+    Returns:
+        ``{task, split, kind, num, best, mean, median, std, weights}`` where ``weights`` lists
+        ``{id, path, accuracy}`` per checkpoint.
+    """
+    t = get_task(task)
+    paths = [p for spec in weights for p in find_weight_paths(spec)]
+    loaded = load_weight_sets(paths)
+    acc, _ = evaluate_params(target_for(loaded, t, base), t, loaded.params, split=split, chunk=chunk)
+    return {"task": t.name, "split": split, "kind": loaded.kind, **summarize(acc),
+            "weights": [{"id": i, "path": str(p), "accuracy": float(a)}
+                        for i, p, a in zip(loaded.ids, loaded.sources, acc.tolist())]}

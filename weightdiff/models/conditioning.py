@@ -272,6 +272,16 @@ class ConditionProvider(nn.Module):
         emb = self(raw, drop_mask).unsqueeze(1)
         return emb, torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device)
 
+    def embed_with_sequence(self, raw: Any, drop_mask: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The vector and the sequence of one raw batch, from one pass of the provider.
+
+        Returns ``(vector (B, hidden), seq (B, S, hidden), mask (B, S))``; the base provider's
+        sequence is its vector (S = 1), so the two never disagree (e.g. under text dropout).
+        """
+        emb = self(raw, drop_mask)
+        return emb, emb.unsqueeze(1), torch.ones(emb.shape[0], 1, dtype=torch.bool, device=emb.device)
+
 
 class TextCondition(ConditionProvider):
     """Sentence embedding + parsed numeric features -> (B, hidden).
@@ -390,18 +400,29 @@ class ExampleSetCondition(ConditionProvider):
             h = block(h)  # (B, K, H), no positions: permutation equivariant
         return self.norm(h)
 
-    def embed(self, raw: Any) -> torch.Tensor:
-        h = self.encode_set(raw)  # (B, K, H)
+    def _pool(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-example features (B, K, H) -> the set's vector (B, H)."""
         if self.pooling == "mean":
             pooled = h.mean(1)
         else:
             pooled = self.pool(self.seed.expand(h.shape[0], -1, -1), h, h, need_weights=False)[0][:, 0]
         return self.out(pooled)  # (B, H)
 
+    def embed(self, raw: Any) -> torch.Tensor:
+        return self._pool(self.encode_set(raw))  # (B, H)
+
     def sequence(self, raw: Any, drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example features (B, K, hidden) for cross-attention; dropped rows are all null."""
         seq = self._drop(self.encode_set(raw), drop_mask)
         return seq, torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)
+
+    def embed_with_sequence(self, raw: Any, drop_mask: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pooled vector (B, hidden) and the per-example features (B, K, hidden), encoded once."""
+        h = self.encode_set(raw)  # (B, K, H)
+        seq = self._drop(h, drop_mask)
+        return (self._drop(self._pool(h), drop_mask), seq,
+                torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device))
 
 
 class NoCondition(ConditionProvider):

@@ -1,90 +1,217 @@
-"""The generator: denoiser + condition provider, and an exported generator ready to sample.
+"""The generator: denoiser + condition provider as one diffusers model, and its exported folder.
 
-:class:`Generator` is everything a sampler needs (and what EMA averages); :func:`sample_tokens`
-runs the reverse process for a batch of raw conditions; :func:`load_generator` rebuilds an
-exported generator directory strictly. Plain torch: no trainer is needed to sample.
+:class:`WeightGenerator` is everything a sampler needs (and what EMA averages): a diffusers
+``ModelMixin`` + ``ConfigMixin`` whose typed ``__init__`` is its ``config.json``.
+:func:`sample_tokens` runs the reverse process for a batch of raw conditions.
+:class:`GeneratorArtefact` reads and writes the exported folder, in the diffusers layout::
+
+    <dir>/
+      model_index.json        components -> classes, format_version, default sampler and steps,
+                              model id, zoo / training provenance
+      generator/              WeightGenerator.save_pretrained: config.json + diffusion_pytorch_model.safetensors
+      scheduler/              the training DDPMScheduler's save_pretrained: scheduler_config.json
+      tokenizer/              layout.json + layout_stats.safetensors, fitted at training time
+      base/                   (LoRA) model.safetensors (the frozen base) + adapter_config.json
+      README.md               model card
+
+Loading checks every file and key (:meth:`GeneratorArtefact.from_pretrained`). Plain torch: no
+trainer is needed to sample.
 """
 
 from __future__ import annotations
 
+import inspect
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import ConfigMixin, DDPMScheduler, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
-from weightdiff.errors import ModelDirError
-from weightdiff.io import load_weights, read_json
+from weightdiff import __version__
+from weightdiff.errors import ModelDirError, WeightFileError
+from weightdiff.io import atomic_path, load_weights, read_json, sha256_file, write_json
 from weightdiff.models.conditioning import ConditionKind, build_condition
-from weightdiff.models.dit import WeightDiT
+from weightdiff.models.dit import ID_FIELDS, WeightDiT
 from weightdiff.models.schedule import SamplerName, ScheduleConfig, denoise
+from weightdiff.targets import Target, make_lora_config
 from weightdiff.weights.layout import LAYOUT_FILE
 from weightdiff.weights.tokenizer import WeightTokenizer
-from weightdiff.targets import Target, make_lora_config
 
-EXPORT_VERSION = 1
+FORMAT_VERSION = 2
+MODEL_INDEX_FILE = "model_index.json"
+GENERATOR_DIR, SCHEDULER_DIR, TOKENIZER_DIR, BASE_DIR = "generator", "scheduler", "tokenizer", "base"
+BASE_WEIGHTS_FILE = "model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+CARD_FILE = "README.md"
+_LEGACY_FILES = ("config.json", "generator.safetensors")  # format_version 1, at the top of the folder
 
 
-class Generator(nn.Module):
-    """Denoiser + condition provider: everything a sampler needs, and what EMA averages.
+@dataclass(frozen=True)
+class ConditionEmbedding:
+    """An embedded condition batch: the adaLN vector and, for cross-attention, a sequence.
 
-    Args:
-        spec: sizes known only after data loading (token size, layout id ranges, raw condition
-            sizes); produced by :attr:`weightdiff.data.ZooDataModule.spec`.
+    Attributes:
+        vector: (B, hidden), added to the timestep embedding in every block.
+        context: (B, S, hidden) condition sequence the blocks cross-attend to, or None.
+        context_mask: (B, S) bool, True at real condition vectors, or None.
     """
 
-    def __init__(self, spec: dict[str, Any], hidden: int, depth: int, heads: int, mlp_ratio: float,
-                 cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0):
+    vector: torch.Tensor
+    context: torch.Tensor | None = None
+    context_mask: torch.Tensor | None = None
+
+    def repeat_interleave(self, n: int) -> ConditionEmbedding:
+        """Each row repeated ``n`` times in place: (B, ...) -> (B * n, ...)."""
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return ConditionEmbedding(rep(self.vector), rep(self.context), rep(self.context_mask))
+
+    def cat(self, other: ConditionEmbedding) -> ConditionEmbedding:
+        """Rows of ``self`` then rows of ``other``."""
+        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        return ConditionEmbedding(both(self.vector, other.vector), both(self.context, other.context),
+                                  both(self.context_mask, other.context_mask))
+
+
+class WeightGenerator(ModelMixin, ConfigMixin):
+    """Denoiser + condition provider: everything a sampler needs, and what EMA averages.
+
+    The per-token ids of the layout the generator was trained on (tensor index, chunk index,
+    depth, kind) and each token's number of valid entries are persistent buffers, so the weights
+    file carries them and a tokenizer of another layout is caught at load.
+
+    Args:
+        token_size: entries per token (D).
+        num_tokens: tokens per weight set (L).
+        num_tensors, max_chunks, max_depth, num_kinds: sizes of the DiT's id embedding tables.
+        condition: condition provider kind (:mod:`weightdiff.models.conditioning`).
+        condition_dims: raw condition sizes for :func:`~weightdiff.models.conditioning.build_condition`
+            (``raw_dim``, or ``x_dim`` and ``num_classes``).
+        hidden, depth, heads, mlp_ratio: DiT size.
+        cross_attention: the blocks also cross-attend to the provider's condition sequence
+            (:meth:`~weightdiff.models.conditioning.ConditionProvider.embed_with_sequence`): the
+            per-example features for labelled examples, the condition vector itself otherwise.
+        text_dropout: (text condition) training-time dropout of the sentence embedding.
+        token_layout: the layout's per-token ``tensor_index``, ``chunk_index``, ``depth``,
+            ``kind`` and ``length`` (each ``(L,)``); not part of the config: the buffers are
+            saved with the weights. Omitted when the weights are loaded afterwards.
+    """
+
+    ignore_for_config = ["token_layout"]
+
+    @register_to_config
+    def __init__(self, token_size: int, num_tokens: int, num_tensors: int, max_chunks: int, max_depth: int,
+                 num_kinds: int, condition: ConditionKind = "text", condition_dims: dict[str, int] | None = None,
+                 hidden: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
+                 cross_attention: bool = False, text_dropout: float = 0.0,
+                 token_layout: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
-        self.condition_kind = condition
         extra = {"text_dropout": text_dropout} if condition == "text" else {}
-        self.cond = build_condition(condition, hidden, **spec["condition_dims"], **extra)
-        self.denoiser = WeightDiT(token_size=spec["token_size"], num_tensors=spec["num_tensors"],
-                                  max_chunks=spec["max_chunks"], max_depth=spec["max_depth"],
-                                  num_kinds=spec["num_kinds"], hidden=hidden, depth=depth, heads=heads,
+        # The provider is built before the denoiser: initial weights follow from the seed in this order.
+        self.cond = build_condition(condition, hidden, **(condition_dims or {}), **extra)
+        self.denoiser = WeightDiT(token_size=token_size, num_tensors=num_tensors, max_chunks=max_chunks,
+                                  max_depth=max_depth, num_kinds=num_kinds, hidden=hidden, depth=depth, heads=heads,
                                   mlp_ratio=mlp_ratio, cross_attention=cross_attention)
-        ids = spec["token_ids"]
-        for key in ("tensor_index", "chunk_index", "depth", "kind"):
-            self.register_buffer(f"ids_{key}", torch.as_tensor(ids[key], dtype=torch.long), persistent=False)
-        length = torch.as_tensor(spec["token_length"], dtype=torch.long)
-        # (L, D) False on the padding at the end of each tensor's last token.
-        self.register_buffer("valid", torch.arange(spec["token_size"])[None, :] < length[:, None], persistent=False)
+        for key in ID_FIELDS:
+            self.register_buffer(f"ids_{key}", torch.zeros(num_tokens, dtype=torch.long))
+        self.register_buffer("token_length", torch.zeros(num_tokens, dtype=torch.long))
+        if token_layout is not None:
+            for key in (*ID_FIELDS, "length"):
+                buffer = self.token_length if key == "length" else getattr(self, f"ids_{key}")
+                value = torch.as_tensor(token_layout[key], dtype=torch.long)
+                if tuple(value.shape) != (num_tokens,):
+                    raise ValueError(f"WeightGenerator: token_layout['{key}'] has shape {tuple(value.shape)}, "
+                                     f"expected ({num_tokens},)")
+                buffer.copy_(value)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(L, D) bool: False on the padding at the end of each tensor's last token."""
+        d = self.config.token_size
+        return torch.arange(d, device=self.token_length.device)[None, :] < self.token_length[:, None]
+
+    def token_ids(self) -> dict[str, torch.Tensor]:
+        """The per-token ids ``{field: (L,)}`` the denoiser embeds."""
+        return {key: getattr(self, f"ids_{key}") for key in ID_FIELDS}
 
     def embed_condition(self, raw: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw condition (see :mod:`weightdiff.conditioning`) -> (B, hidden)."""
+        """Raw condition batch (see :mod:`weightdiff.models.conditioning`) -> (B, hidden)."""
         return self.cond(raw, drop)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x_t: (B, L, D), t: (B,), c: (B, hidden) -> (B, L, D)."""
-        return self.denoiser(x_t, t, c, tensor_index=self.ids_tensor_index, chunk_index=self.ids_chunk_index,
-                             depth=self.ids_depth, kind=self.ids_kind)
+    def encode_condition(self, raw: Any, drop: torch.Tensor | None = None) -> ConditionEmbedding:
+        """Raw condition batch -> the vector, plus the cross-attention sequence when the model has one.
 
-    def guided_fn(self, c: torch.Tensor, null: torch.Tensor, guidance: float):
-        """Model closure for :func:`weightdiff.schedule.denoise` with classifier-free guidance.
+        Rows where ``drop (B,)`` is True get the null embedding (classifier-free guidance).
+        """
+        if not self.config.cross_attention:
+            return ConditionEmbedding(self.cond(raw, drop))
+        return ConditionEmbedding(*self.cond.embed_with_sequence(raw, drop))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t: (B, L, D), t: (B,), c: (B, hidden), context: (B, S, hidden), context_mask: (B, S) -> (B, L, D)."""
+        return self.denoiser(x_t, t, c, **self.token_ids(), cond_seq=context, cond_seq_mask=context_mask)
+
+    def guided_fn(self, cond: ConditionEmbedding, null: ConditionEmbedding, guidance: float):
+        """Model closure for :func:`weightdiff.models.schedule.denoise` with classifier-free guidance.
 
         out = out_null + g · (out_cond - out_null) (Ho & Salimans 2022); g = 1 is plain conditional.
-        ``c`` and ``null`` are (B, hidden): the embedded condition and the null embedding.
+        ``cond`` and ``null`` are the embedded condition and the null embedding, B rows each.
         """
-        if guidance == 1.0 or self.condition_kind == "none":
-            return lambda x, t: self(x, t, c)
+        if guidance == 1.0 or self.config.condition == "none":
+            return lambda x, t: self(x, t, cond.vector, cond.context, cond.context_mask)
+        both = cond.cat(null)
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            both = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, null]))
-            cond_out, null_out = both.chunk(2)
+            out = self(torch.cat([x, x]), torch.cat([t, t]), both.vector, both.context, both.context_mask)
+            cond_out, null_out = out.chunk(2)
             return null_out + guidance * (cond_out - null_out)
 
         return fn
 
+    def check_layout(self, layout: Any, layout_file: str | Path, generator_dir: str | Path) -> None:
+        """Raise :class:`ModelDirError` naming the files unless ``layout`` is the one this model was trained on."""
+        cfg, gen_dir = self.config, Path(generator_dir)
+        if (layout.token_size, layout.num_tokens) != (cfg.token_size, cfg.num_tokens):
+            # A layout of another network would only fail after sampling, when decoding the tokens.
+            raise ModelDirError(f"{layout_file} does not match {gen_dir / CONFIG_NAME}: the layout has "
+                                f"{layout.num_tokens} tokens of size {layout.token_size}, expected {cfg.num_tokens} "
+                                f"tokens of size {cfg.token_size} (is the tokenizer from another network?)")
+        ours = {**self.token_ids(), "length": self.token_length}
+        theirs = {"tensor_index": layout.token_tensor_index, "chunk_index": layout.token_chunk_index,
+                  "depth": layout.token_depth, "kind": layout.token_kind, "length": layout.token_length}
+        for key, value in theirs.items():
+            mismatch = (ours[key].cpu() != value).nonzero()
+            if len(mismatch):
+                i = int(mismatch[0])
+                raise ModelDirError(f"{layout_file} does not match {gen_dir / SAFETENSORS_WEIGHTS_NAME}: token {i} "
+                                    f"has {key} {int(value[i])} in the layout, expected {int(ours[key][i])} "
+                                    "(is the tokenizer from another network?)")
+
+
+def seeded_noise(seeds: Sequence[int], shape: tuple[int, int], temperature: float = 1.0) -> torch.Tensor:
+    """Initial noise x_T (len(seeds), L, D): sample i drawn on the CPU from its own seed, scaled by ``temperature``.
+
+    A sample therefore never depends on how samples were batched or spread over devices.
+    """
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
+        * temperature
+
 
 @torch.no_grad()
-def sample_tokens(net: Generator, raw_cond: Any, num: int, schedule: ScheduleConfig, *, token_size: int,
-                  num_tokens: int, steps: int, sampler: SamplerName, guidance: float,
-                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: ScheduleConfig, *, steps: int,
+                  sampler: SamplerName, guidance: float, generator: torch.Generator | None = None,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
     """Generate ``num`` samples for each row of a raw condition batch.
 
     Args:
-        raw_cond: raw condition batch with R rows (see :mod:`weightdiff.condinputs`).
+        raw_cond: raw condition batch with R rows (see :mod:`weightdiff.models.conditioning`).
         noise: optional initial noise (R * num, L, D); otherwise drawn from ``generator``.
     Returns:
         tokens (R * num, L, D), ordered condition-major (all samples of row 0 first).
@@ -92,42 +219,87 @@ def sample_tokens(net: Generator, raw_cond: Any, num: int, schedule: ScheduleCon
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
-    c = net.embed_condition(raw_cond, None)  # (R, H)
-    null = net.embed_condition(raw_cond, torch.ones(c.shape[0], dtype=torch.bool, device=device))
-    c, null = c.repeat_interleave(num, dim=0), null.repeat_interleave(num, dim=0)  # (R * num, H)
-    tokens = denoise(net.guided_fn(c, null, guidance), (c.shape[0], num_tokens, token_size), schedule, steps=steps,
-                     sampler=sampler, generator=generator, device=device, noise=noise, valid=net.valid)
+    cond = net.encode_condition(raw_cond, None)  # (R, H)
+    rows = cond.vector.shape[0]
+    null = net.encode_condition(raw_cond, torch.ones(rows, dtype=torch.bool, device=device))
+    cond, null = cond.repeat_interleave(num), null.repeat_interleave(num)  # (R * num, H)
+    shape = (rows * num, net.config.num_tokens, net.config.token_size)
+    tokens = denoise(net.guided_fn(cond, null, guidance), shape, schedule, steps=steps, sampler=sampler,
+                     generator=generator, device=device, noise=noise, valid=net.valid)
     net.train(was_training)
     return tokens
 
 
-@dataclass
-class LoadedGenerator:
-    """An exported generator ready to sample: modules, schedule, tokenizer and config."""
+# ----------------------------------------------------------------------------- the exported folder
+#: model_index.json: component folder -> [library, class], as diffusers writes it.
+_COMPONENTS: dict[str, list[str]] = {GENERATOR_DIR: ["weightdiff.models.generator", WeightGenerator.__name__],
+                                     SCHEDULER_DIR: ["diffusers", DDPMScheduler.__name__],
+                                     TOKENIZER_DIR: ["weightdiff.weights.tokenizer", WeightTokenizer.__name__]}
 
-    net: Any  # weightdiff.diffusion.Generator (EMA weights)
-    schedule: ScheduleConfig
-    tokenizer: WeightTokenizer
-    config: dict[str, Any]
-    path: Path
+
+class GeneratorArtefact:
+    """An exported generator: the model, its scheduler, tokenizer, base network and provenance.
+
+    Args:
+        generator: the (EMA) :class:`WeightGenerator`.
+        scheduler: the training :class:`~diffusers.DDPMScheduler` (``clip_sample=False``).
+        tokenizer: the tokenizer fitted at training time.
+        info: ``model_index.json`` content beyond the components: ``sampling`` (default
+            ``sampler`` and ``steps``), ``zoo``, ``training``, ``data``, ``global_step``, ``base``
+            (LoRA: ``sha256`` of the base weights), ``model_id``.
+        base_file: (LoRA) the base weights file, copied byte for byte on save.
+        adapter_config: (LoRA) the PEFT adapter config of the generated adapters.
+        path: the folder it was loaded from (None when built in memory).
+        card: README text (None: no model card).
+    """
+
+    def __init__(self, generator: WeightGenerator, scheduler: DDPMScheduler, tokenizer: WeightTokenizer,
+                 info: dict[str, Any], *, base_file: Path | None = None, adapter_config: dict | None = None,
+                 path: Path | None = None, card: str | None = None):
+        self.generator, self.scheduler, self.tokenizer = generator, scheduler, tokenizer
+        self.info, self.base_file, self.path, self.card = info, base_file, path, card
+        self._adapter_config = adapter_config
+        self.schedule = ScheduleConfig.from_scheduler_config(scheduler.config, "scheduler")
+        self._base_state: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------- attributes
+    @property
+    def config(self) -> dict[str, Any]:
+        """``model_index.json`` plus the generator's config (``model``) and the noise schedule (``schedule``)."""
+        model = {k: v for k, v in self.generator.config.items() if not k.startswith("_")}
+        return {**self.info, "model": model, "schedule": self.schedule.to_dict()}
 
     @property
     def model_id(self) -> str:
-        return self.config["model_id"]
+        return self.info["model_id"]
 
     @property
     def kind(self) -> str:
-        return self.config["zoo"]["kind"]
+        return self.info["zoo"]["kind"]
+
+    def to(self, device: torch.device | str) -> GeneratorArtefact:
+        """Move the generator (sampling follows it); returns ``self``."""
+        self.generator.to(device)
+        return self
 
     def base_state(self) -> dict[str, torch.Tensor] | None:
-        p = self.path / "base" / "model.safetensors"
-        return load_weights(p) if p.exists() else None
+        """State dict of the frozen base network (LoRA), checked against its recorded sha256."""
+        if self.kind != "lora":
+            return None
+        if self._base_state is None:
+            _check_base_file(self.base_file, self.info["base"]["sha256"])
+            self._base_state = load_weights(self.base_file)
+        return self._base_state
 
     def adapter_config(self) -> dict[str, Any]:
-        return read_json(self.path / "base" / "adapter_config.json", "adapter config")
+        """The PEFT adapter config of generated adapters (``base_model_name_or_path``: the base folder)."""
+        if self._adapter_config is None:
+            raise ModelDirError(f"the generator at {self.path} makes {self.kind} weights, not LoRA adapters")
+        base = str(self.base_file.parent.resolve()) if self.base_file is not None else None
+        return {**self._adapter_config, "base_model_name_or_path": base}
 
     def target(self, task):
-        """The :class:`~weightdiff.nets.Target` that runs this generator's samples on ``task``."""
+        """The :class:`~weightdiff.targets.Target` that runs this generator's samples on ``task``."""
         net = task.build_network()
         if self.kind != "lora":
             return Target.full(net)
@@ -136,41 +308,146 @@ class LoadedGenerator:
         cfg = {k: v for k, v in self.adapter_config().items() if k in known}
         return Target.lora(net.eval().requires_grad_(False), make_lora_config(cfg))
 
+    # ---------------------------------------------------------------------------------- on disk
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the folder atomically (a temporary folder renamed into place). Returns ``path``."""
+        path = Path(path)
+        lora = self.kind == "lora"
+        if lora:
+            _check_base_file(self.base_file, self.info["base"]["sha256"])
+        with atomic_path(path, directory=True) as tmp:
+            self.generator.save_pretrained(tmp / GENERATOR_DIR, safe_serialization=True)
+            self.scheduler.save_pretrained(tmp / SCHEDULER_DIR)
+            self.tokenizer.save(tmp / TOKENIZER_DIR)
+            if lora:
+                (tmp / BASE_DIR).mkdir()
+                shutil.copyfile(self.base_file, tmp / BASE_DIR / BASE_WEIGHTS_FILE)
+                write_json(tmp / BASE_DIR / ADAPTER_CONFIG_FILE,
+                           {**self._adapter_config, "base_model_name_or_path": str(path.resolve() / BASE_DIR)})
+            # The model id names the weights: the cache of generated tokens is keyed by it.
+            info = {**self.info, "model_id": sha256_file(tmp / GENERATOR_DIR / SAFETENSORS_WEIGHTS_NAME)[:16]}
+            index = {"_class_name": "WeightDiffusionPipeline", "_weightdiff_version": __version__,
+                     "_diffusers_version": version("diffusers"), "format_version": FORMAT_VERSION,
+                     **_COMPONENTS, **info}
+            write_json(tmp / MODEL_INDEX_FILE, index)
+            if self.card is not None:
+                (tmp / CARD_FILE).write_text(self.card)
+        self.info, self.path = info, path
+        if lora:
+            self.base_file = path / BASE_DIR / BASE_WEIGHTS_FILE
+        return path
 
-def load_generator(path: str | Path) -> LoadedGenerator:
-    """Load an exported generator directory, checking every file and key."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelDirError(f"model directory not found: {path}")
-    for name in ("config.json", "generator.safetensors", "tokenizer"):
-        if not (path / name).exists():
-            raise ModelDirError(f"{path} is not an exported generator: missing '{name}' "
-                                "(create one with `weightdiff export --ckpt <ckpt> --out <dir>`)")
-    config = read_json(path / "config.json", "generator config")
-    if config.get("format_version") != EXPORT_VERSION:
-        raise ModelDirError(f"{path / 'config.json'}: format_version {config.get('format_version')!r}, "
-                            f"expected {EXPORT_VERSION}")
-    m = config["model"]
-    net = Generator(config["spec"], m["hidden"], m["depth"], m["heads"], m["mlp_ratio"], m["cross_attention"],
-                    m["condition"])
-    weights = load_weights(path / "generator.safetensors")
-    expected = net.state_dict()
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        """Load an exported generator folder, checking every file and key.
+
+        Raises:
+            ModelDirError: a missing or mismatched file, or a folder of another format version.
+            WeightFileError, LayoutFileError: an unreadable weights or layout file (naming it).
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelDirError(f"model directory not found: {path}")
+        if not (path / MODEL_INDEX_FILE).exists() and all((path / f).exists() for f in _LEGACY_FILES):
+            old = read_json(path / _LEGACY_FILES[0], "generator config").get("format_version")
+            raise ModelDirError(f"{path} is an exported generator of format_version {old!r} ({_LEGACY_FILES[0]} + "
+                                f"{_LEGACY_FILES[1]}); this weightdiff reads format_version {FORMAT_VERSION}: "
+                                "re-export it from its Lightning checkpoint with "
+                                "`weightdiff export --ckpt <last.ckpt> --out <dir>`")
+        for name in (MODEL_INDEX_FILE, *_COMPONENTS):
+            if not (path / name).exists():
+                raise ModelDirError(f"{path} is not an exported generator: missing '{name}' "
+                                    "(create one with `weightdiff export --ckpt <ckpt> --out <dir>`)")
+        index_file = path / MODEL_INDEX_FILE
+        index = read_json(index_file, "model index")
+        if index.get("format_version") != FORMAT_VERSION:
+            raise ModelDirError(f"{index_file}: format_version {index.get('format_version')!r}, expected "
+                                f"{FORMAT_VERSION}; re-export it from its Lightning checkpoint with "
+                                "`weightdiff export --ckpt <last.ckpt> --out <dir>`")
+        for name, component in _COMPONENTS.items():
+            if index.get(name) != component:
+                raise ModelDirError(f"{index_file}: component '{name}' is {index.get(name)!r}, expected {component}")
+        for key in ("model_id", "zoo", "sampling"):
+            if key not in index:
+                raise ModelDirError(f"{index_file}: missing key '{key}'")
+        info = {k: v for k, v in index.items()
+                if not k.startswith("_") and k != "format_version" and k not in _COMPONENTS}
+        tokenizer = WeightTokenizer.load(path / TOKENIZER_DIR)
+        generator = _load_weight_generator(path / GENERATOR_DIR)
+        generator.check_layout(tokenizer.layout, path / TOKENIZER_DIR / LAYOUT_FILE, path / GENERATOR_DIR)
+        scheduler = _load_scheduler(path / SCHEDULER_DIR)
+        base_file = adapter_config = None
+        if info["zoo"].get("kind") == "lora":
+            base_file = path / BASE_DIR / BASE_WEIGHTS_FILE
+            if "base" not in info or "sha256" not in info["base"]:
+                raise ModelDirError(f"{index_file}: missing key 'base.sha256' (the hash of {base_file})")
+            if not base_file.is_file():
+                raise ModelDirError(f"{path} is not an exported generator: missing '{BASE_DIR}/{BASE_WEIGHTS_FILE}'")
+            adapter_config = read_json(path / BASE_DIR / ADAPTER_CONFIG_FILE, "adapter config")
+        card = (path / CARD_FILE).read_text() if (path / CARD_FILE).is_file() else None
+        return cls(generator, scheduler, tokenizer, info, base_file=base_file, adapter_config=adapter_config,
+                   path=path, card=card)
+
+
+def _check_base_file(file: Path | None, sha256: str) -> None:
+    if file is None or not file.is_file():
+        raise WeightFileError(f"base network weights not found: {file}")
+    actual = sha256_file(file)
+    if actual != sha256:
+        raise WeightFileError(f"{file}: sha256 {actual}, expected {sha256} (the base network the generator "
+                              "was trained with has changed)")
+
+
+def _load_weight_generator(directory: Path) -> WeightGenerator:
+    """``WeightGenerator`` from ``config.json`` + safetensors weights, strictly (errors name the file and key)."""
+    config_file, weights_file = directory / CONFIG_NAME, directory / SAFETENSORS_WEIGHTS_NAME
+    config = read_json(config_file, "generator config")
+    if config.get("_class_name") != WeightGenerator.__name__:
+        raise ModelDirError(f"{config_file}: _class_name is {config.get('_class_name')!r}, "
+                            f"expected {WeightGenerator.__name__!r}")
+    params = inspect.signature(WeightGenerator.__init__).parameters
+    expected = {k for k in params if k != "self" and k not in WeightGenerator.ignore_for_config}
+    given = {k for k in config if not k.startswith("_")}
+    if given - expected:
+        raise ModelDirError(f"{config_file}: unknown key '{sorted(given - expected)[0]}'")
+    required = {k for k in expected if params[k].default is inspect.Parameter.empty}
+    if required - given:
+        raise ModelDirError(f"{config_file}: missing key '{sorted(required - given)[0]}'")
+    try:
+        net = WeightGenerator.from_config(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelDirError(f"{config_file}: {exc}") from None
+    weights = load_weights(weights_file)
+    state = net.state_dict()
     for key, value in weights.items():
-        if key in expected and value.shape != expected[key].shape:
-            raise ModelDirError(f"{path / 'generator.safetensors'}: tensor '{key}' has shape {tuple(value.shape)}, "
-                                f"expected {tuple(expected[key].shape)} from config.json")
-    missing, unexpected = net.load_state_dict(weights, strict=False)
+        if key in state and value.shape != state[key].shape:
+            raise ModelDirError(f"{weights_file}: tensor '{key}' has shape {tuple(value.shape)}, "
+                                f"expected {tuple(state[key].shape)} from {config_file}")
+    missing, unexpected = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
     if missing or unexpected:
-        raise ModelDirError(f"{path / 'generator.safetensors'} does not match config.json: "
-                            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    net.eval()
-    tokenizer = WeightTokenizer.load(path / "tokenizer")
-    spec, layout = config["spec"], tokenizer.layout
-    if (layout.token_size, layout.token_length.tolist()) != (spec["token_size"], spec["token_length"]):
-        # A layout of another network would only fail after sampling, when decoding the tokens.
-        raise ModelDirError(f"{path / 'tokenizer' / LAYOUT_FILE} does not match config.json: the layout has "
-                            f"{layout.num_tokens} tokens of size {layout.token_size}, expected "
-                            f"{len(spec['token_length'])} tokens of size {spec['token_size']} with the same "
-                            "per-token lengths (is the tokenizer from another network?)")
-    return LoadedGenerator(net=net, schedule=ScheduleConfig(**config["schedule"]), tokenizer=tokenizer,
-                           config=config, path=path)
+        raise ModelDirError(f"{weights_file} does not match {config_file}: missing keys {missing[:5]}, "
+                            f"unexpected keys {unexpected[:5]}")
+    net.load_state_dict(weights, strict=True)
+    return net.eval()
+
+
+def _load_scheduler(directory: Path) -> DDPMScheduler:
+    config_file = directory / DDPMScheduler.config_name
+    config = read_json(config_file, "scheduler config")
+    if config.get("_class_name") != DDPMScheduler.__name__:
+        raise ModelDirError(f"{config_file}: _class_name is {config.get('_class_name')!r}, "
+                            f"expected {DDPMScheduler.__name__!r}")
+    try:
+        ScheduleConfig.from_scheduler_config(config, str(config_file))
+    except ValueError as exc:
+        raise ModelDirError(str(exc)) from None
+    return DDPMScheduler.from_config(config)
+
+
+def load_generator(path: str | Path) -> GeneratorArtefact:
+    """Load an exported generator folder, checking every file and key (see :class:`GeneratorArtefact`).
+
+    :meth:`weightdiff.sampling.WeightDiffusionPipeline.from_pretrained` loads the same folder as a
+    callable pipeline.
+    """
+    return GeneratorArtefact.from_pretrained(path)

@@ -1,52 +1,91 @@
 """Noise schedules and the reverse process, built on diffusers schedulers.
 
 Training noise comes from :class:`diffusers.DDPMScheduler`; sampling uses DDIM or DPM-Solver++
-built from the same configuration. ``clip_sample=False`` is passed explicitly everywhere: the
-diffusers default clamps samples to [-1, 1], which silently destroys normalised weights whose
-tails lie beyond one standard deviation.
+built from that scheduler's own configuration with ``from_config``, so an exported
+``scheduler/scheduler_config.json`` is all a sampler needs. ``clip_sample=False`` is passed
+explicitly: the diffusers default clamps samples to [-1, 1], which silently destroys normalised
+weights whose tails lie beyond one standard deviation.
 
 The reverse process (:func:`denoise`) is a plain function over a ``model_fn(x_t, t) -> output``
 closure, so the Lightning module, the validation callback and the sampler share it.
+
+The default sampler and its number of steps are defined here, once
+(:data:`DEFAULT_SAMPLER`, :data:`DEFAULT_NUM_INFERENCE_STEPS`): the training module's defaults,
+the exported ``model_index.json`` and every sampling function read them from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 SamplerName = Literal["ddim", "dpm", "x0"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+
+#: The sampler a generator is validated and sampled with unless told otherwise.
+DEFAULT_SAMPLER: SamplerName = "ddim"
+#: Its number of reverse steps (``"x0"`` ignores it: one step from pure noise).
+DEFAULT_NUM_INFERENCE_STEPS = 20
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The noise schedule shared by training and sampling (saved with every exported model)."""
+    """The noise schedule shared by training and sampling.
+
+    Exported generators store it as the training :class:`~diffusers.DDPMScheduler`'s own
+    ``scheduler_config.json`` (:meth:`training_scheduler`); :meth:`from_scheduler_config` reads
+    it back and refuses any configuration this class would not have written.
+    """
 
     num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    beta_schedule: BetaSchedule = "squaredcos_cap_v2"
     prediction_type: PredictionType = "sample"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def training_scheduler(self) -> DDPMScheduler:
+        """The DDPM scheduler of the forward process (``add_noise``, ``get_velocity``)."""
         return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
                              prediction_type=self.prediction_type, clip_sample=False)
 
     def sampling_scheduler(self, sampler: SamplerName):
-        common = dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                      prediction_type=self.prediction_type)
+        """DDIM (``"ddim"``, ``"x0"``) or DPM-Solver++ (``"dpm"``), from the training scheduler's config."""
+        config = self.training_scheduler().config
         if sampler in ("ddim", "x0"):
             # timestep_spacing="trailing" makes the first step start at t = T - 1 (pure noise).
-            return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+            return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True,
+                                             timestep_spacing="trailing")
         if sampler == "dpm":
-            return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                               timestep_spacing="trailing")
-        raise ValueError(f"sampler must be one of 'ddim', 'dpm', 'x0'; got {sampler!r}")
+            # variance_type belongs to DDPM ("fixed_small"); DPM-Solver reads it as a learned-variance switch.
+            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                           timestep_spacing="trailing", variance_type=None)
+        raise ValueError(f"sampler must be one of {SAMPLERS}; got {sampler!r}")
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any], source: str = "scheduler config") -> ScheduleConfig:
+        """The schedule of a saved DDPM scheduler config; raises ``ValueError`` naming ``source`` and the key
+        when the config holds anything :meth:`training_scheduler` would not have written (e.g. ``clip_sample``)."""
+        names = [f.name for f in fields(cls)]
+        missing = [k for k in names if k not in config]
+        if missing:
+            raise ValueError(f"{source}: missing key '{missing[0]}'")
+        schedule = cls(**{k: config[k] for k in names})
+        expected = dict(schedule.training_scheduler().config)
+        for key, value in config.items():
+            if key.startswith("_"):
+                continue
+            if key not in expected:
+                raise ValueError(f"{source}: unknown key '{key}'")
+            if value != expected[key] and not (isinstance(value, list) and tuple(value) == expected[key]):
+                raise ValueError(f"{source}: '{key}' is {value!r}, expected {expected[key]!r}")
+        return schedule
 
 
 def predicted_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor,
@@ -103,7 +142,8 @@ def mask_padding(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Ten
 
 @torch.no_grad()
 def denoise(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
-            schedule: ScheduleConfig, *, steps: int = 25, sampler: SamplerName = "ddim",
+            schedule: ScheduleConfig, *, steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+            sampler: SamplerName = DEFAULT_SAMPLER,
             generator: torch.Generator | None = None, device: torch.device | str = "cpu",
             dtype: torch.dtype = torch.float32, noise: torch.Tensor | None = None,
             valid: torch.Tensor | None = None) -> torch.Tensor:

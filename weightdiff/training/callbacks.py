@@ -20,7 +20,7 @@ class SampleEvalCallback(Callback):
         every_n_epochs: how often (in epochs) to sample and evaluate.
         num_tasks: tasks per group (seen / unseen), spread evenly over the zoo's tasks.
         num_samples: samples per task.
-        steps: sampler steps (default: the model's ``val_steps``).
+        steps: sampler steps (default: the model's ``num_inference_steps``).
     """
 
     def __init__(self, every_n_epochs: int = 10, num_tasks: int = 4, num_samples: int = 4, steps: int | None = None):

@@ -11,6 +11,12 @@ Each item is one zoo checkpoint:
 
 Training uses the ``train`` split of the zoo; validation uses held-out tasks (the generator never
 trains on them), so ``val/weight_loss`` measures generalisation to unseen tasks.
+
+The fitted tokenizer is part of the trained model: :meth:`ZooDataModule.state_dict` puts it (layout
+and the statistics fitted at training time) into every Lightning checkpoint, with a record of the
+zoo it came from (absolute path, counts, the base network's sha256 and adapter config), and
+:meth:`~ZooDataModule.load_state_dict` restores it on resume instead of re-fitting it. Export reads
+both from the checkpoint (:func:`tokenizer_from_state`), never from the zoo's current contents.
 """
 
 from __future__ import annotations
@@ -25,12 +31,43 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from weightdiff.errors import WeightDiffError, WeightFileError
+from weightdiff.io import read_json, sha256_file
 from weightdiff.models.conditioning import ConditionKind, examples_condition, none_condition, text_condition
-from weightdiff.errors import WeightDiffError
 from weightdiff.tasks import get_task
+from weightdiff.weights.canonical import canonicalize
+from weightdiff.weights.layout import TokenLayout, parse_dtype
 from weightdiff.weights.tokenizer import WeightTokenizer
 from weightdiff.zoo import Zoo
-from weightdiff.weights.canonical import canonicalize
+from weightdiff.zoo.manifest import BASE_DIR, ENTRY_FILE
+
+
+def tokenizer_state(tokenizer: WeightTokenizer) -> dict[str, Any]:
+    """A tokenizer as plain data (dicts, lists, strings, numbers, tensors): ``torch.load(weights_only=True)`` reads it."""
+    layout = tokenizer.layout
+    return {"layout": layout.to_json(), "mean": layout.mean.clone(), "std": layout.std.clone()}
+
+
+def tokenizer_from_state(state: dict[str, Any], source: str) -> WeightTokenizer:
+    """Rebuild the tokenizer saved by :func:`tokenizer_state`, exactly (errors name ``source``).
+
+    The layout is laid out again from the saved names, shapes and dtypes, and must reproduce the
+    saved layout field for field; the statistics are the saved tensors themselves.
+    """
+    try:
+        saved, mean, std = state["layout"], state["mean"], state["std"]
+        specs = {d["name"]: d for d in (*saved["tensors"], *saved["passthrough"])}
+        shapes = {name: (tuple(specs[name]["shape"]), parse_dtype(specs[name]["dtype"])) for name in saved["key_order"]}
+        layout = TokenLayout.from_shapes(shapes, saved["token_size"], [d["name"] for d in saved["tensors"]])
+        if saved["normalize"]:
+            layout = layout.with_stats(mean, std)
+    except (KeyError, TypeError, ValueError, WeightDiffError) as exc:
+        raise WeightFileError(f"{source}: the saved tokenizer is incomplete or malformed: "
+                              f"{type(exc).__name__}: {exc}") from None
+    if layout.to_json() != saved or not (torch.equal(layout.mean, mean) and torch.equal(layout.std, std)):
+        raise WeightFileError(f"{source}: the saved tokenizer layout does not rebuild exactly "
+                              f"(format_version {saved.get('format_version')!r})")
+    return WeightTokenizer(layout)
 
 
 class TaskConditions:
@@ -128,6 +165,8 @@ class ZooDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.zoo_path = Path(zoo)
+        self._tokenizer: WeightTokenizer | None = None
+        self._zoo_record: dict[str, Any] | None = None
         self._train: ZooTokenDataset | None = None
         self._val: ZooTokenDataset | None = None
 
@@ -159,12 +198,56 @@ class ZooDataModule(L.LightningDataModule):
         state = self.zoo.load(row["id"])
         return canonicalize(state, self.zoo.kind, self.reference) if self.hparams.canonicalize else state
 
-    @cached_property
+    @property
     def tokenizer(self) -> WeightTokenizer:
-        tok = WeightTokenizer.from_state_dict(self.prepared(self.train_rows[0]), token_size=self.hparams.token_size)
-        if self.hparams.normalize:
-            tok = tok.fit(self.prepared(r) for r in self.train_rows)
-        return tok
+        """Fitted on the training split on first use, or restored from a checkpoint (:meth:`load_state_dict`)."""
+        if self._tokenizer is None:
+            tok = WeightTokenizer.from_state_dict(self.prepared(self.train_rows[0]), token_size=self.hparams.token_size)
+            if self.hparams.normalize:
+                tok = tok.fit(self.prepared(r) for r in self.train_rows)
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @property
+    def zoo_record(self) -> dict[str, Any]:
+        """What the generator is trained on: the zoo's identity, absolute path, counts and (LoRA) base network."""
+        if self._zoo_record is None:
+            zoo = self.zoo
+            record: dict[str, Any] = {
+                "path": str(self.zoo_path.resolve()), "name": zoo.name, "kind": zoo.kind, "family": zoo.family,
+                "recipe": zoo.recipe, "num_train_tasks": len({r["task"] for r in self.train_rows}),
+                "num_train_checkpoints": len(self.train_rows),
+                "num_heldout_tasks": len({r["task"] for r in self.heldout_rows}),
+            }
+            if zoo.kind == "lora":
+                base_dir = self.zoo_path.resolve() / BASE_DIR
+                file = base_dir / read_json(base_dir / ENTRY_FILE, "base row")["file"]
+                record["base"] = {"file": str(file), "sha256": sha256_file(file)}
+                record["adapter_config"] = zoo.adapter_config()
+            self._zoo_record = record
+        return self._zoo_record
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted tokenizer and the zoo record, saved in every Lightning checkpoint."""
+        return {"tokenizer": tokenizer_state(self.tokenizer), "zoo": self.zoo_record}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume: train on with the checkpoint's tokenizer (never a re-fit on today's zoo)."""
+        restored = tokenizer_from_state(state_dict["tokenizer"], "checkpoint")
+        if restored.layout.to_json() != self.tokenizer.layout.to_json():
+            raise WeightDiffError(f"zoo {self.zoo_path}: its entries are laid out differently from the checkpoint's "
+                                  "tokenizer (another network?); resume from a checkpoint of this zoo")
+        record = state_dict["zoo"]
+        if "base" in record and record["base"]["sha256"] != self.zoo_record.get("base", {}).get("sha256"):
+            raise WeightFileError(f"{self.zoo_record.get('base', {}).get('file')}: sha256 differs from the base "
+                                  f"network the checkpoint was trained with ({record['base']['sha256']})")
+        changed = not (torch.equal(restored.layout.mean, self.tokenizer.layout.mean)
+                       and torch.equal(restored.layout.std, self.tokenizer.layout.std))
+        self._tokenizer, self._zoo_record = restored, record
+        if changed:  # datasets already encoded with the re-fitted statistics: encode them again
+            self._train = self._val = None
+            self.setup("fit")
 
     @cached_property
     def conditions(self) -> TaskConditions:

@@ -1,37 +1,42 @@
-"""Export a trained generator: EMA weights + tokenizer layout + config, as safetensors/JSON.
+"""Export a trained generator: a Lightning checkpoint -> the diffusers-style generator folder.
 
 A Lightning ``.ckpt`` is for resuming training only; it is read here with
 ``torch.load(..., weights_only=True)`` (nothing is unpickled beyond tensors and plain
-containers). The exported directory is the artefact that ``weightdiff sample`` loads::
+containers). Everything the export needs is in the checkpoint: the EMA weights, the model's
+hyper-parameters, and the datamodule's state — the tokenizer with the statistics fitted at
+training time and a record of the zoo (absolute path, counts, the base network's sha256). The
+zoo's current contents are never re-read, except the base network's weights of a LoRA zoo, from
+the recorded absolute path and checked against the recorded hash. The folder
+(:class:`~weightdiff.models.generator.GeneratorArtefact`)::
 
     <out>/
-      config.json            model hyper-parameters, spec, noise schedule, zoo info, model id
-      generator.safetensors  EMA weights of the denoiser + condition provider
-      tokenizer/             TokenLayout JSON + normalisation statistics (safetensors)
-      base/model.safetensors (LoRA zoos) the frozen base network the adapters plug into
-
-Loading (:func:`load_generator`) rebuilds the modules from ``config.json`` and loads the weights
-strictly, so a directory whose files disagree raises an error naming the key.
+      model_index.json       components, format_version, default sampler + steps, model id, provenance
+      generator/             config.json + diffusion_pytorch_model.safetensors (EMA weights)
+      scheduler/             scheduler_config.json of the training DDPMScheduler
+      tokenizer/             layout.json + layout_stats.safetensors (as fitted at training time)
+      base/                  (LoRA zoos) model.safetensors + adapter_config.json
+      README.md              model card
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from weightdiff.errors import ModelDirError, WeightFileError
-from weightdiff.io import atomic_path, load_weights, read_json, save_weights, write_json
-from weightdiff.weights.layout import LAYOUT_FILE
+from weightdiff.errors import WeightFileError
+from weightdiff.io import read_json
+from weightdiff.models.generator import GeneratorArtefact, WeightGenerator
 from weightdiff.models.schedule import ScheduleConfig
-from weightdiff.weights.tokenizer import WeightTokenizer
+from weightdiff.training.datamodule import ZooDataModule, tokenizer_from_state
+from weightdiff.training.module import build_generator
 
-EXPORT_VERSION = 1
 _EMA_PREFIX = "ema.module."
+_TRAINING_KEYS = ("functional_loss_weight", "functional_weighting", "cond_dropout", "text_dropout", "lr",
+                  "weight_decay", "warmup_steps", "ema_decay", "prediction_type")
+_CARD_ROWS = ("zoo (original)", "generated", "retrieval", "average", "base without adapter", "floor")
 
 
 def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -46,45 +51,115 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
-    """Write the exported generator directory for a Lightning checkpoint. Returns ``out``."""
-    # Imported here: the zoo/datamodule are needed only to rebuild the tokenizer and base.
-    from weightdiff.training.datamodule import ZooDataModule
+def _plain(obj: Any) -> Any:
+    """A JSON-ready copy (tuples -> lists; anything else JSON does not know -> str)."""
+    return json.loads(json.dumps(obj, default=str))
 
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, *, results: str | Path | None = None) -> Path:
+    """Write the exported generator folder for a Lightning checkpoint (atomically). Returns ``out``.
+
+    Args:
+        ckpt: a checkpoint written by ``weightdiff fit``.
+        out: the folder to write (replaced as a whole if it exists).
+        results: optional benchmark ``results.json`` whose numbers go into the model card.
+
+    Raises:
+        WeightFileError: an unreadable checkpoint, one without EMA weights or saved tokenizer, or
+            (LoRA) base weights missing or changed since training (naming the file).
+    """
     state = read_lightning_checkpoint(ckpt)
+    dm_key = ZooDataModule.__qualname__
     for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
         if key not in state:
             raise WeightFileError(f"{ckpt}: missing '{key}' (not a checkpoint written by `weightdiff fit`)")
+    if dm_key not in state:
+        raise WeightFileError(f"{ckpt}: missing '{dm_key}' (the tokenizer fitted at training time); the checkpoint "
+                              "was written by an older weightdiff, which did not save it: train again to export")
     # LightningCLI stores private keys (e.g. "_instantiator") beside the init arguments.
     hp = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}
     data_hp = {k: v for k, v in state["datamodule_hyper_parameters"].items() if not k.startswith("_")}
     ema = {k[len(_EMA_PREFIX):]: v for k, v in state["state_dict"].items() if k.startswith(_EMA_PREFIX)}
     if not ema:
         raise WeightFileError(f"{ckpt}: no EMA weights (keys '{_EMA_PREFIX}*') in the state dict")
-    ema.pop("n_averaged", None)
-    dm = ZooDataModule(**data_hp)
-    out = Path(out)
-    with atomic_path(out, directory=True) as tmp:
-        save_weights(tmp / "generator.safetensors", ema)
-        dm.tokenizer.save(tmp / "tokenizer")
-        zoo = dm.zoo
-        if zoo.kind == "lora":
-            save_weights(tmp / "base" / "model.safetensors", zoo.base_state())
-            write_json(tmp / "base" / "adapter_config.json", zoo.adapter_config())
-        model_id = hashlib.sha256((tmp / "generator.safetensors").read_bytes()).hexdigest()[:16]
-        schedule = ScheduleConfig(hp["num_train_timesteps"], hp["beta_schedule"], hp["prediction_type"])
-        config = {
-            "format_version": EXPORT_VERSION,
-            "model_id": model_id,
-            "model": {k: hp[k] for k in ("hidden", "depth", "heads", "mlp_ratio", "cross_attention", "condition")},
-            "spec": hp["spec"],
-            "schedule": schedule.to_dict(),
-            "sampling": {"sampler": hp["val_sampler"], "steps": hp["val_steps"]},
-            "training": {k: hp.get(k) for k in ("functional_loss_weight", "functional_weighting", "cond_dropout",
-                                                "text_dropout", "lr", "ema_decay")},
-            "data": data_hp,
-            "zoo": {**hp["spec"]["zoo"], "recipe": zoo.recipe},
-            "global_step": int(state.get("global_step", 0)),
-        }
-        write_json(tmp / "config.json", json.loads(json.dumps(config, default=str)))
-    return out
+    tokenizer = tokenizer_from_state(state[dm_key]["tokenizer"], str(ckpt))
+    zoo: dict[str, Any] = state[dm_key]["zoo"]
+
+    generator = build_generator(hp["spec"], hp["hidden"], hp["depth"], hp["heads"], hp["mlp_ratio"],
+                                hp["cross_attention"], hp["condition"], hp.get("text_dropout", 0.0))
+    try:
+        generator.load_state_dict(ema, strict=True)
+    except RuntimeError as exc:
+        raise WeightFileError(f"{ckpt}: the EMA weights do not match the model's hyper-parameters: {exc}") from None
+    generator.eval()
+    schedule = ScheduleConfig(hp["num_train_timesteps"], hp["beta_schedule"], hp["prediction_type"])
+    info: dict[str, Any] = {
+        "sampling": {"sampler": hp["sampler"], "steps": hp["num_inference_steps"]},
+        "zoo": {k: v for k, v in zoo.items() if k not in ("base", "adapter_config")},
+        "training": {k: hp.get(k) for k in _TRAINING_KEYS},
+        "data": data_hp,
+        "global_step": int(state.get("global_step", 0)),
+    }
+    base_file = adapter_config = None
+    if zoo["kind"] == "lora":
+        base_file = Path(zoo["base"]["file"])
+        info["base"] = {"sha256": zoo["base"]["sha256"], "source": str(base_file)}
+        adapter_config = zoo["adapter_config"]
+    info = _plain(info)
+    bench = read_json(results, "benchmark results") if results is not None else None
+    artefact = GeneratorArtefact(generator, schedule.training_scheduler(), tokenizer, info, base_file=base_file,
+                                 adapter_config=adapter_config, card=model_card(info, generator, bench))
+    return artefact.save_pretrained(out)
+
+
+def model_card(info: dict[str, Any], generator: WeightGenerator, results: dict[str, Any] | None = None) -> str:
+    """The README.md of an exported generator: what it was trained on, how to sample it, its numbers."""
+    zoo, cfg, sampling = info["zoo"], generator.config, info["sampling"]
+    what = "LoRA adapters" if zoo["kind"] == "lora" else "whole networks"
+    condition = {"text": "a free-text task description", "code": "a task code",
+                 "examples": "a few labelled examples of the task", "none": "nothing (unconditional)"}[cfg.condition]
+    request = '"handwritten digits rotated by 40 degrees"' if cfg.condition == "text" else "task=\"<task>\""
+    cli_request = "--description 'handwritten digits rotated by 40 degrees'" if cfg.condition == "text" \
+        else "--task '<task>'"
+    lines = [
+        f"# weightdiff generator: {zoo['name']}",
+        "",
+        f"A conditional diffusion transformer over weight tokens that generates {what} of the "
+        f"`{zoo['family']}` family, conditioned on {condition}.",
+        "",
+        "| | |", "|---|---|",
+        f"| zoo | `{zoo['name']}` ({zoo['kind']}, family `{zoo['family']}`) |",
+        f"| training tasks / checkpoints | {zoo.get('num_train_tasks')} / {zoo.get('num_train_checkpoints')} |",
+        f"| held-out tasks (never trained on) | {zoo.get('num_heldout_tasks')} |",
+        f"| training steps | {info['global_step']} |",
+        f"| condition | `{cfg.condition}` |",
+        f"| denoiser | DiT, hidden {cfg.hidden}, depth {cfg.depth}, heads {cfg.heads}, "
+        f"{cfg.num_tokens} tokens of {cfg.token_size} |",
+        f"| sampler | `{sampling['sampler']}`, {sampling['steps']} steps |",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from weightdiff.sampling import WeightDiffusionPipeline",
+        "",
+        "pipe = WeightDiffusionPipeline.from_pretrained(\"<this folder>\")",
+        f"out = pipe({request}, num_samples=4, seed=0)",
+        "out.save(\"samples/\")  # one folder per sample" + (" (PEFT adapter)" if zoo["kind"] == "lora" else ""),
+        "```",
+        "",
+        "```",
+        f"weightdiff sample --model <this folder> {cli_request} --num 4 --out samples/",
+        "```",
+    ]
+    if zoo["kind"] == "lora":
+        lines += ["", "Each sample loads with `PeftModel.from_pretrained(base, sample_dir)` on the base network "
+                      "in `base/model.safetensors`."]
+    if results:
+        lines += ["", "## Benchmark (test accuracy, mean over tasks)", "", "| row | seen tasks | unseen tasks |",
+                  "|---|---|---|"]
+        fmt = lambda section, row: (f"{100 * results[section][row]['mean']:.1f} %"  # noqa: E731
+                                    if results.get(section, {}).get(row, {}).get("mean") is not None else "–")
+        for row in _CARD_ROWS:
+            if row in results.get("seen", {}) or row in results.get("unseen", {}):
+                lines.append(f"| {row} | {fmt('seen', row)} | {fmt('unseen', row)} |")
+    return "\n".join(lines) + "\n"

@@ -9,25 +9,67 @@ cross-entropy, weighted by ᾱ_t (the estimate is meaningless at high noise), so
 rewarded for weights that work and not only for weights that look close.
 
 EMA weights come from ``torch.optim.swa_utils.AveragedModel`` (a library EMA); they are a
-submodule, so Lightning checkpoints and resumes them with the rest of the state.
+submodule, so Lightning checkpoints and resumes them with the rest of the state. The learning rate
+warms up linearly and then follows a cosine to 10 % (torch's ``LinearLR`` then ``CosineAnnealingLR``).
+
+At fit start the datamodule's fitted tokenizer is also written to the run folder
+(``<run>/tokenizer/``, beside ``checkpoints/``); every checkpoint carries it too (see
+:mod:`weightdiff.training.datamodule`).
 """
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weightdiff.kernels import masked_mse
-from weightdiff.models.generator import Generator, sample_tokens
 from weightdiff.models.conditioning import ConditionKind
-from weightdiff.models.schedule import PredictionType, SamplerName, ScheduleConfig, denoise, predicted_x0
+from weightdiff.models.generator import TOKENIZER_DIR, WeightGenerator, sample_tokens
+from weightdiff.models.schedule import (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, BetaSchedule, PredictionType,
+                                        SamplerName, ScheduleConfig, predicted_x0)
 
+#: The learning rate decays to this fraction of its peak.
+MIN_LR_FACTOR = 0.1
+
+
+def build_generator(spec: dict[str, Any], hidden: int, depth: int, heads: int, mlp_ratio: float,
+                    cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0) -> WeightGenerator:
+    """The :class:`WeightGenerator` for a datamodule ``spec`` (sizes and the layout's per-token ids)."""
+    ids = spec["token_ids"]
+    return WeightGenerator(
+        token_size=spec["token_size"], num_tokens=len(spec["token_length"]), num_tensors=spec["num_tensors"],
+        max_chunks=spec["max_chunks"], max_depth=spec["max_depth"], num_kinds=spec["num_kinds"],
+        condition=condition, condition_dims=dict(spec["condition_dims"]), hidden=hidden, depth=depth, heads=heads,
+        mlp_ratio=mlp_ratio, cross_attention=cross_attention, text_dropout=text_dropout,
+        token_layout={**ids, "length": spec["token_length"]})
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  min_factor: float = MIN_LR_FACTOR) -> LRScheduler:
+    """Per-step schedule: lr · (step + 1) / warm for the first ``warm`` steps, then a cosine from lr to
+    ``min_factor`` · lr at ``total_steps`` (SGDR, Loshchilov & Hutter 2017, without restarts)."""
+    warm = min(warmup_steps, total_steps)
+    lr = optimizer.param_groups[0]["lr"]
+    cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warm, 1), eta_min=min_factor * lr)
+    if warm == 0:
+        return cosine
+    linear = LinearLR(optimizer, start_factor=1.0 / warm, end_factor=1.0, total_iters=max(warm - 1, 1))
+    return SequentialLR(optimizer, [linear, cosine], milestones=[warm])
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run folder: where ``checkpoints/`` goes (the logger's version folder), else the log/root dir."""
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and getattr(ckpt, "dirpath", None):
+        return Path(ckpt.dirpath).parent
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class WeightDiffusion(L.LightningModule):
@@ -47,53 +89,64 @@ class WeightDiffusion(L.LightningModule):
         functional_weighting: per-sample weight of that loss over timesteps: ``"signal"`` = ᾱ_t
             (trust x̂0 in proportion to the signal it carries), ``"uniform"`` = 1 at every t (the
             estimate from pure noise must work too, which is what one-step sampling uses).
-        lr, weight_decay, warmup_steps, grad_clip: AdamW with linear warm-up then cosine decay.
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 10 %.
         ema_decay: EMA decay of the generator weights.
-        val_sampler, val_steps: sampler used by the validation callback and by export defaults.
+        sampler, num_inference_steps: the generator's sampler: used by the validation callback and
+            exported as the default of ``weightdiff sample`` and the pipeline.
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
                  mlp_ratio: float = 4.0, cross_attention: bool = False, condition: ConditionKind = "text",
                  cond_dropout: float = 0.1, text_dropout: float = 0.0, prediction_type: PredictionType = "sample",
-                 num_train_timesteps: int = 1000,
-                 beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2",
+                 num_train_timesteps: int = 1000, beta_schedule: BetaSchedule = "squaredcos_cap_v2",
                  functional_loss_weight: float = 1.0,
                  functional_weighting: Literal["signal", "uniform"] = "signal", lr: float = 3e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 100, ema_decay: float = 0.995, val_sampler: SamplerName = "ddim",
-                 val_steps: int = 20):
+                 warmup_steps: int = 100, ema_decay: float = 0.995, sampler: SamplerName = DEFAULT_SAMPLER,
+                 num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
         self.save_hyperparameters()
         self.schedule = ScheduleConfig(num_train_timesteps, beta_schedule, prediction_type)
-        self.generator = Generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition, text_dropout)
-        self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.noise_scheduler = self.schedule.training_scheduler()  # forward process: add_noise, get_velocity
+        self.generator = build_generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition,
+                                         text_dropout)
+        # Buffers are the layout's integer token ids and lengths: copied from the model at every
+        # update, never averaged (an average of equal integers in float32 can round down).
+        self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
         self.ema.requires_grad_(False)
-        self.register_buffer("alphas_cumprod", self.schedule.training_scheduler().alphas_cumprod.float(),
-                             persistent=False)
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.float(), persistent=False)
         self.register_buffer("token_length", torch.as_tensor(spec["token_length"], dtype=torch.long),
                              persistent=False)
-        self._functional = None  # (tokenizer, target) from the datamodule at setup
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and self.hparams.functional_loss_weight > 0:
-            self._functional = dm.functional_parts()
+        # The target network of the functional loss is built (and cached by the datamodule) now,
+        # before any step: building it draws from the global random stream training continues from.
+        self._functional_parts()
+
+    def _functional_parts(self):
+        """(tokenizer, target network) for the functional loss, or None. Read from the datamodule on
+        every use: on resume it restores the checkpoint's tokenizer after ``setup``."""
+        if self.hparams.functional_loss_weight <= 0 or self._trainer is None:
+            return None
+        dm = getattr(self.trainer, "datamodule", None)
+        return dm.functional_parts() if dm is not None else None
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if dm is None:
+            return
+        folder = run_dir(self.trainer) / TOKENIZER_DIR  # on every rank (the folder may be broadcast)
+        if self.trainer.is_global_zero:
+            dm.tokenizer.save(folder)
+            rank_zero_info(f"tokenizer saved to {folder}")
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.generator.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warm = min(self.hparams.warmup_steps, total)
-
-        def factor(step: int) -> float:  # linear warm-up, then cosine decay to 10 %
-            if step < warm:
-                return (step + 1) / warm
-            progress = (step - warm) / max(total - warm, 1)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = warmup_cosine(opt, self.hparams.warmup_steps, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -108,18 +161,22 @@ class WeightDiffusion(L.LightningModule):
         b, length, d = x0.shape
         t = torch.randint(0, self.schedule.num_train_timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
-        a = self.alphas_cumprod[t].view(b, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # DDPM eq. 4 (as DDPMScheduler.add_noise)
+        x_t = self.noise_scheduler.add_noise(x0, noise, t)  # sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM eq. 4
         drop = torch.rand(b, device=x0.device) < cond_dropout
-        c = self.generator.embed_condition(batch["cond"], drop)
-        out = self.generator(x_t, t, c)
+        cond = self.generator.encode_condition(batch["cond"], drop)
+        out = self.generator(x_t, t, cond.vector, cond.context, cond.context_mask)
         ptype = self.schedule.prediction_type
-        target = {"sample": x0, "epsilon": noise,
-                  "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[ptype]
+        if ptype == "sample":
+            target = x0
+        elif ptype == "epsilon":
+            target = noise
+        else:  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0 (Salimans & Ho 2022)
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
         lengths = self.token_length.repeat(b)
         losses = {"weight": masked_mse(out.reshape(b * length, d), target.reshape(b * length, d), lengths)}
-        if self._functional is not None and "fx" in batch:
-            tokenizer, target_net = self._functional
+        functional = self._functional_parts()
+        if functional is not None and "fx" in batch:
+            tokenizer, target_net = functional
             x0_hat = predicted_x0(out, x_t, self.alphas_cumprod[t], ptype)
             params = tokenizer.decode_float(x0_hat)  # name -> (B, *shape), differentiable
             logits = target_net.forward_each(params, batch["fx"])  # (B, n, C)
@@ -149,6 +206,5 @@ class WeightDiffusion(L.LightningModule):
                  guidance: float = 1.0, generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
         """Sample ``num`` token sets per condition row. Returns (num_conditions * num, L, D)."""
         net = self.ema.module if use_ema else self.generator
-        return sample_tokens(net, raw_cond, num, self.schedule, token_size=self.hparams.spec["token_size"],
-                             num_tokens=len(self.hparams.spec["token_length"]), steps=steps or self.hparams.val_steps,
-                             sampler=sampler or self.hparams.val_sampler, guidance=guidance, generator=generator)
+        return sample_tokens(net, raw_cond, num, self.schedule, steps=steps or self.hparams.num_inference_steps,
+                             sampler=sampler or self.hparams.sampler, guidance=guidance, generator=generator)
