@@ -232,7 +232,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         if not rows:
             continue
         for key, colour in (("model_mse", "C0"), ("identity_mse", "C7"), ("oracle_mse", "C3")):
-            vals = np.asarray([np.nan if v is None else v for v in rows[key]], dtype=float)
+            vals = np.asarray([np.nan if v is None or v <= 0 else v for v in rows[key]], dtype=float)
             axes[0].plot(ts, vals, styles[split], color=colour, marker="o", ms=3,
                          label=f"{key.removesuffix('_mse')} ({split})")
         for key, colour in (("model_acc", "C0"), ("oracle_acc", "C3")):
