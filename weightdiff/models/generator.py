@@ -72,6 +72,16 @@ class ConditionEmbedding:
         rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
         return ConditionEmbedding(rep(self.vector), rep(self.context), rep(self.context_mask))
 
+    def rows(self, index: slice) -> ConditionEmbedding:
+        """The rows ``index`` of every part."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return ConditionEmbedding(pick(self.vector), pick(self.context), pick(self.context_mask))
+
+    def detach(self) -> ConditionEmbedding:
+        """The same embedding cut from the autograd graph."""
+        cut = lambda t: None if t is None else t.detach()  # noqa: E731
+        return ConditionEmbedding(cut(self.vector), cut(self.context), cut(self.context_mask))
+
     def cat(self, other: ConditionEmbedding) -> ConditionEmbedding:
         """Rows of ``self`` then rows of ``other``."""
         both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731

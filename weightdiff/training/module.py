@@ -32,6 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from weightdiff.kernels import masked_mse
 from weightdiff.models.conditioning import ConditionKind
 from weightdiff.models.generator import TOKENIZER_DIR, WeightGenerator, sample_tokens
+from weightdiff.training.objectives import LossWeighting, loss_weight, sample_timesteps, sampler_states
 from weightdiff.models.schedule import (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, BetaSchedule, PredictionType,
                                         SamplerName, ScheduleConfig, predicted_x0)
 
@@ -93,6 +94,13 @@ class WeightDiffusion(L.LightningModule):
         ema_decay: EMA decay of the generator weights.
         sampler, num_inference_steps: the generator's sampler: used by the validation callback and
             exported as the default of ``weightdiff sample`` and the pipeline.
+        loss_weighting, min_snr_gamma: weight of the denoising loss over noise levels (``"min_snr"``:
+            Min-SNR-γ; see :mod:`weightdiff.training.objectives`).
+        timestep_shift: training noise levels drawn after the shift u' = s·u / (1 + (s − 1)·u)
+            (s > 1: more high-noise steps; 1: uniform).
+        path_functional_weight, path_rows: weight of the task cross-entropy of x̂0 on states the
+            generator's own sampler (``sampler``, ``num_inference_steps``) visits from noise, computed
+            on the first ``path_rows`` rows of each batch at a random step of the path (0 = off).
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -102,7 +110,9 @@ class WeightDiffusion(L.LightningModule):
                  functional_loss_weight: float = 1.0,
                  functional_weighting: Literal["signal", "uniform"] = "signal", lr: float = 3e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 100, ema_decay: float = 0.995, sampler: SamplerName = DEFAULT_SAMPLER,
-                 num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS):
+                 num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS, loss_weighting: LossWeighting = "none",
+                 min_snr_gamma: float = 5.0, timestep_shift: float = 1.0, path_functional_weight: float = 0.0,
+                 path_rows: int = 16):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
@@ -128,7 +138,7 @@ class WeightDiffusion(L.LightningModule):
     def _functional_parts(self):
         """(tokenizer, target network) for the functional loss, or None. Read from the datamodule on
         every use: on resume it restores the checkpoint's tokenizer after ``setup``."""
-        if self.hparams.functional_loss_weight <= 0 or self._trainer is None:
+        if max(self.hparams.functional_loss_weight, self.hparams.path_functional_weight) <= 0 or self._trainer is None:
             return None
         dm = getattr(self.trainer, "datamodule", None)
         return dm.functional_parts() if dm is not None else None
@@ -159,7 +169,7 @@ class WeightDiffusion(L.LightningModule):
     def _losses(self, batch: dict[str, Any], cond_dropout: float) -> dict[str, torch.Tensor]:
         x0 = batch["tokens"]  # (B, L, D)
         b, length, d = x0.shape
-        t = torch.randint(0, self.schedule.num_train_timesteps, (b,), device=x0.device)
+        t = sample_timesteps(b, self.schedule.num_train_timesteps, self.hparams.timestep_shift, device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)  # sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM eq. 4
         drop = torch.rand(b, device=x0.device) < cond_dropout
@@ -173,9 +183,14 @@ class WeightDiffusion(L.LightningModule):
         else:  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0 (Salimans & Ho 2022)
             target = self.noise_scheduler.get_velocity(x0, noise, t)
         lengths = self.token_length.repeat(b)
-        losses = {"weight": masked_mse(out.reshape(b * length, d), target.reshape(b * length, d), lengths)}
+        row_weight = None
+        if self.hparams.loss_weighting != "none":  # normalised to mean 1: the loss keeps its scale
+            w = loss_weight(self.alphas_cumprod[t], self.hparams.loss_weighting, ptype, self.hparams.min_snr_gamma)
+            row_weight = (w / w.mean()).repeat_interleave(length)
+        losses = {"weight": masked_mse(out.reshape(b * length, d), target.reshape(b * length, d), lengths,
+                                       row_weight)}
         functional = self._functional_parts()
-        if functional is not None and "fx" in batch:
+        if functional is not None and "fx" in batch and self.hparams.functional_loss_weight > 0:
             tokenizer, target_net = functional
             x0_hat = predicted_x0(out, x_t, self.alphas_cumprod[t], ptype)
             params = tokenizer.decode_float(x0_hat)  # name -> (B, *shape), differentiable
@@ -183,11 +198,36 @@ class WeightDiffusion(L.LightningModule):
             ce = F.cross_entropy(logits.flatten(0, 1), batch["fy"].flatten(), reduction="none").view(b, -1)
             w = self.alphas_cumprod[t] if self.hparams.functional_weighting == "signal" else torch.ones_like(ce[:, 0])
             losses["functional"] = (w * ce.mean(1)).sum() / w.sum().clamp_min(1e-8)
+        if functional is not None and "fx" in batch and self.hparams.path_functional_weight > 0:
+            losses["path_functional"] = self._path_functional(batch, cond, functional)
         return losses
+
+    def _path_functional(self, batch: dict[str, Any], cond: Any, functional: tuple) -> torch.Tensor:
+        """Task cross-entropy of x̂0 on a state the sampler visits (:func:`objectives.sampler_states`).
+
+        The path is run without gradient from fresh noise with this batch's conditions; the
+        gradient flows through the one model evaluation at the state reached.
+        """
+        tokenizer, target_net = functional
+        n = min(self.hparams.path_rows, batch["tokens"].shape[0])
+        steps = self.hparams.num_inference_steps if self.hparams.sampler != "x0" else 1
+        sampler = self.hparams.sampler if self.hparams.sampler != "x0" else "ddim"
+        stop = int(torch.randint(0, steps, ()).item())
+        rows = cond.rows(slice(0, n))
+        frozen = rows.detach()
+        noise = torch.randn((n, *batch["tokens"].shape[1:]), device=batch["tokens"].device)
+        x_k, t_k = sampler_states(lambda x, t: self.generator(x, t, frozen.vector, frozen.context, frozen.context_mask),
+                                  noise, self.schedule, steps=steps, stop=stop, sampler=sampler,
+                                  valid=self.generator.valid)
+        out = self.generator(x_k, t_k, rows.vector, rows.context, rows.context_mask)
+        x0_hat = predicted_x0(out, x_k, self.alphas_cumprod[t_k], self.schedule.prediction_type)
+        logits = target_net.forward_each(tokenizer.decode_float(x0_hat), batch["fx"][:n])  # (n, m, C)
+        return F.cross_entropy(logits.flatten(0, 1), batch["fy"][:n].flatten())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch, self.hparams.cond_dropout)
-        loss = losses["weight"] + self.hparams.functional_loss_weight * losses.get("functional", 0.0)
+        loss = (losses["weight"] + self.hparams.functional_loss_weight * losses.get("functional", 0.0)
+                + self.hparams.path_functional_weight * losses.get("path_functional", 0.0))
         bs = batch["tokens"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in losses.items():
