@@ -301,3 +301,40 @@ def test_run_benchmark_end_to_end_with_a_stub_generator(tiny_zoos, tmp_path, mon
     assert acc.mean() == pytest.approx(r["per_task"]["seen"][seen_task]["generated"]["mean"], abs=1e-6)
     for name in ("results.json", "results.md", "accuracy_distributions.png", "accuracy_vs_iou.png"):
         assert (tmp_path / "bench" / name).stat().st_size > 0
+
+
+def test_full_suite_benchmark_reports_one_step_row_evaluations_and_basins(tiny_zoos, tmp_path, monkeypatch):
+    """A multi-step sampler gets a 'generated one-step' row from the same model in the same run, the
+    number of model evaluations, and, for whole networks, how many of the zoo's runs it covers."""
+    import weightdiff.evaluate.benchmark
+    from weightdiff.evaluate.benchmark import run_benchmark
+    from weightdiff.weights.tokenizer import WeightTokenizer
+    from weightdiff.zoo import Zoo
+
+    zoo = Zoo.open(tiny_zoos[1])
+    rows = zoo.rows("train")
+    sds = [zoo.load(r["id"]) for r in rows]
+    tok = WeightTokenizer.from_state_dict(sds[0], token_size=32).fit(sds)
+    samplers = []
+
+    class Stub:
+        kind, tokenizer = "full", tok
+        config = {"zoo": {"family": "digits"}, "model": {"condition": "none"}, "sampling": {"sampler": "ddim", "steps": 4}}
+
+    def fake_generate(gen, cond, num, settings, **kw):
+        samplers.append(settings.sampler)
+        pick = [0] * num if settings.sampler == "x0" else [i % len(sds) for i in range(num)]  # one-step: run 0 only
+        return tok.encode_batch([sds[i] for i in pick]), False
+
+    monkeypatch.setattr(weightdiff.evaluate.benchmark, "load_generator", lambda path: Stub())
+    monkeypatch.setattr(weightdiff.evaluate.benchmark, "make_condition", lambda gen, task=None, **kw: task)
+    monkeypatch.setattr(weightdiff.evaluate.benchmark, "generate_tokens", fake_generate)
+    r = run_benchmark("digits-cnn", "stub-model", tiny_zoos[1], tmp_path / "bench", num=4, hypernet_steps=5,
+                      sgd_tasks=0, progress=False)
+    assert r["sampler"] == {"sampler": "ddim", "steps": 4, "model_evaluations": 4}
+    assert {"generated", "generated one-step"} <= set(r["seen"]) and "x0" in samplers
+    assert r["latency_ms_per_sample_one_step"] > 0
+    assert r["runs_in_zoo"] == len({row["run_id"] for row in rows}) == 2
+    assert r["basins_covered"] == 2  # samples are copies of entries of both runs
+    assert r["within_run_spacing"] > 0
+    assert "generated one-step" in (tmp_path / "bench" / "results.md").read_text()

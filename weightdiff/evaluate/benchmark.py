@@ -18,7 +18,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,12 @@ def heldout_description(task: Task) -> str:
         return task.heldout_description()
     except NotImplementedError as exc:
         raise BenchmarkError(str(exc)) from None
+
+
+def model_evaluations(sampler: str, steps: int, guidance: float = 1.0) -> int:
+    """Denoiser evaluations per sample: one per step (one for ``x0``), twice with guidance."""
+    per_step = 1 if guidance == 1.0 else 2
+    return per_step * (1 if sampler == "x0" else steps)
 
 
 def _spread(items: Sequence[Any], k: int | None) -> list[Any]:
@@ -141,7 +147,8 @@ def _best_of(z: _ZooState, task: Task, generated: dict[str, torch.Tensor], per_c
 
 
 def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.Tensor] | None,
-               noise_scales: Sequence[float], best_of: tuple[str, int] | None = None) -> dict[str, _Models]:
+               noise_scales: Sequence[float], best_of: tuple[str, int] | None = None,
+               one_step: dict[str, torch.Tensor] | None = None) -> dict[str, _Models]:
     """Every row's models for one task; ``best_of`` = (row name, index of the picked sample)."""
     rows: dict[str, _Models] = {}
     own = z.index.get(task.name, [])
@@ -154,6 +161,8 @@ def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.
     if generated is not None:
         n = next(iter(generated.values())).shape[0]
         rows["generated"] = _Models([f"sample_{i:04d}" for i in range(n)], generated)
+        if one_step is not None:  # the same model's one-step clean estimate from the same noise
+            rows["generated one-step"] = _Models([f"one_step_{i:04d}" for i in range(n)], one_step)
         if best_of is not None:  # uses labelled data: its own row, never mixed with zero-shot samples
             name, i = best_of
             rows[name] = _Models([f"sample_{i:04d}"], select(generated, [i]))
@@ -249,8 +258,10 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
     sections = [("seen", t) for t in seen_tasks] + [("unseen", t) for t in unseen_tasks]
 
     gen_seconds, gen_calls, gen_total, nonfinite = 0.0, 0, 0, 0
+    one_step_settings = None
     if gen is not None:
         settings = SamplerSettings(steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+        one_step_settings = replace(settings, sampler="x0") if sampler != "x0" else None
         warm = make_condition(gen, task=sections[0][1]) if not from_description else \
             make_condition(gen, description=heldout_description(get_task(sections[0][1])))
         generate_tokens(gen, warm, 1, settings, use_cache=False, batch_size=batch_size, progress=False)  # warm-up
@@ -260,9 +271,10 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
     dist_accs: dict[str, dict[str, list[float]]] = {"seen": defaultdict(list), "unseen": defaultdict(list)}
     points: dict[str, dict[str, tuple[list[float], list[float]]]] = {"seen": {}, "unseen": {}}
     descriptions: dict[str, str] = {}
+    one_step_seconds, generated_runs = 0.0, []
     for section, name in tqdm(sections, desc="benchmark tasks", disable=not progress):
         task = get_task(name)
-        generated = None
+        generated = one_step = None
         if gen is not None:
             if from_description:
                 descriptions[name] = heldout_description(task)
@@ -278,6 +290,15 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
             nonfinite += int((~finite).sum())
             gen_calls += 1
             gen_total += num
+            if one_step_settings is not None:
+                t0 = time.perf_counter()
+                tokens, _ = generate_tokens(gen, cond, num, one_step_settings, use_cache=False,
+                                            batch_size=batch_size, progress=False)
+                one_step = {k: v.detach().float().cpu() for k, v in gen.tokenizer.decode_float(tokens).items()}
+                one_step_seconds += time.perf_counter() - t0
+            if kind == "full":
+                _, nearest_index = z.space.nearest(generated)
+                generated_runs += [z.rows[int(i)]["run_id"] for i in nearest_index if int(i) >= 0]
         _, y_test = task.data().split("test")
         _, zoo_preds = evaluate_params(z.target, task, z.params)                  # (Z, N)
         stats = per_task[section].setdefault(name, {})
@@ -285,7 +306,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         if generated is not None and select_per_class:
             best_of = (f"generated best-of-{num} ({select_per_class}/class labelled)",
                        _best_of(z, task, generated, select_per_class, seed))
-        for row, m in _task_rows(z, task, section == "seen", generated, noise_scales, best_of).items():
+        for row, m in _task_rows(z, task, section == "seen", generated, noise_scales, best_of, one_step).items():
             if m.params is not None:
                 acc, preds = evaluate_params(z.target, task, m.params)
                 distance = z.space.nearest_distance(m.params, m.exclude)
@@ -312,8 +333,18 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         "latency_ms_per_sample": 1000 * gen_seconds / gen_total if gen_total else None,
         "latency_ms_per_batch": 1000 * gen_seconds / gen_calls if gen_calls else None,
         "generation_seconds": gen_seconds if gen is not None else None,
+        "latency_ms_per_sample_one_step": (1000 * one_step_seconds / gen_total
+                                           if gen_total and one_step_settings is not None else None),
+        "sampler": ({"sampler": sampler, "steps": steps, "model_evaluations": model_evaluations(sampler, steps, guidance)}
+                    if gen is not None else None),
         "generated_nonfinite_samples": nonfinite if gen is not None else None,
     }
+
+    if kind == "full":
+        runs = [r["run_id"] for r in z.rows]
+        results["runs_in_zoo"] = len(set(runs))
+        results["within_run_spacing"] = z.space.within_group_spacing(runs)
+        results["basins_covered"] = len(set(generated_runs)) if gen is not None else None
 
     sgd_list = _by_kind_round_robin(unseen_tasks, kinds)[:sgd_tasks] if unseen_tasks else seen_tasks[:sgd_tasks]
     sgd: dict[str, dict[str, float]] = {}

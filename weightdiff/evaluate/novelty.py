@@ -136,6 +136,11 @@ class ComparisonSpace:
     def nearest_distance(self, params: Mapping[str, torch.Tensor],
                          exclude: Sequence[int | None] | None = None) -> torch.Tensor:
         """RMS distance ``(S,)`` from each model to its nearest zoo checkpoint (see the class docstring)."""
+        return self.nearest(params, exclude)[0]
+
+    def nearest(self, params: Mapping[str, torch.Tensor],
+                exclude: Sequence[int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(distance (S,), index (S,))`` of each model's nearest zoo checkpoint (index -1 when none)."""
         pts = self(params)
         d = torch.cdist(pts.double(), self.points.double()) / pts.shape[1] ** 0.5    # (S, Z)
         if exclude is not None:
@@ -158,9 +163,20 @@ class ComparisonSpace:
                 for row, i in enumerate(ok):
                     d[i, js[i]] = min(float(d[i, js[i]]), float(pair[row]))
         if d.shape[1] == 0:
-            return torch.full((pts.shape[0],), float("nan"))
-        best = d.min(1).values
-        return torch.where(torch.isinf(best), torch.full_like(best, float("nan")), best).float()
+            return torch.full((pts.shape[0],), float("nan")), torch.full((pts.shape[0],), -1, dtype=torch.long)
+        best, index = d.min(1)
+        missing = torch.isinf(best)
+        return (torch.where(missing, torch.full_like(best, float("nan")), best).float(),
+                torch.where(missing, torch.full_like(index, -1), index))
+
+    def within_group_spacing(self, groups: Sequence[str]) -> float:
+        """Median over zoo checkpoints of the RMS distance to the nearest checkpoint of the same group
+        (e.g. the same training run: the scale of variation inside one basin); NaN without pairs."""
+        d = torch.cdist(self.points.double(), self.points.double()) / self.points.shape[1] ** 0.5
+        same = torch.tensor([[a == b for b in groups] for a in groups])
+        d = d.masked_fill(~same | torch.eye(len(groups), dtype=torch.bool), float("inf")).min(1).values
+        d = d[torch.isfinite(d)]
+        return float(d.quantile(0.5)) if len(d) else float("nan")
 
     def spacing(self) -> float:
         """Median over zoo checkpoints of the distance to their nearest other checkpoint."""

@@ -144,7 +144,17 @@ def results_markdown(results: Mapping[str, Any]) -> str:
               f"- latency: {_fmt(lat)} ms per sample, {_fmt(results.get('latency_ms_per_batch'))} ms per batch of "
               f"{s.get('num')} (device: {s.get('device', 'cpu')}; warm-up call excluded)",
               f"- total generation time: {_fmt(results.get('generation_seconds'))} s",
-              f"- samples with NaN/Inf weights: {results.get('generated_nonfinite_samples', '–')}", ""]
+              f"- samples with NaN/Inf weights: {results.get('generated_nonfinite_samples', '–')}"]
+    sampler = results.get("sampler")
+    if sampler:
+        parts.append(f"- sampler: {sampler['sampler']}, {sampler['steps']} steps, {sampler['model_evaluations']} model "
+                     f"evaluations per sample; the row 'generated one-step' is the same model's one-step estimate "
+                     f"from the same noise ({_fmt(results.get('latency_ms_per_sample_one_step'))} ms per sample)")
+    if results.get("runs_in_zoo"):
+        parts.append(f"- basins: the generated networks' nearest zoo checkpoints come from "
+                     f"{results.get('basins_covered', '–')} of the zoo's {results['runs_in_zoo']} independent runs; "
+                     f"within-run spacing {_fmt(results.get('within_run_spacing'))}")
+    parts.append("")
     parts += ["Accuracies are on each task's test split. *Wrong-set IoU*: largest IoU between a model's set of "
               "wrong test predictions and that of any training-zoo checkpoint (a checkpoint is not compared with "
               "itself; two empty sets count as IoU 0); lower is more novel. *Distance*: RMS distance to the nearest "
