@@ -16,6 +16,8 @@ multiply-add, the rest one vectorised gather or scatter. The short specification
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from weightdiff.kernels._dispatch import MAX_GRID_Y, TILE_ELEMENTS, jit, next_power_of_2, tl, use_triton
@@ -76,6 +78,20 @@ def _pack_kernel(flat_ptr, out_ptr, src_ptr, len_ptr, tidx_ptr, scale_ptr, shift
              mask=row_ok[:, None] & (cols[None, :] < token_size))
 
 
+def _launch_tiles(kernel: Any, inp: torch.Tensor, out: torch.Tensor, src: torch.Tensor, length: torch.Tensor,
+                  tidx: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, batch: int, num_tokens: int,
+                  token_size: int) -> None:
+    """Launch a pack/unpack kernel over (token blocks, batch rows), the batch axis in chunks the grid allows."""
+    block_d = next_power_of_2(token_size)
+    block_l = max(1, min(next_power_of_2(num_tokens), TILE_ELEMENTS // block_d))
+    num_blocks = -(-num_tokens // block_l)
+    for b0 in range(0, batch, MAX_GRID_Y):
+        b1 = min(batch, b0 + MAX_GRID_Y)
+        kernel[(num_blocks, b1 - b0)](inp[b0:b1], out[b0:b1], src, length, tidx, scale, shift,
+                                      num_tokens, token_size, inp.stride(0), out.stride(0),
+                                      BLOCK_L=block_l, BLOCK_D=block_d)
+
+
 def _pack_triton(flat: torch.Tensor, src: torch.Tensor, length: torch.Tensor, tidx: torch.Tensor,
                  scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> None:
     """Launch :func:`_pack_kernel`: flat (B, P) -> out (B, L, D), out contiguous."""
@@ -84,15 +100,7 @@ def _pack_triton(flat: torch.Tensor, src: torch.Tensor, length: torch.Tensor, ti
         return
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    block_d = next_power_of_2(token_size)
-    block_l = max(1, min(next_power_of_2(num_tokens), TILE_ELEMENTS // block_d))
-    num_blocks = -(-num_tokens // block_l)
-    for b0 in range(0, batch, MAX_GRID_Y):
-        b1 = min(batch, b0 + MAX_GRID_Y)
-        _pack_kernel[(num_blocks, b1 - b0)](
-            flat[b0:b1], out[b0:b1], src, length, tidx, scale, shift,
-            num_tokens, token_size, flat.stride(0), out.stride(0),
-            BLOCK_L=block_l, BLOCK_D=block_d)
+    _launch_tiles(_pack_kernel, flat, out, src, length, tidx, scale, shift, batch, num_tokens, token_size)
 
 
 def _pack_gather(flat: torch.Tensor, src: torch.Tensor, length: torch.Tensor, tidx: torch.Tensor,
@@ -204,15 +212,7 @@ def _unpack_triton(tokens: torch.Tensor, src: torch.Tensor, length: torch.Tensor
     if batch == 0 or num_tokens == 0 or token_size == 0:
         return
     tokens = tokens.contiguous()
-    block_d = next_power_of_2(token_size)
-    block_l = max(1, min(next_power_of_2(num_tokens), TILE_ELEMENTS // block_d))
-    num_blocks = -(-num_tokens // block_l)
-    for b0 in range(0, batch, MAX_GRID_Y):
-        b1 = min(batch, b0 + MAX_GRID_Y)
-        _unpack_kernel[(num_blocks, b1 - b0)](
-            tokens[b0:b1], out[b0:b1], src, length, tidx, scale, shift,
-            num_tokens, token_size, tokens.stride(0), out.stride(0),
-            BLOCK_L=block_l, BLOCK_D=block_d)
+    _launch_tiles(_unpack_kernel, tokens, out, src, length, tidx, scale, shift, batch, num_tokens, token_size)
 
 
 def _unpack_scatter(tokens: torch.Tensor, src: torch.Tensor, length: torch.Tensor, tidx: torch.Tensor,
