@@ -12,7 +12,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from weightdiff.errors import TargetMismatchError, WeightFileError
-from weightdiff.io import save_weights
+from weightdiff.io import load_weights, save_weights
 from weightdiff.targets import Target
 from weightdiff.tasks.networks import DigitsCNN, DigitsMLP, MNIST1DCNN
 
@@ -228,6 +228,40 @@ def test_lora_config_validation() -> None:
 
     again = Target.lora(base, json.loads(json.dumps(_json_config(target.lora_config))))
     assert again.param_shapes() == target.param_shapes()
+
+
+def test_target_build_full_and_lora(tmp_path) -> None:
+    full = Target.build("full", DigitsCNN())
+    assert full.kind == "full" and full.param_shapes() == Target.full("digits").param_shapes()
+    assert Target.build("full", "mnist1d").param_shapes() == Target.full("mnist1d").param_shapes()
+
+    base = _seeded(DigitsMLP())
+    file = tmp_path / "base" / "model.safetensors"
+    save_weights(file, base.state_dict())
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["fc1", "fc2"]}
+    # an adapter_config.json written by another PEFT version: the unknown field is dropped
+    target = Target.build("lora", DigitsMLP(), base_state=load_weights(file),
+                          lora_config={**config, "field_of_another_peft": 1}, source=file)
+    reference = Target.lora(base, config)
+    assert target.kind == "lora" and target.param_shapes() == reference.param_shapes()
+    assert not target.module.training and not any(p.requires_grad for p in target.module.parameters())
+    params, x = _random_params(reference, 3), _x((1, 8, 8))
+    torch.testing.assert_close(target.forward_batched(params, x), reference.forward_batched(params, x),
+                               rtol=0, atol=0)  # the base weights were loaded, not the fresh init
+
+
+@pytest.mark.parametrize("broken, expected", [
+    (lambda s: {k: v for k, v in s.items() if k != "fc2.bias"}, "missing key 'fc2.bias'"),
+    (lambda s: {**s, "fc3.weight": torch.zeros(2)}, "unexpected key 'fc3.weight'"),
+    (lambda s: {**s, "fc1.weight": torch.zeros(3, 64)}, "tensor 'fc1.weight' has shape (3, 64), expected (64, 64)"),
+])
+def test_target_build_rejects_a_base_that_does_not_fit(tmp_path, broken, expected) -> None:
+    file = tmp_path / "base" / "model.safetensors"
+    state = broken(dict(_seeded(DigitsMLP()).state_dict()))
+    with pytest.raises(TargetMismatchError) as err:
+        Target.build("lora", DigitsMLP(), base_state=state,
+                     lora_config={"r": 4, "lora_alpha": 8, "target_modules": ["fc1"]}, source=file)
+    assert str(file) in str(err.value) and expected in str(err.value)
 
 
 # ---------------------------------------------------------------- training loops

@@ -129,6 +129,13 @@ def test_recipe_round_trips_through_dict():
     r = load_recipe(CONFIGS / "rotdigits-lora.yaml")
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     assert r.plan() == Recipe.from_dict(r.to_dict()).plan()
+    # ints where floats are expected are stored as floats, and the caller's mapping is left alone
+    data = yaml_dict(CONFIGS / "tiny-rotdigits-lora.yaml")
+    data.update(alpha=16, lr=1)
+    data["generator"]["far_holes"] = [[15, 60]]
+    t = Recipe.from_dict(data)
+    assert (type(t.alpha), type(t.lr), type(t.generator.far_holes[0][0])) == (float, float, float)
+    assert type(data["generator"]["far_holes"][0][0]) is int
 
 
 @pytest.mark.parametrize("patch, field, expected", [
@@ -137,7 +144,9 @@ def test_recipe_round_trips_through_dict():
     ({"runs": True}, "runs", "expected int, got bool"),
     ({"lr": "fast"}, "lr", "expected float"),
     ({"kind": "partial"}, "kind", "expected one of 'full', 'lora'"),
-    ({"checkpoint_epochs": [2, "x"]}, "checkpoint_epochs[1]", "expected int"),
+    ({"checkpoint_epochs": [2, "x"]}, "checkpoint_epochs", "expected list[int], got list [2, 'x']"),
+    ({"lora_batch_size": "x"}, "lora_batch_size", "expected int | None, got str 'x'"),
+    ({"runs": {"n": 2}}, "runs", "expected int, got dict"),
     ({"checkpoint_epochs": [3, 9]}, "checkpoint_epochs", "strictly increasing epochs in [1, epochs=3]"),
     ({"tasks": ["digits:angle=3"]}, "tasks", "unknown factor 'angle'"),
     ({"tasks": ["rotdigits:angle=3,flip=0"]}, "tasks", "expected a full task of family 'digits'"),
@@ -167,6 +176,10 @@ def test_recipe_errors_nested_and_missing(tmp_path):
     data["generator"]["angle_step"] = 15.0
     path.write_text(json.dumps(data))
     with pytest.raises(RecipeError, match=r"missing required field 'name'"):
+        load_recipe(path)
+    data["name"], data["generator"]["bogus"] = "g", 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(RecipeError, match=r"g\.yaml: unknown field 'generator\.bogus'"):
         load_recipe(path)
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "absent.yaml")

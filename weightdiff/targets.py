@@ -59,7 +59,8 @@ class Target:
     """Evaluate (batches of) weight sets inside a target network.
 
     Build with :meth:`full` (every parameter of a small network is generated) or :meth:`lora`
-    (PEFT LoRA adapter tensors on a frozen base). ``params`` arguments are dicts of tensors named
+    (PEFT LoRA adapter tensors on a frozen base), or with :meth:`build` from a base state dict
+    and an adapter config as read from disk. ``params`` arguments are dicts of tensors named
     as in the zoo's weight files, each with a leading sample dimension S.
     """
 
@@ -102,6 +103,47 @@ class Target:
                 ``adapter_config.json``, or a ``LoraConfig``.
         """
         return cls(base_module, "lora", make_lora_config(lora_config))
+
+    @classmethod
+    def build(cls, kind: Literal["full", "lora"], network: nn.Module | str, *,
+              base_state: Mapping[str, torch.Tensor] | None = None,
+              lora_config: Mapping[str, Any] | LoraConfig | None = None,
+              source: str | os.PathLike = "<base_state>") -> Target:
+        """The target of a zoo, a generator or a set of weight files, from where its parts were read.
+
+        Callers decide where the base weights and the adapter config come from (a zoo's ``base/``,
+        an exported generator's ``base/``, a path given by the user); this builds the target the
+        same way for all of them.
+
+        Args:
+            kind: ``"full"`` or ``"lora"``.
+            network: a task family or task string, or a module. Full: the architecture whose
+                parameters are generated. LoRA: an untrained network of the base architecture;
+                ``base_state`` is loaded into it in place.
+            base_state: (LoRA) the frozen base network's state dict, loaded strictly.
+            lora_config: (LoRA) ``LoraConfig`` keyword arguments or a saved ``adapter_config.json``;
+                fields the installed PEFT's ``LoraConfig`` does not know (a config written by
+                another PEFT version) are dropped.
+            source: the file ``base_state`` was read from, named in errors.
+
+        Raises:
+            TargetMismatchError: the base weights miss a key, hold an unexpected one or a tensor
+                of the wrong shape (naming ``source`` and the key), or the adapter config is not
+                plain LoRA.
+        """
+        module = get_task(network).build_network() if isinstance(network, str) else network
+        if kind == "full":
+            if base_state is not None or lora_config is not None:
+                raise ValueError("a full Target takes no base_state or lora_config")
+            return cls.full(module)
+        if kind != "lora":
+            raise ValueError(f"kind must be 'full' or 'lora', got {kind!r}")
+        if base_state is None or lora_config is None:
+            raise ValueError("a lora Target needs base_state and lora_config")
+        if not isinstance(lora_config, LoraConfig):
+            known = set(LoraConfig.__dataclass_fields__)
+            lora_config = {k: v for k, v in lora_config.items() if k in known}
+        return cls.lora(load_base_network(module, base_state, source), lora_config)
 
     def _inspect_lora(self, config: LoraConfig) -> dict[str, tuple[int, ...]]:
         if config.use_dora or config.lora_bias or config.bias != "none":
@@ -326,3 +368,30 @@ def make_lora_config(config: Mapping[str, Any] | LoraConfig) -> LoraConfig:
     if unknown:
         raise TargetMismatchError(f"lora_config: unknown key '{unknown[0]}'; expected LoraConfig fields")
     return LoraConfig(**kwargs)
+
+
+def load_base_network(network: nn.Module, state: Mapping[str, torch.Tensor],
+                      source: str | os.PathLike = "<base_state>") -> nn.Module:
+    """Load a base network's weights strictly into ``network`` (in place); return it frozen, in eval mode.
+
+    Args:
+        network: a module of the base architecture.
+        state: its state dict, e.g. read from a zoo's ``base/model.safetensors``.
+        source: the file ``state`` was read from, named in errors.
+
+    Raises:
+        TargetMismatchError: a missing or unexpected key, or a tensor of the wrong shape, named.
+    """
+    expected = network.state_dict()
+    arch = type(network).__name__
+    for k, want in expected.items():
+        if k not in state:
+            raise TargetMismatchError(f"base weights {source}: missing key '{k}' for the {arch} network")
+        if tuple(state[k].shape) != tuple(want.shape):
+            raise TargetMismatchError(f"base weights {source}: tensor '{k}' has shape {tuple(state[k].shape)}, "
+                                      f"expected {tuple(want.shape)}")
+    for k in state:
+        if k not in expected:
+            raise TargetMismatchError(f"base weights {source}: unexpected key '{k}' for the {arch} network")
+    network.load_state_dict(state, strict=True)
+    return network.eval().requires_grad_(False)

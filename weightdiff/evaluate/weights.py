@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from weightdiff.errors import TargetMismatchError, WeightFileError
 from weightdiff.io import load_weights, read_json
-from weightdiff.targets import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FULL_WEIGHTS_FILE, Target, make_lora_config
+from weightdiff.targets import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FULL_WEIGHTS_FILE, Target
 from weightdiff.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -173,34 +172,6 @@ def load_weight_sets(paths: Sequence[str | os.PathLike]) -> WeightSet:
     return WeightSet(kind=kind, params=params, ids=ids, adapter_config=config, sources=sources)
 
 
-def load_base_module(task: Task, base: str | os.PathLike) -> nn.Module:
-    """The task's base network (``task.build_network()``) with weights loaded strictly from ``base``.
-
-    Args:
-        base: a ``model.safetensors`` file or a directory holding one.
-
-    Raises:
-        WeightFileError: the file is missing or unreadable.
-        TargetMismatchError: a missing/unexpected key or a wrong shape, named.
-    """
-    path = Path(base)
-    file = path / FULL_WEIGHTS_FILE if path.is_dir() else path
-    state = load_weights(file)
-    module = task.build_network()
-    expected = module.state_dict()
-    for k in expected:
-        if k not in state:
-            raise TargetMismatchError(f"base weights {file}: missing key '{k}' for the {task.family} network")
-        if tuple(state[k].shape) != tuple(expected[k].shape):
-            raise TargetMismatchError(f"base weights {file}: tensor '{k}' has shape {tuple(state[k].shape)}, "
-                                      f"expected {tuple(expected[k].shape)}")
-    for k in state:
-        if k not in expected:
-            raise TargetMismatchError(f"base weights {file}: unexpected key '{k}' for the {task.family} network")
-    module.load_state_dict(state, strict=True)
-    return module.eval()
-
-
 def find_base(source: Path) -> Path | None:
     """The base network beside a LoRA checkpoint: from ``sample.json`` → ``model_dir/base``, or a zoo's ``base/``."""
     directory = source if source.is_dir() else source.parent
@@ -220,14 +191,16 @@ def target_for(weights: WeightSet, task: Task, base: str | os.PathLike | None = 
     """The :class:`Target` that evaluates ``weights`` on ``task``.
 
     Full sets use the task's network architecture; LoRA sets need the frozen base network, from
-    ``base`` or found beside the first source (:func:`find_base`).
+    ``base`` (a ``model.safetensors`` file or a directory holding one) or found beside the first
+    source (:func:`find_base`), and the sets' own adapter config.
 
     Raises:
-        WeightFileError: no base network can be found for a LoRA set.
-        TargetMismatchError: the tensors do not fit the target network (key or shape named).
+        WeightFileError: no base network can be found for a LoRA set, or its file is unreadable.
+        TargetMismatchError: the base weights do not fit the task's network, or the tensors do not
+            fit the target network (file, key and shape named).
     """
     if weights.kind == "full":
-        target = Target.full(task.build_network())
+        target = Target.build("full", task.build_network())
     else:
         base_path = Path(base) if base is not None else find_base(weights.sources[0])
         if base_path is None:
@@ -235,20 +208,14 @@ def target_for(weights: WeightSet, task: Task, base: str | os.PathLike | None = 
                                   "with a model_dir holding base/model.safetensors, no zoo base/ above it); "
                                   "pass --base PATH")
         assert weights.adapter_config is not None
-        target = Target.lora(load_base_module(task, base_path), make_lora_config(_lora_kwargs(weights.adapter_config)))
+        file = base_path / FULL_WEIGHTS_FILE if base_path.is_dir() else base_path
+        target = Target.build("lora", task.build_network(), base_state=load_weights(file),
+                              lora_config=weights.adapter_config, source=file)
     source = str(weights.sources[0]) if weights.sources else "weights"
     if len(weights.sources) > 1:  # every set has the first one's keys and shapes (load_weight_sets)
         source += f" (and {len(weights.sources) - 1} more checkpoints with the same tensors)"
     target.check(weights.params, source, batched=True)
     return target
-
-
-def _lora_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """PEFT's saved config minus the fields a newer or older PEFT may not know."""
-    from peft import LoraConfig
-
-    known = set(LoraConfig.__dataclass_fields__)
-    return {k: v for k, v in config.items() if k in known}
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from weightdiff.io import atomic_path, load_weights, read_json, sha256_file, wri
 from weightdiff.models.conditioning import ConditionKind, build_condition
 from weightdiff.models.dit import ID_FIELDS, WeightDiT
 from weightdiff.models.schedule import SamplerName, ScheduleConfig, denoise
-from weightdiff.targets import Target, make_lora_config
+from weightdiff.targets import Target
 from weightdiff.weights.layout import LAYOUT_FILE
 from weightdiff.weights.tokenizer import WeightTokenizer
 
@@ -310,13 +310,10 @@ class GeneratorArtefact:
 
     def target(self, task):
         """The :class:`~weightdiff.targets.Target` that runs this generator's samples on ``task``."""
-        net = task.build_network()
         if self.kind != "lora":
-            return Target.full(net)
-        net.load_state_dict(self.base_state(), strict=True)
-        known = set(make_lora_config({}).__dataclass_fields__)
-        cfg = {k: v for k, v in self.adapter_config().items() if k in known}
-        return Target.lora(net.eval().requires_grad_(False), make_lora_config(cfg))
+            return Target.build("full", task.build_network())
+        return Target.build("lora", task.build_network(), base_state=self.base_state(),
+                            lora_config=self.adapter_config(), source=self.base_file)
 
     # ---------------------------------------------------------------------------------- on disk
     def save_pretrained(self, path: str | Path) -> Path:

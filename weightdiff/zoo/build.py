@@ -30,7 +30,7 @@ from weightdiff.io import atomic_path, check_finite, load_weights, read_json, sa
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, FORMAT_VERSION, METRIC_FIELDS, PARENTS_DIR,
                                      ZOO_FILE, entry_problem, network_problem, read_zoo_json)
 from weightdiff.zoo.recipe import Recipe, RunSpec
-from weightdiff.targets import Target
+from weightdiff.targets import Target, load_base_network
 from weightdiff.tasks import get_task
 from weightdiff.zoo.training import evaluate_module, train_base, train_full_run, train_lora_adapter
 
@@ -160,17 +160,23 @@ class _Builder:
         if recipe.kind == "lora":
             self.base_sha = read_json(zoo_dir / BASE_DIR / ENTRY_FILE, "base network row")["sha256"]
 
+    @property
+    def base_file(self) -> Path:
+        return self.zoo_dir / BASE_DIR / WEIGHTS_FILE
+
     def base_module(self) -> nn.Module:
         if self._base is None:
-            net = self.recipe.build_network()
-            net.load_state_dict(load_weights(self.zoo_dir / BASE_DIR / WEIGHTS_FILE), strict=True)
-            self._base = net.eval().requires_grad_(False)
+            self._base = load_base_network(self.recipe.build_network(), load_weights(self.base_file), self.base_file)
         return self._base
 
     def target(self) -> Any:
         if self._target is None:
-            self._target = (Target.full(self.recipe.family) if self.recipe.kind == "full"
-                            else Target.lora(self.base_module(), self.recipe.lora_config()))
+            if self.recipe.kind == "full":
+                self._target = Target.build("full", self.recipe.family)
+            else:
+                self._target = Target.build("lora", self.recipe.build_network(),
+                                            base_state=load_weights(self.base_file),
+                                            lora_config=self.recipe.lora_config(), source=self.base_file)
         return self._target
 
     def parent(self, index: int | None) -> dict[str, torch.Tensor] | None:

@@ -13,6 +13,7 @@ streamed entry by entry::
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,7 +28,7 @@ from weightdiff.io import check_finite, load_weights, read_json
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, PARENTS_DIR, entry_problem,
                                      network_problem, read_row, read_zoo_json)
 from weightdiff.zoo.recipe import Recipe
-from weightdiff.targets import Target, make_lora_config
+from weightdiff.targets import Target, load_base_network, make_lora_config
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
@@ -71,9 +72,9 @@ class Zoo:
         path = Path(path)
         return cls(path, read_zoo_json(path))
 
-    @property
+    @functools.cached_property
     def parsed_recipe(self) -> Recipe:
-        """The stored recipe as a validated :class:`Recipe`."""
+        """The stored recipe as a validated :class:`Recipe` (parsed once)."""
         return Recipe.from_dict(self.recipe, str(self.path / "zoo.json"))
 
     # ------------------------------------------------------------------------------------ rows
@@ -154,18 +155,20 @@ class Zoo:
         check_finite(tensors, str(path))  # a diverged run must not reach training as data
         return tensors
 
-    def base_state(self) -> dict[str, torch.Tensor]:
-        """State dict of the frozen base network (LoRA zoos)."""
+    def base_file(self) -> Path:
+        """The weight file of the frozen base network (LoRA zoos)."""
         if self.kind != "lora":
             raise ManifestError(f"{self.path}: a {self.kind} zoo has no base network")
-        return load_weights(self.path / BASE_DIR / read_json(self.path / BASE_DIR / ENTRY_FILE, "base row")["file"])
+        return self.path / BASE_DIR / read_json(self.path / BASE_DIR / ENTRY_FILE, "base row")["file"]
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        """State dict of the frozen base network (LoRA zoos)."""
+        return load_weights(self.base_file())
 
     def base_module(self) -> nn.Module:
         """The frozen base network (eval mode, no gradients), loaded strictly."""
         if self._base is None:
-            net = self.parsed_recipe.build_network()
-            net.load_state_dict(self.base_state(), strict=True)
-            self._base = net.eval().requires_grad_(False)
+            self._base = load_base_network(self.parsed_recipe.build_network(), self.base_state(), self.base_file())
         return copy.deepcopy(self._base)
 
     def adapter_config(self) -> dict[str, Any]:
@@ -181,8 +184,12 @@ class Zoo:
     def target(self) -> Any:
         """The :class:`weightdiff.targets.Target` that evaluates this zoo's weight sets (cached)."""
         if self._target is None:
-            self._target = (Target.full(self.family) if self.kind == "full"
-                            else Target.lora(self.base_module(), self.parsed_recipe.lora_config()))
+            if self.kind == "full":
+                self._target = Target.build("full", self.family)
+            else:
+                recipe = self.parsed_recipe
+                self._target = Target.build("lora", recipe.build_network(), base_state=self.base_state(),
+                                            lora_config=recipe.lora_config(), source=self.base_file())
         return self._target
 
     # ---------------------------------------------------------------------------------- checks
