@@ -123,7 +123,7 @@ def test_alignment_of_independent_nets_never_increases_distance(name: str) -> No
     after = _distance(a, align_to_reference(b, a, spec))
     assert after <= before + 1e-9
     assert after < before  # random inits always leave some matching to gain
-    net_a, net_b = build(0), build(0)
+    net_b = build(0)
     net_b.load_state_dict(align_to_reference(b, a, spec))
     ref_b = build(0)
     ref_b.load_state_dict(b)

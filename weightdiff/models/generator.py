@@ -32,7 +32,6 @@ import torch
 from diffusers import ConfigMixin, DDPMScheduler, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from torch import nn
 
 from weightdiff import __version__
 from weightdiff.errors import ModelDirError, WeightFileError
