@@ -55,13 +55,11 @@ def token_runs(src_offset: torch.Tensor, length: torch.Tensor,
 
 
 @jit
-def _pack_kernel(flat_ptr, out_ptr, src_ptr, len_ptr, tidx_ptr, scale_ptr, shift_ptr,
-                 num_tokens, token_size, stride_flat, stride_out,
-                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Program (i, b) fills tokens [i * BLOCK_L, (i + 1) * BLOCK_L) of batch row b.
-    pid_l = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+def _token_tile(src_ptr, len_ptr, tidx_ptr, scale_ptr, shift_ptr, num_tokens,
+                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The tile of program (i, ·): tokens [i * BLOCK_L, (i + 1) * BLOCK_L), their source offsets,
+    # the mask of real entries (rows past the end have length 0) and each row's scale and shift.
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < num_tokens
     src = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -69,7 +67,18 @@ def _pack_kernel(flat_ptr, out_ptr, src_ptr, len_ptr, tidx_ptr, scale_ptr, shift
     t = tl.load(tidx_ptr + rows, mask=row_ok, other=0)
     scale = tl.load(scale_ptr + t, mask=row_ok, other=1.0)
     shift = tl.load(shift_ptr + t, mask=row_ok, other=0.0)
-    valid = cols[None, :] < n[:, None]  # rows past the end have n = 0
+    valid = cols[None, :] < n[:, None]
+    return rows, cols, row_ok, src, valid, scale, shift
+
+
+@jit
+def _pack_kernel(flat_ptr, out_ptr, src_ptr, len_ptr, tidx_ptr, scale_ptr, shift_ptr,
+                 num_tokens, token_size, stride_flat, stride_out,
+                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Program (i, b) fills tokens [i * BLOCK_L, (i + 1) * BLOCK_L) of batch row b.
+    pid_b = tl.program_id(1).to(tl.int64)
+    rows, cols, row_ok, src, valid, scale, shift = _token_tile(src_ptr, len_ptr, tidx_ptr, scale_ptr, shift_ptr,
+                                                               num_tokens, BLOCK_L, BLOCK_D)
     x = tl.load(flat_ptr + pid_b * stride_flat + src[:, None] + cols[None, :], mask=valid, other=0.0)
     y = x.to(scale.dtype) * scale[:, None] + shift[:, None]
     y = tl.where(valid, y, 0.0)  # padding is exactly zero, whatever scale/shift are
@@ -187,17 +196,9 @@ def _unpack_kernel(tok_ptr, out_ptr, src_ptr, len_ptr, tidx_ptr, scale_ptr, shif
                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (i, b) writes the real entries of tokens [i * BLOCK_L, (i + 1) * BLOCK_L) of batch
     # row b; tokens never share a flat position, so plain stores suffice.
-    pid_l = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < num_tokens
-    src = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    n = tl.load(len_ptr + rows, mask=row_ok, other=0)
-    t = tl.load(tidx_ptr + rows, mask=row_ok, other=0)
-    scale = tl.load(scale_ptr + t, mask=row_ok, other=1.0)
-    shift = tl.load(shift_ptr + t, mask=row_ok, other=0.0)
-    valid = cols[None, :] < n[:, None]  # rows past the end have n = 0
+    rows, cols, row_ok, src, valid, scale, shift = _token_tile(src_ptr, len_ptr, tidx_ptr, scale_ptr, shift_ptr,
+                                                               num_tokens, BLOCK_L, BLOCK_D)
     offs = pid_b * stride_tok + rows[:, None].to(tl.int64) * token_size + cols[None, :]
     y = tl.load(tok_ptr + offs, mask=valid, other=0.0)
     x = y.to(scale.dtype) * scale[:, None] + shift[:, None]
