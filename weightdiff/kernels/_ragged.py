@@ -133,6 +133,27 @@ def _pack_gather(flat: torch.Tensor, src: torch.Tensor, length: torch.Tensor, ti
         out.index_copy_(1, token_ids, y)
 
 
+def _run_plan(src: torch.Tensor, tidx: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+              starts: list[int], ends: list[int], full: list[int]
+              ) -> tuple[list[tuple[int, int, int, float, torch.Tensor]], torch.Tensor | None]:
+    """The work of the run-based torch paths, from :func:`token_runs`.
+
+    Returns ``(runs, partial)``: for each run with full tokens ``(first token, number of full
+    tokens, flat start, scale, shift)`` — scale as a python number and shift as a 0-d tensor, the
+    form of ``torch.add(shift, x, alpha=scale)`` that vectorises — and the ids of the runs' last,
+    partial tokens (None when there are none).
+    """
+    scales, shifts = scale.tolist(), shift.unbind()
+    runs, partial = [], []
+    for a, b, f, s0, t in zip(starts, ends, full, src[starts].tolist(), tidx[starts].tolist()):
+        if f:
+            runs.append((a, f, s0, scales[t], shifts[t]))
+        if f < b - a:
+            partial.append(b - 1)
+    ids = torch.tensor(partial, dtype=torch.long, device=src.device) if partial else None
+    return runs, ids
+
+
 def _pack_torch(flat: torch.Tensor, src: torch.Tensor, length: torch.Tensor, tidx: torch.Tensor,
                 scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> None:
     """Torch pack: flat (B, P) -> out (B, L, D).
@@ -153,20 +174,12 @@ def _pack_torch(flat: torch.Tensor, src: torch.Tensor, length: torch.Tensor, tid
     if len(starts) * _PACK_MIN_ELEMENTS_PER_RUN > out.numel():
         _pack_gather(flat, src, length, tidx, scale, shift, out)
         return
-    # shift as a 0-d tensor and scale as a python number: the form of add() that vectorises.
-    scales, shifts = scale.tolist(), shift.unbind()
-    run_src = src[starts].tolist()
-    run_tensor = tidx[starts].tolist()
-    partial = []
-    for a, b, f, s0, t in zip(starts, ends, full, run_src, run_tensor):
-        if f:
-            x = flat[:, s0:s0 + f * token_size].view(batch, f, token_size)
-            torch.add(shifts[t], x, alpha=scales[t], out=out[:, a:a + f])
-        if f < b - a:
-            partial.append(b - 1)
-    if partial:
-        ids = torch.tensor(partial, dtype=torch.long, device=flat.device)
-        _pack_gather(flat, src, length, tidx, scale, shift, out, ids)
+    runs, partial = _run_plan(src, tidx, scale, shift, starts, ends, full)
+    for a, f, s0, scale_t, shift_t in runs:
+        x = flat[:, s0:s0 + f * token_size].view(batch, f, token_size)
+        torch.add(shift_t, x, alpha=scale_t, out=out[:, a:a + f])
+    if partial is not None:
+        _pack_gather(flat, src, length, tidx, scale, shift, out, partial)
 
 
 def pack_core(flat: torch.Tensor, src_offset: torch.Tensor, length: torch.Tensor,
@@ -250,20 +263,12 @@ def _unpack_torch(tokens: torch.Tensor, src: torch.Tensor, length: torch.Tensor,
         return
     if tokens.dtype != out.dtype:
         tokens = tokens.to(out.dtype)
-    # shift as a 0-d tensor and scale as a python number: the form of add() that vectorises.
-    scales, shifts = scale.tolist(), shift.unbind()
-    run_src = src[starts].tolist()
-    run_tensor = tidx[starts].tolist()
-    partial = []
-    for a, b, f, s0, t in zip(starts, ends, full, run_src, run_tensor):
-        if f:
-            o = out[:, s0:s0 + f * token_size].view(batch, f, token_size)
-            torch.add(shifts[t], tokens[:, a:a + f], alpha=scales[t], out=o)
-        if f < b - a:
-            partial.append(b - 1)
-    if partial:
-        ids = torch.tensor(partial, dtype=torch.long, device=tokens.device)
-        _unpack_scatter(tokens, src, length, tidx, scale, shift, out, ids)
+    runs, partial = _run_plan(src, tidx, scale, shift, starts, ends, full)
+    for a, f, s0, scale_t, shift_t in runs:
+        o = out[:, s0:s0 + f * token_size].view(batch, f, token_size)
+        torch.add(shift_t, tokens[:, a:a + f], alpha=scale_t, out=o)
+    if partial is not None:
+        _unpack_scatter(tokens, src, length, tidx, scale, shift, out, partial)
 
 
 def unpack_core(tokens: torch.Tensor, src_offset: torch.Tensor, length: torch.Tensor,
