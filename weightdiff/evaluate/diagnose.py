@@ -74,14 +74,9 @@ def nearest_distance(x: torch.Tensor, zoo: torch.Tensor, valid: torch.Tensor) ->
 
 
 class _Entries:
-    """Training (or held-out) zoo entries as the generator saw them: tokens, tasks and conditions."""
+    """Zoo entries of one split as the generator saw them: tokens (N, L, D) and task names."""
 
-    def __init__(self, gen: Any, zoo: Any, split: str, limit: int | None, seed: int,
-                 condition: Callable[[str], Any]) -> None:
-        rows = zoo.rows(split)
-        if limit is not None and len(rows) > limit:
-            pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]
-            rows = [rows[i] for i in sorted(pick.tolist())]
+    def __init__(self, gen: Any, zoo: Any, split: str) -> None:
         data = gen.config.get("data", {})
         reference = None
         if zoo.kind == "full" and data.get("canonicalize", True):
@@ -91,28 +86,49 @@ class _Entries:
             state = zoo.load(row["id"])
             return canonicalize(state, zoo.kind, reference) if data.get("canonicalize", True) else state
 
-        self.rows = rows
+        rows = zoo.rows(split)
         self.tasks = [r["task"] for r in rows]
-        self.tokens = gen.tokenizer.encode_batch([prepared(r) for r in rows])  # (N, L, D)
-        self.conditions = {t: condition(t) for t in dict.fromkeys(self.tasks)}
+        self.tokens = gen.tokenizer.encode_batch([prepared(r) for r in rows]) if rows else torch.empty(0)
+
+    def subset(self, limit: int | None, seed: int) -> _Entries:
+        """At most ``limit`` entries, drawn without replacement (kept in zoo order)."""
+        if limit is None or len(self.tasks) <= limit:
+            return self
+        pick = sorted(torch.randperm(len(self.tasks), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+        out = object.__new__(_Entries)
+        out.tasks, out.tokens = [self.tasks[i] for i in pick], self.tokens[pick]
+        return out
+
+    def of_task(self, name: str) -> torch.Tensor:
+        """Indices (n,) of the entries of task ``name``."""
+        return torch.tensor([i for i, t in enumerate(self.tasks) if t == name])
 
 
-def _accuracy(gen: Any, tokens: torch.Tensor, tasks: Sequence[str], split: str = "val") -> torch.Tensor:
-    """Accuracy (N,) of decoded tokens (N, L, D), each on its own task's ``split``."""
-    out = torch.empty(tokens.shape[0])
-    for name in dict.fromkeys(tasks):
-        idx = torch.tensor([i for i, t in enumerate(tasks) if t == name])
-        task = get_task(name)
-        x, y = task.data().split(split)
-        params = gen.tokenizer.decode_float(tokens[idx])
-        out[idx] = gen.target(task).accuracy(params, x, y)
-    return out
+class _Scorer:
+    """Accuracy of decoded tokens in the target network; one target per task family."""
+
+    def __init__(self, gen: Any, split: str = "val") -> None:
+        self.gen, self.split = gen, split
+        self._targets: dict[str, Any] = {}
+
+    def __call__(self, tokens: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
+        """Accuracy (N,) of tokens (N, L, D), each on its own task's split."""
+        out = torch.empty(tokens.shape[0])
+        for name in dict.fromkeys(tasks):
+            idx = torch.tensor([i for i, t in enumerate(tasks) if t == name])
+            task = get_task(name)
+            if task.family not in self._targets:  # a family's tasks share their network and base
+                self._targets[task.family] = self.gen.target(task)
+            x, y = task.data().split(self.split)
+            out[idx] = self._targets[task.family].accuracy(self.gen.tokenizer.decode_float(tokens[idx]), x, y)
+        return out
 
 
 @torch.no_grad()
 def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
                        condition: Callable[[str], Any], *, timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
-                       max_entries: int | None = 64, accuracy: bool = True, seed: int = 0) -> dict[str, Any]:
+                       max_entries: int | None = 64, accuracy: bool = True, seed: int = 0,
+                       train_entries: _Entries | None = None) -> dict[str, Any]:
     """x̂0 error (model / identity / oracle) and x̂0 accuracy per noise level, on training and held-out entries.
 
     Args:
@@ -121,7 +137,8 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
         model_fn: ``(x_t (B, L, D), t (B,), raw condition batch) -> denoiser output (B, L, D)``.
         condition: task name -> raw condition with one row.
         timesteps: noise levels t in [0, T).
-        max_entries: entries per split (evenly drawn; ``None``: all).
+        max_entries: entries per split (drawn at random; ``None``: all).
+        train_entries: the zoo's training entries, when the caller has encoded them already.
     Returns:
         ``{"timesteps": [...], "train": {...}, "heldout": {...}}`` with, per split, lists over t of
         ``model_mse``, ``identity_mse``, ``oracle_mse`` (train only), ``model_acc``, ``oracle_acc``.
@@ -129,19 +146,18 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
     alphas = gen.schedule.training_scheduler().alphas_cumprod
     ptype = gen.schedule.prediction_type
     valid = gen.tokenizer.layout.valid_mask()
-    train = _Entries(gen, zoo, "train", max_entries, seed, condition)
-    by_task = {}
-    all_train = _Entries(gen, zoo, "train", None, seed, lambda t: None)
-    for name in dict.fromkeys(all_train.tasks):
-        by_task[name] = all_train.tokens[[i for i, t in enumerate(all_train.tasks) if t == name]]
-    splits = {"train": train}
+    all_train = train_entries if train_entries is not None else _Entries(gen, zoo, "train")
+    by_task = {name: all_train.tokens[all_train.of_task(name)] for name in dict.fromkeys(all_train.tasks)}
+    splits = {"train": all_train.subset(max_entries, seed)}
     if zoo.rows("heldout"):
-        splits["heldout"] = _Entries(gen, zoo, "heldout", max_entries, seed + 1, condition)
+        splits["heldout"] = _Entries(gen, zoo, "heldout").subset(max_entries, seed + 1)
+    score = _Scorer(gen)
     report: dict[str, Any] = {"timesteps": [int(t) for t in timesteps], "prediction_type": ptype}
     for split, entries in splits.items():
         rows: dict[str, list[float | None]] = {k: [] for k in ("model_mse", "identity_mse", "oracle_mse",
                                                                  "model_acc", "oracle_acc")}
         g = torch.Generator().manual_seed(seed)
+        conditions = {name: condition(name) for name in dict.fromkeys(entries.tasks)}
         for t in timesteps:
             a = float(alphas[t])
             x0 = entries.tokens
@@ -149,9 +165,8 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
             x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
             tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
             x0_hat = torch.empty_like(x0)
-            for name in entries.conditions:
-                idx = torch.tensor([i for i, n in enumerate(entries.tasks) if n == name])
-                raw = entries.conditions[name]
+            for name, raw in conditions.items():
+                idx = entries.of_task(name)
                 raw_rows = tuple(r.expand(len(idx), *r.shape[1:]) for r in raw) if isinstance(raw, tuple) \
                     else raw.expand(len(idx), *raw.shape[1:])
                 out = model_fn(x_t[idx], tt[idx], raw_rows)
@@ -162,14 +177,14 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
             oracle = None
             if split == "train" and t > 0:
                 oracle = torch.empty_like(x0)
-                for name in entries.conditions:
-                    idx = torch.tensor([i for i, n in enumerate(entries.tasks) if n == name])
+                for name in conditions:
+                    idx = entries.of_task(name)
                     oracle[idx] = posterior_mean(x_t[idx], a, by_task[name], valid)
                 rows["oracle_mse"].append(float(masked_mse(oracle, x0, valid).mean()))
             else:
                 rows["oracle_mse"].append(None)
-            rows["model_acc"].append(float(_accuracy(gen, x0_hat, entries.tasks).mean()) if accuracy else None)
-            rows["oracle_acc"].append(float(_accuracy(gen, oracle, entries.tasks).mean())
+            rows["model_acc"].append(float(score(x0_hat, entries.tasks).mean()) if accuracy else None)
+            rows["oracle_acc"].append(float(score(oracle, entries.tasks).mean())
                                       if accuracy and oracle is not None else None)
             log.info("%s t=%d: model %.4g identity %.4g oracle %s", split, t, rows["model_mse"][-1],
                      rows["identity_mse"][-1], rows["oracle_mse"][-1])
@@ -204,14 +219,15 @@ def path_report(gen: Any, zoo_tokens: torch.Tensor, task: str, sample_fn: Callab
                          for i in range(num)])
     final = sample_fn(record, noise)
     tasks = [task] * num
+    score = _Scorer(gen)
     zoo_d = torch.cdist((zoo_tokens * valid).flatten(1).double(), (zoo_tokens * valid).flatten(1).double())
     zoo_d.fill_diagonal_(float("inf"))
     return {
         "task": task,
         "t": [t for t, _ in steps],
-        "accuracy": [float(_accuracy(gen, x, tasks).mean()) for _, x in steps],
+        "accuracy": [float(score(x, tasks).mean()) for _, x in steps],
         "nearest_distance": [float(nearest_distance(x, zoo_tokens, valid).median()) for _, x in steps],
-        "final_accuracy": float(_accuracy(gen, final, tasks).mean()),
+        "final_accuracy": float(score(final, tasks).mean()),
         "final_distance": float(nearest_distance(final, zoo_tokens, valid).median()),
         "zoo_spacing": float(zoo_d.min(1).values.median()),
     }
@@ -308,9 +324,10 @@ def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] =
 
     was_training = net.training
     net.eval()
+    train = _Entries(gen, zoo, "train")  # encoded once: the noise levels and the paths' distances use it
     levels = noise_level_report(gen, zoo, model_fn, condition, timesteps=timesteps, max_entries=max_entries,
-                                seed=seed)
-    zoo_tokens = _Entries(gen, zoo, "train", None, seed, lambda name: None).tokens
+                                seed=seed, train_entries=train)
+    zoo_tokens = train.tokens
     task = task or zoo.rows("train")[0]["task"]
     cond = net.encode_condition(condition(task), None).repeat_interleave(num)
     step_fn = net.guided_fn(cond, cond, 1.0)
