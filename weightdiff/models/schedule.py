@@ -16,7 +16,7 @@ the exported ``model_index.json`` and every sampling function read them from her
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -173,14 +173,31 @@ def denoise(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shap
         t = torch.full((shape[0],), schedule.num_train_timesteps - 1, dtype=torch.long, device=device)
         x0 = predicted_x0(model_fn(x, t), x, alphas_cumprod[t], schedule.prediction_type)
         return x0 if valid is None else x0.masked_fill(~valid, 0.0)
+    for x, _ in reverse_process(model_fn, x, schedule, steps=steps, sampler=sampler, valid=valid):
+        pass
+    return x
+
+
+def reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                    schedule: ScheduleConfig, *, steps: int, sampler: SamplerName,
+                    valid: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The states of a multi-step sampler (``"ddim"`` or ``"dpm"``) from ``noise`` x_T (B, L, D).
+
+    Yields ``(x_t, t (B,))``, the model's input before each of the ``steps`` evaluations (the
+    model runs only when the next state is asked for), then ``(x0, None)``: the sample, 0 on
+    padding when ``valid`` (L, D) is given (see :func:`denoise`).
+    """
+    device = noise.device
+    alphas_cumprod = schedule.training_scheduler().alphas_cumprod.to(device)
     scheduler = schedule.sampling_scheduler(sampler)
     scheduler.set_timesteps(steps, device=device)
-    x = x * scheduler.init_noise_sigma
+    x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        tt = torch.full((shape[0],), int(t), dtype=torch.long, device=device)
+        tt = torch.full((noise.shape[0],), int(t), dtype=torch.long, device=device)
         x_in = scheduler.scale_model_input(x, t)
+        yield x_in, tt
         out = model_fn(x_in, tt)
         if valid is not None:
             out = mask_padding(out, x_in, alphas_cumprod[tt], schedule.prediction_type, valid)
         x = scheduler.step(out, t, x).prev_sample
-    return x if valid is None else x.masked_fill(~valid, 0.0)
+    yield (x if valid is None else x.masked_fill(~valid, 0.0)), None

@@ -17,11 +17,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import islice
 from typing import Literal
 
 import torch
 
-from weightdiff.models.schedule import PredictionType, SamplerName, ScheduleConfig, mask_padding
+from weightdiff.models.schedule import PredictionType, SamplerName, ScheduleConfig, reverse_process
 
 LossWeighting = Literal["none", "min_snr"]
 
@@ -70,17 +71,6 @@ def sampler_states(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     """
     if not 0 <= stop < steps:
         raise ValueError(f"stop must be in [0, {steps}), got {stop}")
-    scheduler = schedule.sampling_scheduler(sampler)
-    scheduler.set_timesteps(steps, device=noise.device)
-    alphas = schedule.training_scheduler().alphas_cumprod.to(noise.device)
-    x = noise * scheduler.init_noise_sigma
-    b = noise.shape[0]
-    for t in scheduler.timesteps[:stop]:
-        tt = torch.full((b,), int(t), dtype=torch.long, device=noise.device)
-        x_in = scheduler.scale_model_input(x, t)
-        out = model_fn(x_in, tt)
-        if valid is not None:
-            out = mask_padding(out, x_in, alphas[tt], schedule.prediction_type, valid)
-        x = scheduler.step(out, t, x).prev_sample
-    t = scheduler.timesteps[stop]
-    return scheduler.scale_model_input(x, t), torch.full((b,), int(t), dtype=torch.long, device=noise.device)
+    # The model is evaluated only for the states before ``stop``: the process is lazy.
+    return next(islice(reverse_process(model_fn, noise, schedule, steps=steps, sampler=sampler, valid=valid),
+                       stop, None))
