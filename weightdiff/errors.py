@@ -63,3 +63,7 @@ class ZooBuildError(WeightDiffError):
 
 class BenchmarkError(WeightDiffError):
     """Benchmark inputs disagree (suite, zoo and generator of different kinds or families) or are unknown."""
+
+
+class OutputPathError(WeightDiffError):
+    """An output location cannot be written: read-only, full, not a folder, or already holding results."""

@@ -8,6 +8,7 @@ never sees a half-written file or directory, even after a kill.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from weightdiff.errors import NonFiniteWeightsError, WeightFileError
+from weightdiff.errors import NonFiniteWeightsError, OutputPathError, WeightFileError
 
 # pickle protocols 2-5 (PROTO opcode + version), zip container of torch.save
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -78,6 +79,43 @@ def atomic_path(dest: str | os.PathLike, *, directory: bool = False) -> Iterator
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         raise
+
+
+# errno values that mean "this location cannot take the output" (a user's problem, not a bug)
+UNWRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                               errno.EEXIST, errno.EISDIR})
+_PROBE_BYTES = 1 << 16  # what a probe writes: enough to fail on a full disk, small enough to cost nothing
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Check, before long work, that ``path`` (a file or folder to be created) can be written.
+
+    Walks up to the nearest existing ancestor, which must be a folder, and writes and removes a
+    small probe file there, so a read-only mount, a permission problem or a full disk is found now
+    rather than after the work. Returns ``path`` as a :class:`Path`.
+
+    Raises:
+        OutputPathError: naming ``path`` and the reason.
+    """
+    path = Path(path)
+    anchor = path if path.is_dir() else path.parent
+    while not anchor.exists():
+        if anchor.is_symlink() or anchor.parent == anchor:  # a dangling link, or nothing exists at all
+            break
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OutputPathError(f"cannot write {what} {path}: {anchor} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".weightdiff-probe-", dir=anchor)
+        try:
+            os.write(fd, bytes(_PROBE_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {what} {path}: {exc.strerror or exc} (in {anchor})") from None
+    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
