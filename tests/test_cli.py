@@ -17,9 +17,10 @@ from tests.conftest import REPO
 from weightdiff import __version__, cli
 from weightdiff.cli import build_parser, main
 
-SUBCOMMANDS = ["zoo build", "zoo info", "zoo verify", "export", "sample", "evaluate", "benchmark", "demo"]
+SUBCOMMANDS = ["zoo build", "zoo info", "zoo verify", "export", "sample", "evaluate", "benchmark", "diagnose", "demo"]
 WITH_DEFAULTS = {"zoo build": "default: checkpoints_zoo", "zoo info": "default: False", "sample": "default: 4",
-                 "evaluate": "default: test", "benchmark": "default: 32", "demo": "default: runs/demo"}
+                 "evaluate": "default: test", "benchmark": "default: 32", "diagnose": "default: ('ddim:10', 'ddim:20')",
+                 "demo": "default: runs/demo"}
 
 
 def _exit_status(argv: list[str]) -> int:
@@ -46,6 +47,44 @@ def test_top_level_help_lists_every_subcommand_but_test(capsys):
     assert "    test " not in out  # there is no test_step: LightningCLI `test` would crash
 
 
+def test_top_level_help_lists_the_global_options_with_their_defaults(capsys):
+    assert _exit_status(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "usage: weightdiff [-v] [-q] [--threads THREADS]" in out
+    for option in ("-v, --verbose", "-q, --quiet", "--threads THREADS"):
+        assert option in out, option
+    assert "OMP_NUM_THREADS" in out and "default: null" in out
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_lightning_test_and_predict_are_rejected_in_one_line_naming_the_subcommands(command, capsys):
+    assert _exit_status([command, "--config", "configs/tiny.yaml"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"weightdiff: error: argument command: invalid choice: '{command}'"), line
+    assert "'fit', 'validate'" in line and "'test'" not in line.split("choose from")[1]
+
+
+@pytest.mark.parametrize("yaml_text, needle", [("trainer:\n  max_stepz: 3\n", "'trainer.max_stepz'"),
+                                               ("trainer: [a\n  b: :\n", "Problems parsing config"),
+                                               (None, "data.zoo")])
+def test_a_bad_lightning_config_is_one_line_naming_the_file_and_key(yaml_text, needle, tmp_path, capsys):
+    """LightningCLI's own parse errors: one line (no usage dump listing subcommands `test`/`predict`,
+    which are not weightdiff's), naming the config file, pointing at `weightdiff fit --help`."""
+    config = tmp_path / "bad.yaml"
+    argv = ["fit"]
+    if yaml_text is not None:
+        config.write_text(yaml_text)
+        argv += ["--config", str(config)]
+    assert _exit_status(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("weightdiff: error: "), captured.err[-3000:]
+    assert needle in lines[0] and lines[0].endswith("(see `weightdiff fit --help`)"), lines[0]
+    if yaml_text is not None:
+        assert f"fit --config {config}: " in lines[0]
+    assert "predict" not in captured.err + captured.out
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["sample", "--model", "m", "--out", "o", "--bogus", "1"], "unrecognized arguments: --bogus"),
     (["zoo", "build", "--config", "x.yaml", "--nope"], "unrecognized arguments: --nope"),
@@ -55,6 +94,8 @@ def test_top_level_help_lists_every_subcommand_but_test(capsys):
     (["sample", "--model", "m", "--out", "o", "--num", "four"], "num"),
     (["zoo"], "zoo.command"),
     (["evaluate", "--task", "digits"], "evaluate.weights"),
+    (["--threads", "two", "sample"], 'Parser key "threads"'),
+    (["sample", "--model", "m", "--out", "o", "--threads", "2"], "the global options go before the subcommand"),
 ])
 def test_a_bad_option_is_one_line_and_exit_2(argv, needle, capsys):
     assert _exit_status(argv) == 2

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "weightdiff"
 
 # Stages from first to last; a module may import its own stage or earlier ones only.
 STAGES = [
-    ("weightdiff.errors", "weightdiff.io"),
+    ("weightdiff.errors", "weightdiff.io", "weightdiff.outputs", "weightdiff.runtime"),
     ("weightdiff.kernels",),
     ("weightdiff.tasks",),
     ("weightdiff.targets",),
@@ -28,6 +28,9 @@ STAGES = [
 # Inside a stage the arrows still point one way.
 ALLOWED_SIDEWAYS = {
     ("weightdiff.io", "weightdiff.errors"),
+    ("weightdiff.runtime", "weightdiff.errors"),
+    ("weightdiff.outputs", "weightdiff.errors"),
+    ("weightdiff.outputs", "weightdiff.io"),
     ("weightdiff.evaluate", "weightdiff.sampling"),
     ("weightdiff.training", "weightdiff.sampling"),
     ("weightdiff.__main__", "weightdiff.cli"),

@@ -16,6 +16,8 @@ from weightdiff.io import load_weights, save_weights
 from weightdiff.targets import Target
 from weightdiff.tasks.networks import DigitsCNN, DigitsMLP, MNIST1DCNN
 
+from tests._tolerance import network_tol
+
 
 def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
@@ -56,7 +58,8 @@ def test_full_forward_batched_matches_modules(net: nn.Module, shape: tuple[int, 
     for s in range(3):
         module = copy.deepcopy(net)
         module.load_state_dict({k: v[s] for k, v in params.items()}, strict=True)
-        torch.testing.assert_close(out[s], module(x), rtol=1e-5, atol=1e-5)
+        ref = module(x)
+        torch.testing.assert_close(out[s], ref, rtol=0, atol=network_tol(net, ref))
 
 
 def test_full_from_family_name() -> None:
@@ -97,7 +100,9 @@ def test_lora_forward_batched_matches_peft(net_cls, shape, config, tmp_path) -> 
     assert out.shape == (2, 7, 10)
     for s, (model, state) in enumerate(refs):
         with torch.no_grad():
-            torch.testing.assert_close(out[s], model(x), rtol=1e-5, atol=1e-5)
+            ref = model(x)
+        tol = network_tol(base, ref)  # merged W0 + s·B·A against PEFT's x·W0 + s·(x·A)·B
+        torch.testing.assert_close(out[s], ref, rtol=0, atol=tol)
         # and through the files: save, then a strict single load with PeftModel.from_pretrained
         directory = tmp_path / f"adapter{s}"
         target.save(state, directory)
@@ -105,11 +110,31 @@ def test_lora_forward_batched_matches_peft(net_cls, shape, config, tmp_path) -> 
         assert json.loads((directory / "adapter_config.json").read_text())["peft_type"] == "LORA"
         loaded = target.load_module(directory)
         with torch.no_grad():
-            torch.testing.assert_close(loaded(x), out[s], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(loaded(x), out[s], rtol=0, atol=tol)
         for key, value in target.load_params(directory).items():
             assert torch.equal(value, state[key])
     assert not any(p.requires_grad for p in target.module.parameters())
-    torch.testing.assert_close(target.module(x), base(x))  # the base is untouched
+    torch.testing.assert_close(target.module(x), base(x), rtol=0, atol=0)  # the base is untouched
+
+
+@pytest.mark.parametrize("net_cls, shape, config", LORA_CASES)
+def test_lora_tolerance_catches_a_wrong_merge(net_cls, shape, config) -> None:
+    """The derived tolerance is tight enough to see a scaling 1 % off or another sample's adapter."""
+    base = _seeded(net_cls())
+    x = _x(shape)
+    target = Target.lora(base, config)
+    refs = [_peft_reference(base, config, seed) for seed in (3, 4)]
+    with torch.no_grad():
+        want = refs[0][0](x)
+    tol = network_tol(base, want)
+    state = refs[0][1]
+    off = {k: (1.01 * v if ".lora_B." in k else v)[None] for k, v in state.items()}  # s·B·A with s 1 % too large
+    swapped = {k: v[None] for k, v in refs[1][1].items()}
+    for wrong in (off, swapped):
+        got = target.forward_batched(wrong, x)[0]
+        assert float((got - want).abs().max()) > 10 * tol
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(got, want, rtol=0, atol=tol)
 
 
 def test_zero_adapter_is_the_base() -> None:
@@ -117,7 +142,8 @@ def test_zero_adapter_is_the_base() -> None:
     target = Target.lora(base, {"r": 4, "lora_alpha": 8, "target_modules": ["fc1", "fc2"]})
     zeros = {k: torch.zeros(1, *s) for k, s in target.param_shapes().items()}
     x = _x((1, 8, 8))
-    torch.testing.assert_close(target.forward_batched(zeros, x)[0], base(x))
+    ref = base(x)
+    torch.testing.assert_close(target.forward_batched(zeros, x)[0], ref, rtol=0, atol=network_tol(base, ref))
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
@@ -154,7 +180,7 @@ def test_full_load_errors(tmp_path) -> None:
     target.save(good, tmp_path / "ok")
     loaded = target.load_module(tmp_path / "ok")
     x = _x((1, 8, 8))
-    torch.testing.assert_close(loaded(x), net(x))
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
     assert target.load_module(tmp_path / "ok" / "model.safetensors") is not None
 
     missing = {k: v for k, v in good.items() if k != "fc2.bias"}

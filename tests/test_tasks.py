@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests._tolerance import interpolation_tol
 from weightdiff.errors import TaskStringError, WeightDiffError
 from weightdiff.tasks import get_task, list_families, make_task, rotate_images
 from weightdiff.tasks import mnist1d as mnist1d_module
@@ -174,37 +175,46 @@ def _images(n: int = 6) -> torch.Tensor:
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
+#: bilinear resampling of 8 x 8 images in [0, 1] against an exact pixel move
+_ROT_TOL = interpolation_tol(size=8, scale=1.0)
+
+
 def test_rotation_by_zero_is_identity() -> None:
     x = _images()
-    torch.testing.assert_close(rotate_images(x, 0.0), x)
-    torch.testing.assert_close(rotate_images(x, 1e-9), x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rotate_images(x, 0.0), x, rtol=0, atol=0)
+    torch.testing.assert_close(rotate_images(x, 1e-9), x, rtol=0, atol=_ROT_TOL)
 
 
 def test_rotation_is_counter_clockwise() -> None:
     x = torch.zeros(1, 1, 8, 8)
     x[0, 0, 0, 7] = 1.0  # top-right pixel; counter-clockwise by 90° it lands top-left
     out = rotate_images(x, 90.0)
-    assert out[0, 0, 0, 0] > 0.99 and float(out.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert out[0, 0, 0, 0] > 0.99 and float(out.sum()) == pytest.approx(1.0, abs=64 * _ROT_TOL)  # 64 pixels
     torch.testing.assert_close(rotate_images(_images(), 90.0), torch.rot90(_images(), 1, (-2, -1)),
-                               atol=1e-5, rtol=0)
+                               atol=_ROT_TOL, rtol=0)
     torch.testing.assert_close(rotate_images(_images(), -90.0), torch.rot90(_images(), -1, (-2, -1)),
-                               atol=1e-5, rtol=0)
+                               atol=_ROT_TOL, rtol=0)
+
+
+def test_rotation_tolerance_catches_a_slightly_wrong_angle() -> None:
+    off = rotate_images(_images(), 90.001) - torch.rot90(_images(), 1, (-2, -1))
+    assert float(off.abs().max()) > 10 * _ROT_TOL
 
 
 def test_rotation_90_twice_is_180() -> None:
     x = _images()
     twice = rotate_images(rotate_images(x, 90.0), 90.0)
-    torch.testing.assert_close(twice, rotate_images(x, 180.0 - 1e-12), atol=1e-5, rtol=0)
-    torch.testing.assert_close(twice, torch.rot90(x, 2, (-2, -1)), atol=1e-5, rtol=0)
-    torch.testing.assert_close(rotate_images(x, -180.0), torch.rot90(x, 2, (-2, -1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(twice, rotate_images(x, 180.0 - 1e-12), atol=3 * _ROT_TOL, rtol=0)  # 2 + 1 resamplings
+    torch.testing.assert_close(twice, torch.rot90(x, 2, (-2, -1)), atol=2 * _ROT_TOL, rtol=0)  # two resamplings
+    torch.testing.assert_close(rotate_images(x, -180.0), torch.rot90(x, 2, (-2, -1)), atol=_ROT_TOL, rtol=0)
 
 
 def test_flip_then_rotate() -> None:
     x = _images()
-    torch.testing.assert_close(rotate_images(x, 0.0, flip=1), x.flip(-1))
+    torch.testing.assert_close(rotate_images(x, 0.0, flip=1), x.flip(-1), rtol=0, atol=0)
     # mirroring first, then rotating: rot(A) ∘ mirror
     torch.testing.assert_close(rotate_images(x, 90.0, flip=1), torch.rot90(x.flip(-1), 1, (-2, -1)),
-                               atol=1e-5, rtol=0)
+                               atol=_ROT_TOL, rtol=0)
     # ... which differs from mirroring after the rotation
     assert not torch.allclose(rotate_images(x, 90.0, flip=1), torch.rot90(x, 1, (-2, -1)).flip(-1), atol=1e-3)
 
@@ -212,7 +222,8 @@ def test_flip_then_rotate() -> None:
 def test_task_data_is_rotated_images() -> None:
     base = get_task("digits").data()
     rot = get_task("rotdigits:angle=-90,flip=1").data()
-    torch.testing.assert_close(rot.x_test, torch.rot90(base.x_test.flip(-1), -1, (-2, -1)), atol=1e-5, rtol=0)
+    tol = interpolation_tol(size=8, scale=float(base.x_test.abs().max()))
+    torch.testing.assert_close(rot.x_test, torch.rot90(base.x_test.flip(-1), -1, (-2, -1)), atol=tol, rtol=0)
 
 
 # ---------------------------------------------------------------- codes and descriptions
@@ -221,7 +232,7 @@ def test_code(angle: float, flip: int) -> None:
     code = make_task("rotdigits", angle=angle, flip=flip).code()
     assert code.dtype == torch.float32 and code.shape == (3,)
     a = math.radians(angle)
-    torch.testing.assert_close(code, torch.tensor([math.cos(a), math.sin(a), 2.0 * flip - 1.0]))
+    torch.testing.assert_close(code, torch.tensor([math.cos(a), math.sin(a), 2.0 * flip - 1.0]), rtol=0, atol=0)
 
 
 def test_single_task_families_have_constant_code() -> None:

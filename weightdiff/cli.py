@@ -13,6 +13,7 @@ its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -26,9 +27,13 @@ from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter, Na
 
 from weightdiff import __version__
 from weightdiff.errors import ConditionError, ManifestError, WeightDiffError
+from weightdiff.runtime import EXIT_SIGTERM, log_to_stderr, quiet_library_warnings, set_threads, sigterm_exits
 
 LIGHTNING_COMMANDS = ("fit", "validate")
+# The commands that train; the others ignore libraries' warnings about their own internals.
+TRAINING_COMMANDS = (*LIGHTNING_COMMANDS, "demo")
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 MAX_TASK_LINES = 20  # `zoo info` lists tasks one per line up to this many (all of them with --json)
 # weightdiff.models.schedule.SamplerName, spelled here so that --help imports no torch
 # (tests/test_cli.py checks that the two agree).
@@ -135,42 +140,51 @@ def export(ckpt: str, out: str) -> None:
 def sample(model: str, out: str, task: str | None = None, description: str | None = None,
            examples: int | None = None, num: int = 4, steps: int | None = None, sampler: Sampler | None = None,
            temperature: float = 1.0, guidance: float = 1.0, seed: int = 0, batch_size: int = 64,
-           select_with: int | None = None, candidates: int = 8, no_cache: bool = False, devices: int = 1) -> None:
+           select_with: int | None = None, candidates: int = 8, no_cache: bool = False, devices: int = 1,
+           overwrite: bool = False) -> None:
     """Sample weights for a task, a free-text description or labelled examples.
 
     Args:
         model: exported generator directory (`weightdiff export`).
-        out: output directory (one sub-directory per sample).
+        out: output directory (one sub-directory per sample): new or empty, unless --overwrite.
         task: task string, e.g. 'rotdigits:angle=70,flip=0' (give --task or --description).
         description: free-text task description (text-conditioned generators).
         examples: labelled examples of --task fed to an examples-conditioned generator.
-        num: number of samples.
+        num: number of samples, at most 100000 (weightdiff.sampling.MAX_SAMPLES); written as they
+            are generated, --batch-size at a time.
         steps: sampler steps (null: the generator's).
         sampler: ddim / dpm (DPM-Solver++) / x0 (one-step clean estimate); null: the generator's.
         temperature: scale of the initial noise.
         guidance: classifier-free guidance scale (1 = off).
-        seed: sample i starts from the noise of seed + i.
+        seed: sample i starts from the noise of seed + i (0 <= seed, seed + num - 1 < 2**63).
         batch_size: samples generated at once.
         select_with: best-of-k: score candidates on this many labelled training examples of --task,
             keep the best.
         candidates: candidates per kept sample with --select-with.
         no_cache: bypass the generated-weights cache.
         devices: sample over this many devices through Lightning's predict loop (1: plain torch).
+        overwrite: replace a non-empty --out folder as a whole (atomically, when every sample is written).
     """
+    from weightdiff.models.conditioning import check_description
     from weightdiff.models.generator import load_generator
-    from weightdiff.sampling import SamplerSettings, make_condition, select_best
+    from weightdiff.outputs import check_output_folder
+    from weightdiff.sampling import SamplerSettings, check_request, make_condition, select_best
     from weightdiff.sampling import sample as sample_weights
 
     if (task is None) == (description is None):
         raise ConditionError("give exactly one of --task and --description")
-    if num < 1:
-        raise ConditionError(f"--num must be at least 1, got {num}")
+    if description is not None:
+        check_description(description, name="--description")
+    if steps is not None and steps < 1:
+        raise ConditionError(f"--steps must be at least 1, got {steps}")
+    check_request(num, SamplerSettings(guidance=guidance, seed=seed, temperature=temperature), batch_size)
     if devices < 1:
         raise ConditionError(f"--devices must be at least 1, got {devices}")
     if examples is not None and task is None:
         raise ConditionError("--examples K draws K labelled examples of a task: give --task too")
     if select_with is not None and task is None:
         raise ConditionError("--select-with needs --task (the labelled examples come from the task)")
+    check_output_folder(out, overwrite=overwrite)
     gen = load_generator(model)
     cond = make_condition(gen, task=task, description=description, examples=examples, seed=seed)
     validated = gen.config.get("sampling", {})  # the sampler the generator was validated with
@@ -179,7 +193,8 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
                                guidance=guidance, seed=seed, temperature=temperature)
     if select_with is not None:
         dirs, info = select_best(gen, cond, num, settings, out, task=task, examples=select_with,
-                                 candidates=candidates, use_cache=not no_cache)
+                                 candidates=candidates, use_cache=not no_cache, batch_size=batch_size,
+                                 overwrite=overwrite)
     else:
         generate = None
         if devices > 1:
@@ -189,7 +204,7 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
 
             generate = partial(predict_tokens, devices=devices)
         dirs, info = sample_weights(gen, cond, num, settings, out, use_cache=not no_cache, batch_size=batch_size,
-                                    generate=generate)
+                                    generate=generate, overwrite=overwrite)
     src = "cache" if info["from_cache"] else f"{info['seconds']:.2f} s"
     print(f"wrote {len(dirs)} samples to {out} ({src})")
 
@@ -201,27 +216,39 @@ def evaluate(task: str, weights: list[str] | str, base: str | None = None, split
 
     Args:
         task: task string, e.g. 'rotdigits:angle=70,flip=0'.
-        weights: checkpoint directory, directory of checkpoint directories, zoo directory or a
-            quoted glob pattern; several as a list, e.g. '[samples/, zoo/]'.
+        weights: checkpoint directory (a sample, a zoo entry), directory of checkpoint directories,
+            zoo directory or a quoted glob pattern; several as a list, e.g. '[samples/, zoo/]'. Not
+            an exported generator: sample from it first.
         base: base network (model.safetensors or its directory) for LoRA adapters; null: from the
             sample's sample.json or the zoo the entries are in.
         split: the task's data split.
         chunk: networks evaluated at once.
         json: write the per-checkpoint accuracies and summary to this JSON file.
     """
+    from weightdiff.errors import OutputPathError
     from weightdiff.evaluate.weights import evaluate_weights
-    from weightdiff.io import write_json
+    from weightdiff.io import check_writable, write_json
 
+    if chunk < 1:
+        raise ConditionError(f"--chunk must be at least 1, got {chunk}")
+    if json is not None:
+        if Path(json).is_dir():
+            raise OutputPathError(f"cannot write --json {json}: it is a folder; name a file in it, "
+                                  f"e.g. {Path(json) / 'eval.json'}")
+        check_writable(json, "--json")  # before the evaluation, not after it
     result = evaluate_weights(task, [weights] if isinstance(weights, str) else weights, base, split=split,
                               chunk=chunk)
-    if json is not None:
-        write_json(json, result)
     width = max(len(row["id"]) for row in result["weights"])
-    for row in result["weights"]:
+    for row in result["weights"]:  # printed first: a failing --json write loses none of it
         print(f"{row['id']:<{width}}  {row['accuracy']:.4f}")
     print(f"{result['task']} ({split}, {result['num']} {result['kind']} checkpoints): best {result['best']:.4f}  "
           f"mean {result['mean']:.4f}  median {result['median']:.4f}")
     if json is not None:
+        try:
+            write_json(json, result)
+        except OSError as exc:
+            raise OutputPathError(f"cannot write --json {json}: {exc.strerror or exc}; the results are printed "
+                                  "above") from None
         print(f"wrote {json}")
 
 
@@ -254,15 +281,16 @@ def benchmark(suite: str, zoo: str, out: str, model: str | None = None, num: int
         functional_loss_weight: MLP hypernetwork functional loss weight (null: the generator's own).
         batch_size: generator batch size.
         select_per_class: labelled examples per class for the 'generated best-of-N' row (0: no such row).
-        threads: torch CPU threads (null: torch's choice).
+        threads: torch CPU threads (null: the global `weightdiff --threads`, else torch's choice).
     """
     import torch
 
     from weightdiff.evaluate.benchmark import run_benchmark
+    from weightdiff.io import check_writable
 
+    check_writable(out, "benchmark folder")
     if threads:
         torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     run_benchmark(suite, model, zoo, out, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                   from_description=from_description, max_seen_tasks=max_seen_tasks,
                   max_unseen_tasks=max_unseen_tasks, sgd_tasks=sgd_tasks, sgd_ks=sgd_ks,
@@ -291,9 +319,11 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] = ("ddim:10", 
         seed: noise seed.
     """
     from weightdiff.evaluate.diagnose import diagnose_generator, write_report
+    from weightdiff.io import check_writable
     from weightdiff.models.generator import load_generator
     from weightdiff.zoo import Zoo
 
+    check_writable(out, "diagnose folder")
     parsed = []
     for spec in paths:
         name, _, steps = spec.partition(":")
@@ -324,7 +354,7 @@ def demo(run_dir: str = "runs/demo", zoo_config: str = "configs/zoo/rotdigits-lo
         zoo_config: zoo recipe YAML.
         fit_config: LightningCLI fit config YAML.
         workers: zoo build processes (one per core).
-        quick: tiny settings (seconds; used by the tests).
+        quick: every stage at test size: tiny zoo, short fit, small benchmark protocol (seconds).
     """
     from weightdiff.demo import run_demo
 
@@ -383,11 +413,29 @@ def _function_parser(fn: Callable) -> _Parser:
     return parser
 
 
+def _add_global_options(parser: ArgumentParser) -> None:
+    """The options given before the subcommand, e.g. ``weightdiff -q --threads 1 sample ...``."""
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads, also of the processes started (OMP_NUM_THREADS); null: "
+                             "OMP_NUM_THREADS if set, else one per core. Processes side by side should share "
+                             "the cores: --threads 1 each for two on two cores")
+
+
+def _global_parser() -> _Parser:
+    """The parser of the global options alone (they come before the subcommand)."""
+    parser = _Parser(prog="weightdiff", add_help=False)
+    _add_global_options(parser)
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     """The parser of every subcommand but the LightningCLI ones, which are listed only."""
     parser = _Parser(prog="weightdiff", description="Generate neural-network weights (LoRA adapters, small CNNs) "
                                                     "with a conditional diffusion transformer.")
     parser.add_argument("--version", action="version", version=f"weightdiff {__version__}")
+    _add_global_options(parser)
     commands = parser.add_subcommands(dest="command", required=False)
     for name in LIGHTNING_COMMANDS:
         commands.add_subcommand(name, _Parser(add_help=False),
@@ -413,51 +461,103 @@ def _selected(ns: Namespace) -> tuple[Callable[..., None], dict[str, Any]]:
 def _help_hint(argv: Sequence[str]) -> str:
     """``weightdiff zoo build --help`` for ``zoo build --bad``: where the accepted options are listed."""
     words = ["weightdiff"]
-    if argv and argv[0] in COMMANDS:
+    if argv and argv[0] in (*COMMANDS, *LIGHTNING_COMMANDS):
         words.append(argv[0])
     elif argv and argv[0] == "zoo":
         words += argv[:2] if len(argv) > 1 and argv[1] in ZOO_COMMANDS else argv[:1]
     return " ".join([*words, "--help"])
 
 
+def _split_global(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the global options, the rest): ``-q --threads 1 sample ...`` → ``-q --threads 1`` and ``sample ...``.
+
+    The global options are the words before the subcommand, up to ``--help`` or ``--version``.
+    """
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help", "--version"):
+        i += 2 if argv[i] == "--threads" else 1
+    return list(argv[:i]), list(argv[i:])
+
+
+def _config_files(argv: Sequence[str]) -> list[str]:
+    """The files of ``--config``/``-c`` in LightningCLI arguments."""
+    files = [b for a, b in zip(argv, argv[1:]) if a in ("--config", "-c")]
+    return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
 def _quiet_environment() -> None:
-    """Offline defaults: no hub downloads, and wandb never blocks on a missing network."""
+    """Offline defaults: no hub downloads (nor their progress bars), and wandb never blocks on a missing network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar per model load
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; returns the exit status (``--help`` and ``--version`` exit 0 themselves)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_environment()
+def _run(argv: list[str], from_process: bool) -> int:
+    """Parse the global options, set up the process and run the subcommand; returns the exit status."""
+    options, argv = _split_global(argv)
+    hint = []  # a bad global option: `weightdiff --help` lists them
     try:
-        if argv and argv[0] in LIGHTNING_COMMANDS:
-            from weightdiff.training.lightning_cli import run_lightning_cli  # lightning costs seconds to import
+        opts = _global_parser().parse_args(options)
+        hint = argv
+        if opts.verbose and opts.quiet:
+            raise ConditionError("give at most one of -v/--verbose and -q/--quiet")
+        command = argv[0] if argv else None
+        trains = command in TRAINING_COMMANDS
+        level = logging.DEBUG if opts.verbose else logging.WARNING if opts.quiet else logging.INFO
+        with log_to_stderr(level), (contextlib.nullcontext() if trains else quiet_library_warnings()):
+            set_threads(opts.threads)
+            if command in LIGHTNING_COMMANDS:
+                from weightdiff.training.lightning_cli import run_lightning_cli  # lightning costs seconds to import
 
-            run_lightning_cli(argv if argv != sys.argv[1:] else None)
-            return 0
-        parser = build_parser()
-        try:
+                run_lightning_cli(argv, keep_process_argv=from_process)
+                return 0
+            parser = build_parser()
             ns = parser.parse_args(argv)
-        except ArgumentError as exc:
-            message = " ".join(str(exc).split())  # jsonargparse's type errors span several lines
-            print(f"weightdiff: error: {message} (see `{_help_hint(argv)}`)", file=sys.stderr)
-            return EXIT_USER_ERROR
-        if ns.command is None:
-            parser.print_help()
+            if ns.command is None:
+                parser.print_help()
+                return 0
+            fn, kwargs = _selected(ns)
+            fn(**kwargs)
             return 0
-        fn, kwargs = _selected(ns)
-        fn(**kwargs)
-        return 0
+    except ArgumentError as exc:
+        message = " ".join(str(exc).split())  # jsonargparse's type errors span several lines
+        files = _config_files(argv) if argv and argv[0] in LIGHTNING_COMMANDS else []
+        where = f"{argv[0]} --config {', '.join(files)}: " if files else ""
+        if "unrecognized arguments" in message and {"-v", "--verbose", "-q", "--quiet", "--threads"} & set(argv):
+            message += f"; the global options go before the subcommand: `weightdiff --threads 1 {argv[0]} ...`"
+        print(f"weightdiff: error: {where}{message} (see `{_help_hint(hint)}`)", file=sys.stderr)
+        return EXIT_USER_ERROR
     except WeightDiffError as exc:
         print(f"weightdiff: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("weightdiff: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status (``--help`` and ``--version`` exit 0 themselves).
+
+    SIGTERM stops the command (files being written are removed, not left half-written) and the
+    status is :data:`~weightdiff.runtime.EXIT_SIGTERM`, also when a Lightning trainer stopped
+    cleanly on it (Lightning itself exits 0).
+    """
+    from_process = argv is None or list(argv) == sys.argv[1:]  # the console script's own command line
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_environment()
+    with sigterm_exits() as sigterms:
+        try:
+            status = _run(argv, from_process)
+        except SystemExit:
+            if not sigterms:
+                raise
+    if sigterms:
+        print("weightdiff: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_SIGTERM
+    return status
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ straight to the first unfinished stage):
 3. export the EMA generator (safetensors + JSON);
 4. sample adapters for held-out tasks from *free-text descriptions* and run the benchmark with
    every baseline of the honest protocol; write JSON / Markdown / PNG under the run folder.
+
+``quick`` shrinks every stage, the benchmark included (:data:`QUICK_BENCHMARK`): the whole run
+takes seconds to a minute on a CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from weightdiff.errors import WeightDiffError
 from weightdiff.evaluate.benchmark import run_benchmark
@@ -28,6 +32,11 @@ log = logging.getLogger("weightdiff.demo")
 
 QUICK_ZOO = Path("configs/zoo/tiny-rotdigits-lora.yaml")
 QUICK_FIT = Path("configs/tiny.yaml")
+#: The benchmark protocol of ``--quick``, sized like its zoo and fit (seconds, not minutes): a few
+#: samples on a few seen and unseen tasks, a short MLP hypernetwork fit, and few-shot SGD at two
+#: k on two tasks (each fit takes the tiny zoo's own step budget).
+QUICK_BENCHMARK: dict[str, Any] = dict(num=4, max_seen_tasks=2, max_unseen_tasks=3, hypernet_steps=100,
+                                       sgd_tasks=2, sgd_ks=(1, 10))
 
 
 def _stage(n: int, title: str) -> float:
@@ -40,10 +49,22 @@ def _done(t0: float, what: str) -> None:
 
 
 def run_demo(run_dir: Path, *, zoo_config: Path, fit_config: Path, workers: int = 2, quick: bool = False,
-             zoo_root: Path = Path("checkpoints_zoo"), bench_kwargs: dict | None = None) -> dict:
-    """Run the four stages; returns the benchmark results dict."""
+             zoo_root: Path = Path("checkpoints_zoo"), bench_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the four stages; returns the benchmark results dict.
+
+    Args:
+        run_dir: run folder for every output (training, generator, benchmark).
+        zoo_config, fit_config: zoo recipe and LightningCLI fit config (ignored with ``quick``).
+        workers: zoo build processes.
+        quick: every stage at test size: the tiny zoo and fit, and the benchmark protocol
+            :data:`QUICK_BENCHMARK`.
+        zoo_root: folder the zoo is built in (or reused from).
+        bench_kwargs: keyword arguments of :func:`run_benchmark`; with ``quick`` they override
+            single entries of :data:`QUICK_BENCHMARK`.
+    """
     if quick:
         zoo_config, fit_config = QUICK_ZOO, QUICK_FIT
+        bench_kwargs = {**QUICK_BENCHMARK, **(bench_kwargs or {})}
     for p in (zoo_config, fit_config):
         if not p.is_file():
             raise WeightDiffError(f"config not found: {p} (run from the repository root)")

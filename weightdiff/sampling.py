@@ -18,18 +18,27 @@ The functions :func:`make_condition`, :func:`generate_tokens`, :func:`sample` an
 :func:`select_best` work on any loaded generator (:func:`weightdiff.models.generator.load_generator`).
 :func:`generate_tokens` caches tokens under ``$WEIGHTDIFF_CACHE/samples/`` (default
 ``~/.cache/weightdiff``), keyed by (model id, condition, sampler settings, number), so a repeated
-request returns at once. Each sample directory is written under a temporary name and renamed when
-complete: an interrupted run never leaves a half-written sample visible.
+request returns at once; an unreadable cache file is discarded and an unwritable cache folder
+skipped, with a warning (a cache is never needed).
+
+:func:`sample` streams: it generates and writes ``batch_size`` samples at a time, so memory holds
+one batch whatever ``num`` (at most :data:`MAX_SAMPLES`). It writes only into an empty or new
+folder (``overwrite=True`` replaces a non-empty one as a whole, atomically), so samples of two
+requests never mix. Each sample directory is written under a temporary name and renamed when
+complete: an interrupted run, Ctrl-C or SIGTERM, never leaves a half-written sample visible, and
+temporaries that a killed run left behind are removed by the next run into the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -37,12 +46,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from weightdiff.errors import ConditionError, ModelDirError
+from weightdiff.errors import ConditionError, ModelDirError, WeightDiffError
 from weightdiff.io import atomic_path, load_weights, save_weights, write_json
-from weightdiff.models.conditioning import examples_condition, none_condition, text_condition
+from weightdiff.models.conditioning import check_description, examples_condition, none_condition, text_condition
 from weightdiff.models.generator import GeneratorArtefact, sample_tokens, seeded_noise
 from weightdiff.models.schedule import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, SamplerName
-from weightdiff.tasks import get_task
+from weightdiff.outputs import output_folder, terminate_as_exit
+from weightdiff.tasks import get_family, get_task
+from weightdiff.tasks.numeric import parse_description
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,19 @@ TokenGenerator = Callable[..., torch.Tensor]
 #: safetensors metadata of every written weight file (as transformers / diffusers / PEFT write it).
 WEIGHTS_METADATA = {"format": "pt"}
 SAMPLE_FILE = "sample.json"
+MAX_SAMPLES = 100_000  # samples one request may ask for (--num; --num x --candidates with --select-with)
+SEED_LIMIT = 2 ** 63  # torch.Generator.manual_seed takes seeds below this; sample i uses seed + i
+
+ACCEPTED_REQUESTS = {  # what a request may give, per condition kind of the generator
+    "text": "--description, or --task (whose first description is used)",
+    "code": "--task (its task code)",
+    "examples": "--task with optional --examples K (K labelled examples of it)",
+    "none": "--task (only its family is checked: the generator is unconditional)",
+}
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -67,6 +91,16 @@ class SamplerSettings:
     guidance: float = 1.0
     seed: int = 0
     temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not _whole(self.steps) or self.steps < 1:
+            raise ConditionError(f"--steps must be a whole number of at least 1, got {self.steps!r}")
+        if not _whole(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise ConditionError(f"--seed must be a whole number in [0, 2**63), got {self.seed!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConditionError(f"--temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not math.isfinite(self.guidance):
+            raise ConditionError(f"--guidance must be a finite number, got {self.guidance!r}")
 
 
 @dataclass
@@ -90,6 +124,9 @@ class WeightSamples:
         kind: ``"lora"`` (PEFT adapters) or ``"full"`` (whole networks).
         adapter_config: (LoRA) the PEFT ``adapter_config.json`` written beside each adapter.
         model_id, model_dir: the generator that made them.
+        family: the task family of the generator's zoo (``rotdigits``), so a sample says which tasks
+            it is for.
+        base_sha256: (LoRA) sha256 of the base network the adapters were generated for.
         seconds: generation wall time for all samples.
     """
 
@@ -103,6 +140,8 @@ class WeightSamples:
     seconds: float
     adapter_config: dict[str, Any] | None = None
     tokens: torch.Tensor | None = field(default=None, repr=False)  # (S, L, D) normalised tokens
+    family: str | None = None
+    base_sha256: str | None = None
 
     def __len__(self) -> int:
         return len(self.state_dicts)
@@ -112,17 +151,18 @@ class WeightSamples:
         """The samples batched: ``{name: (S, *shape)}`` (what :class:`~weightdiff.targets.Target` evaluates)."""
         return {k: torch.stack([sd[k] for sd in self.state_dicts]) for k in self.state_dicts[0]}
 
-    def save(self, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
+    def save(self, out_dir: str | Path, prefix: str = "sample", first: int = 0) -> list[Path]:
         """Write ``<out_dir>/<prefix>_0000`` ... , each atomically; returns the directories.
 
         LoRA samples are PEFT adapter folders (``adapter_model.safetensors`` +
         ``adapter_config.json``) loadable with ``PeftModel.from_pretrained`` on the base network;
         whole networks are ``model.safetensors``. Each folder also holds ``sample.json``.
+        ``first`` is the index of the first sample (a batch of a longer request).
         """
         out = Path(out_dir)
         dirs = []
         for i, state in enumerate(self.state_dicts):
-            dest = out / f"{prefix}_{i:04d}"
+            dest = out / f"{prefix}_{first + i:04d}"
             with atomic_path(dest, directory=True) as tmp:
                 if self.kind == "lora":
                     save_weights(tmp / "adapter_model.safetensors", state, metadata=WEIGHTS_METADATA)
@@ -130,9 +170,10 @@ class WeightSamples:
                 else:
                     save_weights(tmp / "model.safetensors", state, metadata=WEIGHTS_METADATA)
                 write_json(tmp / SAMPLE_FILE, {
-                    "condition": self.condition, "seed": self.seeds[i], "index": i,
+                    "condition": self.condition, "seed": self.seeds[i], "index": first + i,
                     "sampler": asdict(self.settings), "model_id": self.model_id, "model_dir": self.model_dir,
-                    "kind": self.kind, "generation_seconds": self.seconds / len(self.state_dicts),
+                    "kind": self.kind, "family": self.family, "base_sha256": self.base_sha256,
+                    "generation_seconds": self.seconds / len(self.state_dicts),
                 })
             dirs.append(dest)
         return dirs
@@ -174,8 +215,9 @@ class WeightDiffusionPipeline(GeneratorArtefact):
                  guidance_scale: float = 1.0, seed: int = 0, temperature: float = 1.0) -> SamplerSettings:
         """Sampler settings, defaulting to the generator's own sampler and number of steps."""
         default = self.info["sampling"]
-        return SamplerSettings(steps=num_inference_steps or default["steps"], sampler=sampler or default["sampler"],
-                               guidance=guidance_scale, seed=seed, temperature=temperature)
+        return SamplerSettings(steps=default["steps"] if num_inference_steps is None else num_inference_steps,
+                               sampler=sampler or default["sampler"], guidance=guidance_scale, seed=seed,
+                               temperature=temperature)
 
     def __call__(self, description: str | None = None, *, task: str | None = None,
                  examples: tuple[torch.Tensor, torch.Tensor] | None = None, num_samples: int = 1,
@@ -218,33 +260,81 @@ def make_condition(gen: GeneratorArtefact, *, task: str | None = None, descripti
 def _condition(gen: GeneratorArtefact, *, task: str | None, description: str | None, examples: int | None,
                seed: int) -> Condition:
     kind = gen.config["model"]["condition"]
-    if description is not None:
-        if kind != "text":
-            raise ConditionError(f"this generator is conditioned on '{kind}', not on text descriptions; "
-                                 "use --task instead")
-        return Condition(text_condition([description]), {"description": description})
-    t = get_task(task)
     family = gen.config["zoo"]["family"]
+    accepts = f"this generator is conditioned on '{kind}' and accepts {ACCEPTED_REQUESTS.get(kind, '--task')}"
+    if description is not None and kind != "text":
+        raise ConditionError(f"--description: {accepts}; use --task instead")
+    if examples is not None and kind != "examples":
+        raise ConditionError(f"--examples {examples}: {accepts}")
+    if examples is not None and (not _whole(examples) or examples < 1):
+        raise ConditionError(f"--examples must be a whole number of at least 1, got {examples!r}")
+    if description is not None:
+        return _text(gen, check_description(description, name="--description"), {"description": description}, family)
+    t = get_task(task)
     if t.family != family:
         raise ModelDirError(f"task '{t.name}' is of family '{t.family}', but the generator at {gen.path} was "
                             f"trained on a '{family}' zoo")
     info: dict[str, Any] = {"task": t.name}
     if kind == "text":
         desc = t.descriptions()[0]
-        info["description"] = desc
-        return Condition(text_condition([desc]), info)
+        return _text(gen, desc, {**info, "description": desc}, family)
     if kind == "code":
-        return Condition(t.code().float()[None], info)
+        code = t.code().float()
+        return Condition(code[None], {**info, "model_input": f"task code {_rounded(code)}"})
     if kind == "examples":
-        k = examples or int(gen.config["data"].get("num_examples", 16))
+        k = examples if examples is not None else int(gen.config["data"].get("num_examples", 16))
         d = t.data()
         x, y = examples_condition(d.x_train, d.y_train, k, torch.Generator().manual_seed(seed))
-        info["examples"] = k
-        return Condition((x[None], y[None]), info)
-    return Condition(none_condition(1), info)
+        return Condition((x[None], y[None]), {**info, "examples": k, "model_input": f"{k} labelled training examples "
+                                              f"of the task (drawn with seed {seed})"})
+    return Condition(none_condition(1), {**info, "model_input": "nothing (unconditional generator)"})
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+def _text(gen: GeneratorArtefact, description: str, info: dict[str, Any], family: str) -> Condition:
+    """The text condition of one description, recording what was read from it and what reaches the model.
+
+    For a family whose tasks need an angle (a required ``angle`` factor), a description without a
+    readable angle is refused when the model reads the numbers (:mod:`weightdiff.tasks.numeric`):
+    it would get ``has_angle = 0``, never seen in training. Text alone: a warning.
+    """
+    parsed = parse_description(description)
+    numeric = getattr(gen.generator.cond, "numeric_mlp", None) is not None
+    needs_angle = any(f.name == "angle" and f.default is None for f in get_family(family).factor_specs)
+    if needs_angle and parsed.angle is None:
+        why = (f"--description {description[:80]!r} names no angle that weightdiff can read, and '{family}' "
+               "tasks need one")
+        if numeric:
+            raise ConditionError(f"{why}: state it with a unit, e.g. 'rotated by 40 degrees clockwise' or 'sixty-five "
+                                 "degrees' (digits or words up to 999; 'rotated by 0 degrees' for upright)")
+        log.warning("%s; this generator reads the text embedding alone, which carries no numbers reliably", why)
+    raw = text_condition([description])
+    features = raw[0, -gen.generator.cond.numeric_dim:] if numeric else None
+    model_input = (f"text embedding + numeric features [cos A, sin A, has_angle, mirror_sign] = {_rounded(features)}"
+                   if numeric else "text embedding only (this generator does not read numeric features)")
+    return Condition(raw, {**info, "parsed": {"angle": parsed.angle, "mirrored": parsed.mirrored},
+                           "model_input": model_input})
 
 
 # ------------------------------------------------------------------------------- the sampling core
+def check_request(num: int, settings: SamplerSettings, batch_size: int, option: str = "--num") -> None:
+    """Raise :class:`ConditionError` naming the option unless ``num`` samples can be drawn.
+
+    ``num`` must be in ``[1, MAX_SAMPLES]``, ``batch_size`` at least 1, and the last sample's seed
+    ``settings.seed + num - 1`` below :data:`SEED_LIMIT`.
+    """
+    if not _whole(num) or not 1 <= num <= MAX_SAMPLES:
+        raise ConditionError(f"{option} must be a whole number in [1, {MAX_SAMPLES}], got {num!r}")
+    if not _whole(batch_size) or batch_size < 1:
+        raise ConditionError(f"--batch-size must be a whole number of at least 1, got {batch_size!r}")
+    if settings.seed + num - 1 >= SEED_LIMIT:
+        raise ConditionError(f"--seed {settings.seed} with {option} {num}: sample i uses seed + i, and the last "
+                             f"seed, {settings.seed + num - 1}, must be below 2**63")
+
+
 def _to_device(raw: Any, device: torch.device) -> Any:
     return tuple(r.to(device) for r in raw) if isinstance(raw, tuple) else raw.to(device)
 
@@ -252,10 +342,7 @@ def _to_device(raw: Any, device: torch.device) -> Any:
 def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerSettings, *,
               batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """Tokens (num, L, D) on the CPU, in batches of at most ``batch_size``, on the generator's device."""
-    if num < 1:
-        raise ConditionError(f"--num must be at least 1, got {num}")
-    if batch_size < 1:
-        raise ConditionError(f"--batch-size must be at least 1, got {batch_size}")
+    check_request(num, settings, batch_size)
     net = gen.generator
     device = next(net.parameters()).device
     raw = _to_device(cond.raw, device)
@@ -277,7 +364,8 @@ def _samples(gen: GeneratorArtefact, tokens: torch.Tensor, cond: Condition, sett
         condition=cond.info, settings=settings,
         seeds=seeds if seeds is not None else [settings.seed + i for i in range(tokens.shape[0])],
         kind=gen.kind, model_id=gen.model_id, model_dir=str(gen.path.resolve()) if gen.path is not None else None,
-        seconds=seconds, adapter_config=gen.adapter_config() if gen.kind == "lora" else None, tokens=tokens)
+        seconds=seconds, adapter_config=gen.adapter_config() if gen.kind == "lora" else None, tokens=tokens,
+        family=gen.info["zoo"].get("family"), base_sha256=gen.info.get("base", {}).get("sha256"))
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -298,6 +386,31 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("WEIGHTDIFF_CACHE", Path.home() / ".cache" / "weightdiff")) / "samples"
 
 
+def _read_cache(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Cached tokens of ``shape``, or None; an unreadable or mismatched file is deleted with a warning."""
+    try:
+        if not path.is_file():
+            return None
+        tokens = load_weights(path).get("tokens")
+        if tokens is not None and tuple(tokens.shape) == shape and tokens.dtype == torch.float32:
+            return tokens
+        why = f"expected one float32 tensor 'tokens' of shape {shape}"
+    except (WeightDiffError, OSError) as exc:
+        why = str(exc)
+    log.warning("discarding the unusable sample-cache file %s (%s); generating anew", path, why)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return None
+
+
+def _write_cache(path: Path, tokens: torch.Tensor) -> None:
+    """Cache tokens; a cache folder that cannot be written is skipped with a warning."""
+    try:
+        save_weights(path, {"tokens": tokens})
+    except (WeightDiffError, OSError) as exc:
+        log.warning("cannot write the sample cache %s (%s); going on without caching", path, exc)
+
+
 # ------------------------------------------------------------------------------------ public API
 def generate_tokens(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerSettings, *,
                     batch_size: int = 64, use_cache: bool = True, progress: bool = True,
@@ -308,15 +421,15 @@ def generate_tokens(gen: GeneratorArtefact, cond: Condition, num: int, settings:
     the same arguments, e.g. ``functools.partial(weightdiff.training.predict.predict_tokens,
     devices=N)`` to run it in Lightning's predict loop over N devices.
     """
-    if num < 1:
-        raise ConditionError(f"--num must be at least 1, got {num}")
-    key = cache_key(gen, cond, settings, num)
-    path = _cache_dir() / f"{key}.safetensors"
-    if use_cache and path.exists():
-        return load_weights(path)["tokens"], True
+    check_request(num, settings, batch_size)
+    path = _cache_dir() / f"{cache_key(gen, cond, settings, num)}.safetensors"
+    net = gen.generator.config
+    cached = _read_cache(path, (num, net.num_tokens, net.token_size)) if use_cache else None
+    if cached is not None:
+        return cached, True
     tokens = (generate or _generate)(gen, cond, num, settings, batch_size=batch_size, progress=progress)
     if use_cache:
-        save_weights(path, {"tokens": tokens})
+        _write_cache(path, tokens)
     return tokens, False
 
 
@@ -332,37 +445,60 @@ def write_samples(gen: GeneratorArtefact, tokens: torch.Tensor, cond: Condition,
 
 def sample(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerSettings, out: str | Path, *,
            use_cache: bool = True, batch_size: int = 64, progress: bool = True,
-           generate: TokenGenerator | None = None) -> tuple[list[Path], dict]:
-    """Generate, decode and write ``num`` samples. Returns (directories, timing info)."""
+           generate: TokenGenerator | None = None, overwrite: bool = False) -> tuple[list[Path], dict]:
+    """Generate, decode and write ``num`` samples, ``batch_size`` at a time. Returns (directories, timing info).
+
+    Each batch is generated (or read from the cache: batch ``[b, b + n)`` is the request of ``n``
+    samples from seed ``seed + b``; a ``generate`` core is called once per batch) and written
+    before the next, so memory holds one batch.
+
+    Args:
+        gen, cond, num, settings: the request (``num`` at most :data:`MAX_SAMPLES`).
+        out: a new or empty folder; a non-empty one only with ``overwrite`` (replaced as a whole).
+        use_cache, batch_size, progress, generate: as for :func:`generate_tokens`.
+    """
+    check_request(num, settings, batch_size)
     t0 = time.perf_counter()
-    tokens, cached = generate_tokens(gen, cond, num, settings, batch_size=batch_size, use_cache=use_cache,
-                                     progress=progress, generate=generate)
+    hits = []
+    with terminate_as_exit(), output_folder(out, overwrite=overwrite) as folder:
+        for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress, leave=False):
+            part = replace(settings, seed=settings.seed + start)
+            n = min(batch_size, num - start)
+            b0 = time.perf_counter()
+            tokens, hit = generate_tokens(gen, cond, n, part, batch_size=batch_size, use_cache=use_cache,
+                                          progress=False, generate=generate)
+            _samples(gen, tokens, cond, settings, seconds=time.perf_counter() - b0,
+                     seeds=list(range(part.seed, part.seed + n))).save(folder, first=start)
+            hits.append(hit)
     seconds = time.perf_counter() - t0
-    dirs = write_samples(gen, tokens, cond, settings, out, seconds=seconds)
-    return dirs, {"seconds": seconds, "from_cache": cached, "num": num}
+    dirs = [Path(out) / f"sample_{i:04d}" for i in range(num)]
+    return dirs, {"seconds": seconds, "from_cache": all(hits), "num": num}
 
 
 def select_best(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerSettings, out: str | Path, *,
                 task: str, examples: int, candidates: int = 8, use_cache: bool = True,
-                batch_size: int = 64) -> tuple[list[Path], dict]:
+                batch_size: int = 64, overwrite: bool = False) -> tuple[list[Path], dict]:
     """Best-of-k: generate ``num * candidates`` samples, keep the ``num`` most accurate on
     ``examples`` labelled training examples of ``task``. This uses labelled data, so its results
-    are reported as their own row, never mixed with zero-shot samples.
+    are reported as their own row, never mixed with zero-shot samples. ``out`` is as for :func:`sample`.
     """
-    if examples < 1 or candidates < 1:
+    if not (_whole(examples) and _whole(candidates)) or examples < 1 or candidates < 1:
         raise ConditionError(f"--select-with and --candidates must be positive, got {examples} and {candidates}")
+    check_request(num * candidates, settings, batch_size, option="--num x --candidates")
     t0 = time.perf_counter()
-    tokens, cached = generate_tokens(gen, cond, num * candidates, settings, use_cache=use_cache,
-                                     batch_size=batch_size, progress=False)
-    t = get_task(task)
-    d = t.data()
-    idx = torch.randperm(d.x_train.shape[0], generator=torch.Generator().manual_seed(settings.seed))[:examples]
-    params = gen.tokenizer.decode_float(tokens)
-    acc = gen.target(t).accuracy(params, d.x_train[idx], d.y_train[idx])  # (num * candidates,)
-    keep = torch.argsort(acc, descending=True, stable=True)[:num]
-    seconds = time.perf_counter() - t0
-    cond = Condition(cond.raw, {**cond.info, "selected_with_examples": examples, "candidates": num * candidates})
-    dirs = write_samples(gen, tokens[keep], cond, settings, out, seconds=seconds,
-                         seeds=[settings.seed + int(i) for i in keep])
+    with terminate_as_exit(), output_folder(out, overwrite=overwrite) as folder:
+        tokens, cached = generate_tokens(gen, cond, num * candidates, settings, use_cache=use_cache,
+                                         batch_size=batch_size, progress=False)
+        t = get_task(task)
+        d = t.data()
+        idx = torch.randperm(d.x_train.shape[0], generator=torch.Generator().manual_seed(settings.seed))[:examples]
+        params = gen.tokenizer.decode_float(tokens)
+        acc = gen.target(t).accuracy(params, d.x_train[idx], d.y_train[idx])  # (num * candidates,)
+        keep = torch.argsort(acc, descending=True, stable=True)[:num]
+        seconds = time.perf_counter() - t0
+        cond = Condition(cond.raw, {**cond.info, "selected_with_examples": examples, "candidates": num * candidates})
+        write_samples(gen, tokens[keep], cond, settings, folder, seconds=seconds,
+                      seeds=[settings.seed + int(i) for i in keep])
+    dirs = [Path(out) / f"sample_{i:04d}" for i in range(num)]
     return dirs, {"seconds": seconds, "from_cache": cached, "num": num,
                   "selection_accuracy": acc[keep].tolist()}

@@ -81,9 +81,10 @@ class _Models:
 
 
 class _ZooState:
-    """The training zoo loaded once, with everything the baselines and novelty derive from it."""
+    """The training zoo loaded once, with everything the baselines and novelty derive from it
+    (``progress``: a bar over the MLP hypernetwork's steps, on a terminal)."""
 
-    def __init__(self, zoo: Any, *, num: int, seed: int) -> None:
+    def __init__(self, zoo: Any, *, num: int, seed: int, progress: bool = False) -> None:
         self.zoo, self.kind = zoo, zoo.kind
         self.target = zoo.target()
         self.rows = list(zoo.rows("train"))
@@ -101,7 +102,7 @@ class _ZooState:
         for i, r in enumerate(self.rows):
             self.index[r["task"]].append(i)
         self.codes = {t: torch.tensor(self.rows[ix[0]]["code"], dtype=torch.float32) for t, ix in self.index.items()}
-        self.num, self.seed = num, seed
+        self.num, self.seed, self.progress = num, seed, progress
 
     def heldout_params(self, task: str) -> tuple[list[str], dict[str, torch.Tensor]] | None:
         rows = [r for r in self.heldout if r["task"] == task]
@@ -123,7 +124,7 @@ class _ZooState:
         cfg = HypernetTrainConfig(steps=steps, functional_loss_weight=functional_loss_weight, seed=self.seed)
         self.mlp, history = train_mlp_hypernet(self.target, self.codec, feats, flat,
                                                torch.tensor([task_of[g] for g in groups]),
-                                               [(d.x_train, d.y_train) for d in data], cfg)
+                                               [(d.x_train, d.y_train) for d in data], cfg, progress=self.progress)
         mlp_s = time.perf_counter() - t0
         tail = max(1, len(history) // 20)
         return {"ridge_alpha": self.ridge.alpha_, "ridge_seconds": ridge_s, "mlp_steps": steps,
@@ -246,7 +247,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         sampler = validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler
     if hypernet_steps is None:
         hypernet_steps = max(2000, int(gen.config.get("global_step", 0)) if gen is not None else 0)
-    z = _ZooState(zoo_obj, num=num, seed=seed)
+    z = _ZooState(zoo_obj, num=num, seed=seed, progress=progress)
     log.info("fitting hypernetworks (%d steps)", hypernet_steps)
     hyper = z.fit_hypernets(hypernet_steps, functional_loss_weight)
 
@@ -272,7 +273,7 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
     points: dict[str, dict[str, tuple[list[float], list[float]]]] = {"seen": {}, "unseen": {}}
     descriptions: dict[str, str] = {}
     one_step_seconds, generated_runs = 0.0, []
-    for section, name in tqdm(sections, desc="benchmark tasks", disable=not progress):
+    for section, name in tqdm(sections, desc="benchmark tasks", unit="task", disable=_bar_disabled(progress)):
         task = get_task(name)
         generated = one_step = None
         if gen is not None:
@@ -352,11 +353,15 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
     if sgd_list and (sgd_tasks is None or sgd_tasks > 0):
         base = zoo_obj.base_module() if kind == "lora" else None
         per_k: dict[str, list[dict[str, float]]] = defaultdict(list)
-        for name in tqdm(sgd_list, desc="few-shot SGD", disable=not progress):
-            sgd_per_task[name] = few_shot_sgd(get_task(name), sgd_ks, kind=kind, recipe=zoo_obj.recipe,
-                                              base_module=base, seeds=sgd_seeds)
-            for k, v in sgd_per_task[name].items():
-                per_k[k].append(v)
+        fits = len(sgd_list) * len(sgd_ks) * len(sgd_seeds)  # one bar over every (task, k, seed) fit
+        with tqdm(total=fits, desc="few-shot SGD", unit="fit", disable=_bar_disabled(progress)) as bar:
+            for name in sgd_list:
+                bar.set_postfix_str(name)
+                sgd_per_task[name] = few_shot_sgd(get_task(name), sgd_ks, kind=kind, recipe=zoo_obj.recipe,
+                                                  base_module=base, seeds=sgd_seeds,
+                                                  on_fit=lambda k, seed: bar.update())
+                for k, v in sgd_per_task[name].items():
+                    per_k[k].append(v)
         sgd = {k: {"accuracy": sum(v["accuracy"] for v in vs) / len(vs),
                    "seconds": sum(v["seconds"] for v in vs) / len(vs)} for k, vs in per_k.items()}
     gen_ref = (sum(generated_mean[t] for t in sgd_list) / len(sgd_list)
@@ -390,10 +395,16 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
         "seconds": time.perf_counter() - t_start,
     })
     write_results(out, results)
-    plot_accuracy_distributions({s: dict(v) for s, v in dist_accs.items()}, out / "accuracy_distributions.png")
+    plot_accuracy_distributions({s: dict(v) for s, v in dist_accs.items()}, out / "accuracy_distributions.png",
+                                results=results)
     plot_accuracy_vs_iou(results, out / "accuracy_vs_iou.png", points)
     log.info("benchmark written to %s (%.0f s)", out, results["seconds"])
     return results
+
+
+def _bar_disabled(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off when the caller says so; ``None`` lets tqdm show a bar only on a terminal."""
+    return None if progress else True
 
 
 def _spread_order(items: Sequence[Any]) -> list[Any]:

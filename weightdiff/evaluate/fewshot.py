@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,8 +66,9 @@ def train_full_few_shot(task: Task, examples_per_class: int | None, *, steps: in
 
 
 def few_shot_sgd(task: Task, ks: Sequence[int | str], *, kind: str, recipe: Any, base_module: nn.Module | None = None,
-                 seeds: Sequence[int] = (0,)) -> dict[str, dict[str, float]]:
-    """Few-shot SGD on one task for each k; mean over ``seeds``.
+                 seeds: Sequence[int] = (0,), on_fit: Callable[[str, int], None] | None = None
+                 ) -> dict[str, dict[str, float]]:
+    """Few-shot SGD on one task for each k; mean over ``seeds``: ``len(ks) * len(seeds)`` fits.
 
     Args:
         task: the task to train on (its training split supplies the examples).
@@ -75,6 +76,8 @@ def few_shot_sgd(task: Task, ks: Sequence[int | str], *, kind: str, recipe: Any,
         kind: ``"lora"`` (adapter on ``base_module``) or ``"full"`` (network from scratch).
         recipe: the zoo's recipe (``Recipe`` or dict): the training settings reused here.
         base_module: the frozen base network (LoRA).
+        seeds: a fit per seed for every k.
+        on_fit: called as ``on_fit(str(k), seed)`` after each fit (e.g. to advance a progress bar).
 
     Returns:
         ``{str(k): {"accuracy": test accuracy, "seconds": wall time per model}}``.
@@ -102,5 +105,7 @@ def few_shot_sgd(task: Task, ks: Sequence[int | str], *, kind: str, recipe: Any,
                                         weight_decay=float(recipe_value(recipe, "weight_decay", 0.0)))
             accs.append(m["test_acc"])
             secs.append(m["seconds"])
+            if on_fit is not None:
+                on_fit(str(k), seed)
         out[str(k)] = {"accuracy": sum(accs) / len(accs), "seconds": sum(secs) / len(secs)}
     return out

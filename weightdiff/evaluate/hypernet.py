@@ -27,6 +27,7 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import mean_squared_error
 from sklearn.model_selection import PredefinedSplit, cross_val_predict
 from torch import nn
+from tqdm.auto import tqdm
 
 from weightdiff.targets import Target
 
@@ -206,7 +207,8 @@ class HypernetTrainConfig:
 
 def train_mlp_hypernet(target: Target, codec: ParamCodec, conds: torch.Tensor, flat: torch.Tensor,
                        row_task: torch.Tensor, task_data: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                       config: HypernetTrainConfig = HypernetTrainConfig()) -> tuple[MLPHypernet, list[float]]:
+                       config: HypernetTrainConfig = HypernetTrainConfig(), progress: bool = False
+                       ) -> tuple[MLPHypernet, list[float]]:
     """Train an :class:`MLPHypernet` with the weight loss and the functional loss.
 
     Args:
@@ -217,6 +219,7 @@ def train_mlp_hypernet(target: Target, codec: ParamCodec, conds: torch.Tensor, f
         row_task: index into ``task_data`` of each checkpoint's task ``(n,)``.
         task_data: per task, training inputs and labels ``(x (M, ...), y (M,))``.
         config: optimisation settings; ``functional_loss_weight = 0`` trains on the weight loss only.
+        progress: a progress bar over the ``config.steps`` steps on stderr (only when it is a terminal).
 
     Returns:
         The trained model (eval mode) and the total loss of every step.
@@ -233,7 +236,9 @@ def train_mlp_hypernet(target: Target, codec: ParamCodec, conds: torch.Tensor, f
     n = conds.shape[0]
     history = []
     model.train()
-    for _ in range(config.steps):
+    # disable=None: tqdm shows the bar only on a terminal (no carriage-return noise in log files)
+    for _ in tqdm(range(config.steps), total=config.steps, desc="MLP hypernetwork", unit="step",
+                  disable=None if progress else True):
         idx = torch.randint(n, (min(config.batch_size, n),), generator=gen)
         pred = model(conds[idx])                                   # (B, P)
         loss = F.mse_loss(pred, flat[idx])

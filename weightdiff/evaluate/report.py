@@ -13,12 +13,15 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from weightdiff.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RESULT_KEYS = ("suite", "seen", "unseen", "unseen_by_kind", "latency_ms_per_sample", "generation_seconds", "sgd",
                "sgd_examples_to_match", "settings")
@@ -186,7 +189,8 @@ def _save_figure(fig, path: str | Path) -> Path:
     """Write a figure as PNG atomically and release it."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # figures laid out as they are built keep their layout
+        fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -194,73 +198,207 @@ def _save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_accuracy_distributions(accs: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
-    """Box plots of per-model accuracies for every row, one panel per section (``{section: {row: accs}}``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sections = [s for s in accs if accs[s]]
-    fig, axes = plt.subplots(1, max(1, len(sections)), figsize=(6 * max(1, len(sections)), 0.35 * max(
-        (len(accs[s]) for s in sections), default=4) + 1.5), squeeze=False)
-    for ax, section in zip(axes[0], sections):
-        names = list(accs[section])
-        data = [np.asarray(accs[section][n], dtype=float) * 100 for n in names]
-        try:
-            ax.boxplot(data, orientation="horizontal", showfliers=True)
-        except TypeError:  # matplotlib < 3.10 has no `orientation`
-            ax.boxplot(data, vert=False, showfliers=True)
-        ax.set_yticks(range(1, len(names) + 1), names)
-        ax.invert_yaxis()
-        ax.set_xlabel("test accuracy (%)")
-        ax.set_title(f"{section} tasks")
-        ax.grid(axis="x", alpha=0.3)
-    return _save_figure(fig, path)
+WRONG_SET_IOU = ("wrong-set IoU: the largest IoU between a model's set of wrong test predictions and that of any "
+                 "training-zoo checkpoint (a checkpoint is not compared with itself; two empty sets count as 0); "
+                 "lower = more novel")
+ROW_MARKERS = ("o", "s", "D", "^", "v", "X", "8", "<", ">", "h", "p", "d")
+COINCIDENT_FRACTION = 0.025  # means closer than this fraction of both axis spans would hide each other
+FAN_POINTS = 6.0             # radius (points) of the fan that spreads coinciding means around their position
+DOT_SHIFT_POINTS = 1.5       # per-row shift (points) of the per-model dots, so identical rows stay visible
 
 
-def plot_accuracy_vs_iou(results: Mapping[str, Any], path: str | Path,
-                         points: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]] | None = None
-                         ) -> Path:
-    """Mean accuracy against mean wrong-set IoU of every row; noise-added scales joined as a curve.
+def figure_title(results: Mapping[str, Any]) -> str:
+    """``suite · model · sampler`` line naming what a benchmark figure shows."""
+    s = results.get("settings") or {}
+    sampler = results.get("sampler")
+    how = (f"sampler {sampler['sampler']}, {sampler['steps']} steps, {sampler['model_evaluations']} model "
+           f"evaluations per sample" if sampler else "no generator (baselines only)")
+    return f"suite {results.get('suite', '?')} · model {s.get('model') or 'none'} · {how}"
+
+
+def fewshot_accuracies(results: Mapping[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Few-shot SGD test accuracies ``{section: {row: [one per task]}}`` from ``results["sgd_per_task"]``.
+
+    A task counts in ``unseen`` when it is one of ``settings["unseen_tasks"]``, else in ``seen``.
+    """
+    unseen = set((results.get("settings") or {}).get("unseen_tasks") or [])
+    out: dict[str, dict[str, list[float]]] = {}
+    for task, per_k in (results.get("sgd_per_task") or {}).items():
+        rows = out.setdefault("unseen" if task in unseen else "seen", {})
+        for k, v in per_k.items():
+            label = "whole training split" if k == "all" else f"k={k}/class"
+            rows.setdefault(f"few-shot SGD, {label} (per task)", []).append(float(v["accuracy"]))
+    return out
+
+
+def build_accuracy_distributions_figure(accs: Mapping[str, Mapping[str, Sequence[float]]], *,
+                                        fewshot: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                                        title: str | None = None) -> Figure:
+    """Box plots of per-model test accuracies, one panel per section, rows on one shared y axis.
 
     Args:
-        results: the results dict (``seen`` / ``unseen`` row stats).
-        points: optional per-model ``{section: {row: (accs, ious)}}`` drawn faintly behind the means.
+        accs: ``{section: {row: per-model accuracies in [0, 1]}}``.
+        fewshot: extra rows ``{section: {row: accuracies}}`` appended below (few-shot SGD, one value per task).
+        title: the figure's title (see :func:`figure_title`).
+
+    Returns:
+        The figure; the right-hand axis of each panel gives ``n=`` (values in the box) per row.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sections = [s for s in ("seen", "unseen") if results.get(s)]
-    fig, axes = plt.subplots(1, max(1, len(sections)), figsize=(6.5 * max(1, len(sections)), 5), squeeze=False)
-    names = [n for s in sections for n in results[s] if not n.startswith("noise-added")]
-    palette = plt.get_cmap("tab10")
-    color = {n: palette(i % 10) for i, n in enumerate(dict.fromkeys(names))}
+    data = {s: {**dict(accs.get(s) or {}), **dict((fewshot or {}).get(s) or {})} for s in (*accs, *(fewshot or {}))}
+    sections = [s for s in data if data[s]] or ["seen"]
+    names = list(dict.fromkeys(n for s in sections for n in data.get(s, {})))
+    fig, axes = plt.subplots(1, len(sections), sharey=True, squeeze=False, layout="constrained",
+                             figsize=(4.5 * len(sections) + 3, 0.32 * max(len(names), 4) + 1.6))
     for ax, section in zip(axes[0], sections):
-        rows = results[section]
-        for name, (a, i) in (points or {}).get(section, {}).items():
-            ax.scatter(np.asarray(i, float), np.asarray(a, float) * 100, s=6, alpha=0.2, linewidths=0,
-                       color="black" if name.startswith("noise-added") else color.get(name, "gray"))
-        noise = [(float(n.split()[-1]), r) for n, r in rows.items()
-                 if n.startswith("noise-added") and r.get("iou") is not None]
-        if noise:
-            noise.sort(key=lambda sr: sr[0])  # the curve follows the noise scale
-            ax.plot([r["iou"] for _, r in noise], [100 * r["mean"] for _, r in noise], "-s", color="black",
-                    markersize=4, label="noise-added (scale →)")
+        rows = data.get(section, {})
+        present = [i for i, n in enumerate(names) if len(rows.get(n, ())) > 0]
+        values = [np.asarray(rows[names[i]], dtype=float) * 100 for i in present]
+        positions = [i + 1 for i in present]
+        if values:
+            try:
+                ax.boxplot(values, positions=positions, orientation="horizontal", showfliers=True, widths=0.6)
+            except TypeError:  # matplotlib < 3.10 has no `orientation`
+                ax.boxplot(values, positions=positions, vert=False, showfliers=True, widths=0.6)
+        ax.set_ylim(len(names) + 0.5, 0.5)  # first row at the top
+        ax.set_yticks(range(1, len(names) + 1), names)
+        counts = ax.twinx()
+        counts.set_ylim(ax.get_ylim())
+        counts.set_yticks(positions, [f"n={len(v)}" for v in values], fontsize=7)
+        ax.set_xlim(-2, 102)
+        ax.set_xlabel("test accuracy (%)")
+        ax.set_title(f"{section} tasks")
+        ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_accuracy_distributions(accs: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, *,
+                                results: Mapping[str, Any] | None = None) -> Path:
+    """Write :func:`build_accuracy_distributions_figure` as PNG to ``path``.
+
+    Args:
+        accs: ``{section: {row: per-model accuracies}}``.
+        path: the PNG to write.
+        results: the benchmark's results dict: supplies the title and the few-shot SGD rows.
+    """
+    fig = build_accuracy_distributions_figure(accs, fewshot=fewshot_accuracies(results) if results else None,
+                                              title=figure_title(results) if results else None)
+    return _save_figure(fig, path)
+
+
+def _fan_offsets(xy: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """Display offsets (points) ``(R, 2)`` that spread means lying within :data:`COINCIDENT_FRACTION`.
+
+    Args:
+        xy: ``(R, 2)`` positions in data coordinates.
+        span: ``(2,)`` the axis spans, so closeness is judged as it would look on the axes.
+    """
+    group = list(range(len(xy)))
+    for i in range(len(xy)):
+        for j in range(i):
+            if np.all(np.abs(xy[i] - xy[j]) < COINCIDENT_FRACTION * span):
+                group[i] = group[j]
+                break
+    offsets = np.zeros((len(xy), 2))
+    for g in set(group):
+        members = [i for i in range(len(xy)) if group[i] == g]
+        if len(members) > 1:
+            angles = np.pi / 2 + 2 * np.pi * np.arange(len(members)) / len(members)
+            offsets[members] = FAN_POINTS * np.stack([np.cos(angles), np.sin(angles)], 1)
+    return offsets
+
+
+def build_accuracy_vs_iou_figure(results: Mapping[str, Any],
+                                 points: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]] | None
+                                 = None) -> Figure:
+    """Mean accuracy against mean wrong-set IoU of every row; noise-added scales joined as a curve.
+
+    Rows keep one colour and marker across panels. Means that would overlap are fanned out by
+    :data:`FAN_POINTS` around their common position (a ``+``), and the per-model dots of each row
+    are shifted by :data:`DOT_SHIFT_POINTS` in a direction of its own, so that identical rows (the
+    zoo under retrieval on seen tasks) stay visible; the caption says so and defines the IoU.
+
+    Args:
+        results: the results dict (``seen`` / ``unseen`` row stats, ``suite``, ``settings``, ``sampler``).
+        points: optional per-model ``{section: {row: (accs, ious)}}`` drawn behind the means.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import offset_copy
+
+    sections = [s for s in ("seen", "unseen") if results.get(s)] or ["seen"]
+    fig, axes = plt.subplots(1, len(sections), figsize=(5.5 * len(sections) + 2.8, 5.4), squeeze=False,
+                             layout="constrained")
+    names = list(dict.fromkeys(n for s in sections for n in results.get(s) or {}))
+    palette = plt.get_cmap("tab10")
+    style = {n: (palette(i % 10), ROW_MARKERS[i % len(ROW_MARKERS)]) for i, n in
+             enumerate(n for n in names if not n.startswith("noise-added"))}
+    handles: dict[str, Any] = {}
+    for ax, section in zip(axes[0], sections):
+        rows = results.get(section) or {}
+        for i, (name, (a, iou)) in enumerate((points or {}).get(section, {}).items()):
+            angle = 2.399963 * i  # golden angle: each row its own direction
+            shift = offset_copy(ax.transData, fig=fig, units="points", x=DOT_SHIFT_POINTS * math.cos(angle),
+                                y=DOT_SHIFT_POINTS * math.sin(angle))
+            c = "0.35" if name.startswith("noise-added") else style.get(name, ("gray",))[0]
+            dots = np.stack([np.asarray(iou, float), np.asarray(a, float) * 100], 1)
+            ax.scatter(dots[:, 0], dots[:, 1], s=12, alpha=0.45, color=c, edgecolors="white", linewidths=0.3,
+                       transform=shift, zorder=1, label=f"{name} (per model)")
+            ax.update_datalim(dots[np.isfinite(dots).all(1)])  # a shifted transform does not grow the limits
+        noise = sorted((float(n.split()[-1]), r) for n, r in rows.items()
+                       if n.startswith("noise-added") and r.get("iou") is not None)
+        if noise:  # the curve follows the noise scale
+            (handles["noise-added (scale →)"],) = ax.plot([r["iou"] for _, r in noise],
+                                                          [100 * r["mean"] for _, r in noise], "-s", color="black",
+                                                          markersize=4, zorder=2)
             for scale, r in noise:
                 ax.annotate(f"{scale:g}", (r["iou"], 100 * r["mean"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-        for name, r in rows.items():
-            if name.startswith("noise-added") or r.get("iou") is None:
-                continue
-            ax.scatter([r["iou"]], [100 * r["mean"]], s=140 if name == "generated" else 50, label=name,
-                       marker="*" if name == "generated" else "o", color=color[name], edgecolors="black",
-                       linewidths=0.5, zorder=3)
-        ax.set_xlabel("wrong-set IoU with nearest zoo checkpoint (lower = more novel)")
+        means = [(n, r) for n, r in rows.items() if not n.startswith("noise-added") and r.get("iou") is not None]
+        if not means:
+            continue
+        xy = np.array([[r["iou"], 100 * r["mean"]] for _, r in means], dtype=float)
+        ax.update_datalim(xy)
+        ax.autoscale_view()
+        span = np.array([np.ptp(ax.get_xlim()), np.ptp(ax.get_ylim())])
+        offsets = _fan_offsets(xy, span)
+        for (name, _), (x, y), (dx, dy) in zip(means, xy, offsets):
+            color, marker = style[name]
+            if dx or dy:
+                ax.plot([x], [y], "+", color="black", markersize=7, markeredgewidth=0.8, zorder=3)
+            handles[name] = ax.scatter([x], [y], s=150 if name == "generated" else 55,
+                                       marker="*" if name == "generated" else marker, color=color,
+                                       edgecolors="black", linewidths=0.6, zorder=4, label=name,
+                                       transform=offset_copy(ax.transData, fig=fig, units="points", x=dx, y=dy))
+        ax.set_xlabel("wrong-set IoU with nearest zoo checkpoint")
         ax.set_ylabel("mean test accuracy (%)")
         ax.set_title(f"{section} tasks")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    return _save_figure(fig, path)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7,
+               title="rows (large: mean over tasks)", title_fontsize=7)
+    fig.suptitle(figure_title(results), fontsize=9)
+    fig.supxlabel(f"{WRONG_SET_IOU}.\nSmall dots: one model each, every row's shifted by {DOT_SHIFT_POINTS:g} pt "
+                  f"in its own direction; means that would overlap are fanned out by {FAN_POINTS:g} pt around "
+                  f"their position (+).", fontsize=7, wrap=True)
+    return fig
+
+
+def plot_accuracy_vs_iou(results: Mapping[str, Any], path: str | Path,
+                         points: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]] | None = None
+                         ) -> Path:
+    """Write :func:`build_accuracy_vs_iou_figure` as PNG to ``path``.
+
+    Args:
+        results: the results dict (``seen`` / ``unseen`` row stats).
+        path: the PNG to write.
+        points: optional per-model ``{section: {row: (accs, ious)}}`` drawn behind the means.
+    """
+    return _save_figure(build_accuracy_vs_iou_figure(results, points), path)

@@ -30,6 +30,7 @@ generalise to unseen N), so the angle reaches the model directly as (cos, sin).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -68,15 +69,25 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "weightdiff") / "text"
 
 
-def check_description(text: Any, max_chars: int = MAX_TEXT_CHARS) -> str:
-    """Return ``text`` if it is a usable description, else raise :class:`ConditionError`."""
+def check_description(text: Any, max_chars: int = MAX_TEXT_CHARS, name: str = "task description") -> str:
+    """Return ``text`` if it is a usable description, else raise :class:`ConditionError`.
+
+    Args:
+        text: the description: a non-empty string of valid Unicode text (bytes that are not
+            UTF-8 reach Python's ``argv`` as lone surrogates, which no text encoder can take).
+        max_chars: the longest accepted.
+        name: what to call it in messages (``--description`` on the command line).
+    """
     if not isinstance(text, str):
-        raise ConditionError(f"task description must be a string, got {type(text).__name__}: {text!r}")
+        raise ConditionError(f"{name} must be a string, got {type(text).__name__}: {text!r}")
     if not text.strip():
-        raise ConditionError(f"task description is empty or whitespace only: {text!r}")
+        raise ConditionError(f"{name} is empty or whitespace only: {text!r}")
     if len(text) > max_chars:
-        raise ConditionError(f"task description is {len(text)} characters long, the limit is {max_chars}: "
-                             f"{text[:60]!r}...")
+        raise ConditionError(f"{name} is {len(text)} characters long, the limit is {max_chars}: {text[:60]!r}...")
+    bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:
+        raise ConditionError(f"{name} is not valid UTF-8 text: undecodable byte at character {bad} of "
+                             f"{text[:60]!r}")
     return text
 
 
@@ -136,8 +147,10 @@ class TextEncoder:
             return {}
         try:
             stored = load_weights(file)
-        except WeightDiffError as exc:  # a cache is rebuildable: warn and start afresh
-            logger.warning("ignoring unreadable text-embedding cache: %s", exc)
+        except (WeightDiffError, OSError) as exc:  # a cache is rebuildable: warn, delete and start afresh
+            logger.warning("discarding the unreadable text-embedding cache %s: %s", file, exc)
+            with contextlib.suppress(OSError):
+                file.unlink()
             return {}
         return {k: v for k, v in stored.items() if tuple(v.shape) == (TEXT_DIM,)}
 
@@ -146,7 +159,10 @@ class TextEncoder:
         if file is None:
             return
         merged = {**self._read_disk(), **self._memory}
-        save_weights(file, merged, metadata={"model": _MODEL_NAME, "key": "sha256(text utf-8)"})
+        try:
+            save_weights(file, merged, metadata={"model": _MODEL_NAME, "key": "sha256(text utf-8)"})
+        except (WeightDiffError, OSError) as exc:  # optional: the embeddings stay in memory
+            logger.warning("cannot write the text-embedding cache %s (%s); going on without it", file, exc)
 
     # ---------------------------------------------------------------------------- encoding
     @torch.no_grad()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import shutil
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -352,6 +353,12 @@ class GeneratorArtefact:
             WeightFileError, LayoutFileError: an unreadable weights or layout file (naming it).
         """
         path = Path(path)
+        if path.is_file():
+            if path.suffix == ".ckpt" or zipfile.is_zipfile(path):  # torch.save writes a zip
+                raise ModelDirError(f"{path} is a Lightning checkpoint, not an exported generator folder; export "
+                                    f"it first with `weightdiff export --ckpt {path} --out <dir>` and pass that <dir>")
+            raise ModelDirError(f"{path} is a file, not an exported generator folder (the folder that "
+                                "`weightdiff export` writes)")
         if not path.is_dir():
             raise ModelDirError(f"model directory not found: {path}")
         if not (path / MODEL_INDEX_FILE).exists() and all((path / f).exists() for f in _LEGACY_FILES):

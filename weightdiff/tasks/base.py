@@ -14,6 +14,7 @@ and ``task.name`` always agree and ``get_task(task.name) == task``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -43,6 +44,11 @@ class TaskData:
         if name not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+
+# Factor values as written in task strings: ASCII digits only, an optional sign, decimal point and exponent.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,9 @@ class Factor:
                                    f"expected {self.expected()}")
 
         if self.kind == "int":
-            try:
-                value: float | int = int(raw)
-            except ValueError:
-                raise fail(f"has non-integer value {raw!r}") from None
+            if not _INT_TEXT.fullmatch(raw):  # int() would also take "1_5" and non-ASCII digits
+                raise fail(f"has non-integer value {raw!r} (ASCII digits 0-9 with an optional sign)")
+            value: float | int = int(raw)
         else:
             try:
                 value = float(raw)
@@ -90,6 +95,9 @@ class Factor:
                 raise fail(f"has non-numeric value {raw!r}") from None
             if not math.isfinite(value):
                 raise fail(f"has non-finite value {raw!r}")
+            if not _FLOAT_TEXT.fullmatch(raw):  # float() would also take "1_5" and non-ASCII digits
+                raise fail(f"has value {raw!r}, not a number in ASCII digits 0-9 (optional sign, decimal "
+                           "point and exponent)")
             # Round to the canonical %g form so the name and the factors agree exactly; "+ 0.0"
             # turns -0 into 0 so that "-0" and "0" name the same task.
             value = float(f"{value:g}") + 0.0

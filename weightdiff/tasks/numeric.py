@@ -33,19 +33,78 @@ class NumericCondition:
                              1.0 if self.mirrored else -1.0], dtype=torch.float32)
 
 
-_NUM = r"[-+\u2212]?\d+(?:\.\d+)?"
+_UNITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")  # 20, 30, ..., 90
+_WORD_VALUES = {**{w: i for i, w in enumerate(_UNITS)}, **{w: 20 + 10 * i for i, w in enumerate(_TENS)}}
+
+
+def _alternatives(words: tuple[str, ...]) -> str:
+    return "|".join(sorted(words, key=len, reverse=True))  # longest first: "seventeen" before "seven"
+
+
+_BELOW_100 = rf"(?:(?:{_alternatives(_TENS)})(?:[\s-]+(?:{_alternatives(_UNITS[1:10])}))?|(?:{_alternatives(_UNITS)}))"
+_WORD_NUMBER = (rf"(?:(?:(?:{_alternatives(_UNITS[1:10])}|a)[\s-]+hundred(?:[\s-]+(?:and[\s-]+)?{_BELOW_100})?"
+                rf"|{_BELOW_100})\b)")
+_DIGITS = r"[-+\u2212]?[0-9]+(?:\.[0-9]+)?"  # ASCII digits only: "\d" would also take e.g. Arabic-Indic digits
+_NUM = rf"(?:{_DIGITS}|{_WORD_NUMBER})"
+
+
+def words_to_number(text: str) -> int | None:
+    """An English number from zero to 999 written in words, e.g. ``"sixty-five"`` -> 65; None otherwise.
+
+    Accepts ``one hundred and twenty``, ``a hundred``, ``ninety nine`` (spaces or hyphens, any case).
+
+    >>> words_to_number("Two hundred and forty-five"), words_to_number("sixty five"), words_to_number("lots")
+    (245, 65, None)
+    """
+    words = [w for w in re.split(r"[\s-]+", text.strip().lower()) if w and w != "and"]
+    if not words:
+        return None
+    value = 0
+    if len(words) >= 2 and words[1] == "hundred":
+        hundreds = 1 if words[0] == "a" else _WORD_VALUES.get(words[0], 0)
+        if not 1 <= hundreds <= 9:
+            return None
+        value, words = 100 * hundreds, words[2:]
+    if not words:
+        return value
+    first = _WORD_VALUES.get(words[0])
+    if first is None or (value and first == 0):
+        return None
+    if len(words) == 1:
+        return value + first
+    second = _WORD_VALUES.get(words[1])
+    if len(words) == 2 and first >= 20 and second is not None and 1 <= second <= 9:
+        return value + first + second
+    return None
+
+
+def _number(text: str) -> float:
+    """The value of a match of ``_NUM``: digits (an optional sign, U+2212 minus too) or number words."""
+    if any(c.isdigit() for c in text):
+        return float(text.replace("\u2212", "-"))
+    value = words_to_number(text)
+    if value is None:  # unreachable for a match of _WORD_NUMBER
+        raise ConditionError(f"cannot read the number {text!r}")
+    return float(value)
+
 _ANGLE_WITH_UNIT = re.compile(
     rf"(?<![\w.])(?P<num>{_NUM})\s*-?\s*(?P<unit>°|º|˚|degrees?\b|degs?\b|radians?\b|rads?\b)", re.I)
 _ANGLE_FIELD = re.compile(rf"\bangle\s*[=:]\s*(?P<num>{_NUM})", re.I)
 _ANGLE_AFTER_VERB = re.compile(
     rf"\b(?:rotat\w*|turn\w*|tilt\w*|spun|spin\w*)\s+(?:by\s+|through\s+)?(?:an?\s+angle\s+of\s+)?"
-    rf"(?P<num>{_NUM})(?![\d.])(?!\s*(?:%|percent|times|pixels?|px|steps?)\b)", re.I)
+    rf"(?P<num>{_DIGITS})(?![\d.])(?!\s*(?:%|percent|times|pixels?|px|steps?)\b)", re.I)
+# A number in words with no unit counts only after "by"/"through" ("rotated by sixty-five"), not "turned one more".
+_WORDS_AFTER_VERB = re.compile(
+    rf"\b(?:rotat\w*|turn\w*|tilt\w*|spun|spin\w*)\s+(?:by|through)\s+(?:an?\s+angle\s+of\s+)?"
+    rf"(?P<num>{_WORD_NUMBER})(?!\s*(?:%|percent|times|pixels?|px|steps?)\b)", re.I)
 _TURNS = [(re.compile(r"\bthree[\s-]quarters?(?:\s+of\s+a)?[\s-]turns?\b", re.I), 270.0),
           (re.compile(r"\bquarter[\s-]turns?\b", re.I), 90.0),
           (re.compile(r"\bhalf[\s-]turns?\b", re.I), 180.0),
           (re.compile(r"\bupside[\s-]down\b", re.I), 180.0)]
-_CCW = re.compile(r"\b(?:counter|anti)[\s-]?clockwise\b|\bccw\b", re.I)
-_CW = re.compile(r"\bclockwise\b|\bcw\b", re.I)
+_CCW = re.compile(r"\b(?:counter|anti)[\s-]?clockwise\b|\bccw\b|\bto\s+the\s+left\b|\bleftwards?\b", re.I)
+_CW = re.compile(r"\bclockwise\b|\bcw\b|\bto\s+the\s+right\b|\brightwards?\b", re.I)
 _MIRROR = re.compile(r"\b(?:mirror\w*|flip\w*|reflect\w*|left\s*(?:-|/|\bto\b)\s*right)\b", re.I)
 _FLIP_FIELD = re.compile(r"\b(?:flip|mirror)\s*[=:]\s*(?P<val>[01])\b", re.I)
 _NEGATIONS = {"not", "no", "without", "never", "non", "nor", "w/o"}
@@ -69,11 +128,13 @@ def parse_description(text: str) -> NumericCondition:
     - angles with a unit: ``40 degrees``, ``40 degree``, ``40-degree``, ``40°``, ``40 deg``,
       ``-15 degrees``, ``0.5 rad``/``radians`` (converted to degrees); a task-string field
       ``angle=40``; a bare number right after a rotation verb (``rotated by 40``,
-      ``turned 73``, ``tilted through 12``); ``quarter turn`` (90), ``half turn`` and
+      ``turned 73``, ``tilted through 12``). Numbers are ASCII digits or English words from
+      zero to 999 (``sixty-five degrees``, ``rotated by forty five``: words without a unit only
+      after ``by``/``through``; :func:`words_to_number`). ``quarter turn`` (90), ``half turn`` and
       ``upside down`` (180), ``three-quarter turn`` (270). The first angle found is used.
     - direction: angles are counter-clockwise positive (the task convention); ``clockwise`` or
-      ``cw`` negates, ``counter-clockwise``/``counterclockwise``/``anticlockwise``/
-      ``anti-clockwise``/``ccw`` keeps the sign (and wins if both appear).
+      ``cw``/``to the right`` negates, ``counter-clockwise``/``counterclockwise``/``anticlockwise``/
+      ``anti-clockwise``/``ccw``/``to the left`` keeps the sign (and wins if both appear).
     - mirroring: ``mirror``/``mirrored``/``mirroring``, ``flip``/``flipped``, ``reflect``/
       ``reflected``/``reflection``, ``left-right``/``left to right``; a task-string field
       ``flip=0|1``. A negation among the three preceding words (``not``, ``no``, ``without``,
@@ -85,10 +146,10 @@ def parse_description(text: str) -> NumericCondition:
     if not isinstance(text, str):
         raise ConditionError(f"task description must be a string, got {type(text).__name__}: {text!r}")
     angle: float | None = None
-    for pattern in (_ANGLE_WITH_UNIT, _ANGLE_FIELD, _ANGLE_AFTER_VERB):
+    for pattern in (_ANGLE_WITH_UNIT, _ANGLE_FIELD, _ANGLE_AFTER_VERB, _WORDS_AFTER_VERB):
         m = pattern.search(text)
         if m:
-            angle = float(m.group("num").replace("\u2212", "-"))
+            angle = _number(m.group("num"))
             if m.groupdict().get("unit") and m.group("unit").lower().startswith("rad"):
                 angle = math.degrees(angle)
             break

@@ -5,12 +5,22 @@ curve a researcher watches is the accuracy of generated weights on tasks, seen a
 ``every_n_epochs`` epochs :class:`SampleEvalCallback` samples a few weight sets (EMA weights) for
 a few training tasks and a few held-out tasks, decodes them, runs them on each task's validation
 split and logs ``val/gen_acc_seen`` and ``val/gen_acc_unseen`` next to the zoo's own accuracy.
+
+Training runs are sized in optimizer steps (``max_steps``), so :class:`StepProgressBar` shows one
+bar over the steps of the whole fit (``step 120/2000``) instead of Lightning's per-epoch bar,
+which for ``max_steps`` runs reads ``Epoch 59/-2``; :func:`add_step_progress_bar` makes it the
+default of ``weightdiff fit``.
 """
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 
 
 class SampleEvalCallback(Callback):
@@ -74,3 +84,64 @@ class _FirstChoice:
 
     def randrange(self, n: int) -> int:
         return 0
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One training bar over optimizer steps for the whole fit: ``step i/N``, the epoch in the postfix.
+
+    ``N`` is ``trainer.estimated_stepping_batches`` (``max_steps`` when that ends the run, else the
+    steps of ``max_epochs`` epochs; no total for endless runs) and a resumed fit starts the bar at
+    its restored step. Validation keeps Lightning's own bar below it.
+
+    Args:
+        refresh_rate: redraw every this many steps.
+        process_position: bar row offset (for several bars at once).
+    """
+
+    BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0) -> None:
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=False)
+
+    @property
+    def train_description(self) -> str:
+        return "step"
+
+    def init_train_tqdm(self) -> Tqdm:
+        return Tqdm(desc=self.train_description, total=convert_inf(self.trainer.estimated_stepping_batches),
+                    initial=self.trainer.global_step,  # a resumed fit continues from its step
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer: Trainer, *_: Any) -> None:
+        pass  # one bar for the whole fit: never reset per epoch
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if self._should_update(trainer.global_step, bar.total) and not bar.disable:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.train_progress_bar.disable:  # drawn with the next step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        return {"epoch": trainer.current_epoch, **super().get_metrics(trainer, pl_module)}
+
+
+def add_step_progress_bar(trainer_config: Any) -> None:
+    """Add a :class:`StepProgressBar` to a trainer config's callbacks (in place) unless the config turns
+    the progress bar off (``enable_progress_bar: false``) or already names a progress bar.
+
+    Args:
+        trainer_config: the trainer's init arguments with instantiated callbacks (a dict or a
+            jsonargparse ``Namespace``), as LightningCLI holds them before it builds the trainer.
+    """
+    callbacks = trainer_config.get("callbacks") or []
+    callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    if trainer_config.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in callbacks):
+        return
+    trainer_config["callbacks"] = [*callbacks, StepProgressBar()]

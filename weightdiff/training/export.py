@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from weightdiff.errors import WeightFileError
-from weightdiff.io import read_json
+from weightdiff.io import check_writable, read_json
 from weightdiff.models.generator import GeneratorArtefact, WeightGenerator
 from weightdiff.models.schedule import ScheduleConfig
 from weightdiff.training.datamodule import ZooDataModule, tokenizer_from_state
@@ -42,6 +42,10 @@ _CARD_ROWS = ("zoo (original)", "generated", "retrieval", "average", "base witho
 def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a Lightning checkpoint safely (``weights_only=True``); errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightFileError(f"{path} is a folder, not a Lightning checkpoint file: give the .ckpt that "
+                              "`weightdiff fit` wrote (e.g. <run>/checkpoints/last.ckpt); an exported "
+                              "generator folder is already what `sample --model` takes")
     if not path.is_file():
         raise WeightFileError(f"checkpoint not found: {path}")
     try:
@@ -67,7 +71,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, results: str | Path 
     Raises:
         WeightFileError: an unreadable checkpoint, one without EMA weights or saved tokenizer, or
             (LoRA) base weights missing or changed since training (naming the file).
+        OutputPathError: ``out`` cannot be written (checked first; a disk filling up while writing
+            raises it too, and leaves nothing at ``out``).
     """
+    check_writable(out, "generator folder")
     state = read_lightning_checkpoint(ckpt)
     dm_key = ZooDataModule.__qualname__
     for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):

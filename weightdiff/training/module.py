@@ -90,7 +90,9 @@ class WeightDiffusion(L.LightningModule):
         functional_weighting: per-sample weight of that loss over timesteps: ``"signal"`` = ᾱ_t
             (trust x̂0 in proportion to the signal it carries), ``"uniform"`` = 1 at every t (the
             estimate from pure noise must work too, which is what one-step sampling uses).
-        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 10 %.
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 10 %. The
+            module is the one owner of its optimizer and schedule: ``weightdiff fit`` has no
+            ``--optimizer`` / ``--lr_scheduler`` options that would replace them.
         ema_decay: EMA decay of the generator weights.
         sampler, num_inference_steps: the generator's sampler: used by the validation callback and
             exported as the default of ``weightdiff sample`` and the pipeline.

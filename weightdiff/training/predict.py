@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from weightdiff.models.generator import sample_tokens, seeded_noise
+from weightdiff.runtime import quiet_library_chatter
 
 
 class TokenPredictor(L.LightningModule):
@@ -66,8 +67,9 @@ def predict_tokens(gen: Any, cond: Any, num: int, settings: Any, *, devices: int
     """
     kwargs = dict(accelerator="auto", devices=devices, logger=False, enable_checkpointing=False,
                   enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False)
-    trainer = L.Trainer(**{**kwargs, **(trainer_kwargs or {})})
-    outs = trainer.predict(TokenPredictor(gen, cond.raw, settings, num, batch_size))
+    with quiet_library_chatter():  # no device banner, tips or deprecation notes for a sampling run
+        trainer = L.Trainer(**{**kwargs, **(trainer_kwargs or {})})
+        outs = trainer.predict(TokenPredictor(gen, cond.raw, settings, num, batch_size))
     if outs is None:
         raise ValueError(f"predict_tokens: the strategy {type(trainer.strategy).__name__} does not return "
                          "predictions (spawn / fork launchers); use DDP started by a script or the CLI")

@@ -25,8 +25,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from weightdiff.errors import RecipeError, ZooBuildError
-from weightdiff.io import atomic_path, check_finite, load_weights, read_json, save_weights, sha256_file, write_json
+from weightdiff.errors import OutputPathError, RecipeError, ZooBuildError
+from weightdiff.io import (atomic_path, check_finite, check_writable, load_weights, read_json, save_weights,
+                           sha256_file, write_json)
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, FORMAT_VERSION, METRIC_FIELDS, PARENTS_DIR,
                                      ZOO_FILE, entry_problem, network_problem, read_zoo_json)
 from weightdiff.zoo.recipe import Recipe, RunSpec
@@ -232,7 +233,8 @@ class _Builder:
             weights = self.target().save(ckpt.tensors, tmp)  # checks names/shapes; PEFT layout for LoRA
             row: dict[str, Any] = {
                 "id": entry_id, "task": run.task, "split": run.split, "heldout_kind": run.heldout_kind,
-                "code": code, "descriptions": descriptions, "seed": run.seed, "run_id": run.run_id,
+                "family": self.recipe.family, "kind": self.recipe.kind, "code": code, "descriptions": descriptions,
+                "seed": run.seed, "run_id": run.run_id,
                 "checkpoint": ckpt.checkpoint, "metrics": metrics,
                 "num_params": sum(int(t.numel()) for t in ckpt.tensors.values()),
                 "file": weights.name, "sha256": sha256_file(weights),
@@ -327,6 +329,8 @@ def run_build(recipe: Recipe, root: str | os.PathLike = "checkpoints_zoo", *, sh
     Raises:
         RecipeError: the zoo folder holds a zoo built from a different recipe.
         ZooBuildError: a bad shard/worker count, or a trainer that broke its contract.
+        OutputPathError: the zoo folder cannot be written (checked before any training; a disk
+            filling up later stops the build with this error, leaving no half-written entry).
     """
     from tqdm.auto import tqdm
 
@@ -337,8 +341,11 @@ def run_build(recipe: Recipe, root: str | os.PathLike = "checkpoints_zoo", *, sh
         raise ZooBuildError(f"workers = {workers}: expected >= 1")
     start = time.perf_counter()
     trainer = trainer if trainer is not None else LoopTrainer()
-    zoo_dir = Path(root) / recipe.name
-    zoo_dir.mkdir(parents=True, exist_ok=True)
+    zoo_dir = check_writable(Path(root) / recipe.name, "zoo folder")
+    try:
+        zoo_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create zoo folder {zoo_dir}: {exc.strerror or exc}") from None
     _ensure_zoo_json(zoo_dir, recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # same arithmetic in-process as in the workers: resumed runs match

@@ -10,7 +10,9 @@
 
 A manifest row (one ``entry.json``) has the fields of :data:`REQUIRED_FIELDS`, plus
 ``heldout_kind`` (``near`` / ``far`` / ``combo`` for held-out rows, ``null`` otherwise) and
-optional extras (``parent``, ``base_sha256``). ``sha256`` is the hash of the weight file named by
+optional extras (``parent``; ``family`` and ``kind``, as in ``zoo.json``, and for LoRA entries
+``base_sha256``, the hash of the base network the adapter was trained on, so that the entry says on
+its own what it is and which network it needs). ``sha256`` is the hash of the weight file named by
 ``file``, so a corrupted or swapped file is detected without loading it.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from weightdiff.errors import ManifestError, WeightFileError
-from weightdiff.io import read_json, sha256_file
+from weightdiff.io import read_json, safetensors_extent, sha256_file
 
 FORMAT_VERSION = 1
 ZOO_FILE = "zoo.json"
@@ -36,6 +38,8 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
 METRIC_FIELDS = ("train_acc", "val_acc", "test_acc")
 SPLITS = ("train", "heldout")
 HELDOUT_KINDS = ("near", "far", "combo")
+_NOT_HASHED = "not the file whose sha256 the manifest records (not hashed)"
+_MAX_ITEM_BYTES = 8  # the widest safetensors dtype (F64, I64, U64)
 ZOO_FIELDS: dict[str, type] = {"name": str, "kind": str, "family": str, "format_version": int, "recipe": dict}
 
 
@@ -90,19 +94,64 @@ def read_row(entry_dir: Path, *, check_id: bool = True) -> dict[str, Any]:
     return row
 
 
-def entry_problem(entry_dir: Path, *, expect: dict[str, Any] | None = None) -> str | None:
+def zoo_dir_of(folder: Path) -> Path:
+    """The zoo folder holding an entry, base or parent folder (by the layout above)."""
+    return folder.parent if folder.name == BASE_DIR else folder.parent.parent
+
+
+def weights_problem(weights: Path, zoo_dir: Path, num_params: Any = None) -> str | None:
+    """Why a weight file cannot be the one its row names, found without reading its data; ``None``
+    if nothing is wrong so far (its sha256 is checked next).
+
+    Args:
+        weights: the weight file of an entry, base or parent folder of the zoo ``zoo_dir``.
+        zoo_dir: the zoo folder; a weight file that is (or lies under) a link leading out of it is
+            a problem, whatever it points to.
+        num_params: the row's parameter count, if it has one.
+
+    The file's size must be the one its safetensors header declares, and its tensors must fit in
+    ``num_params`` values of the widest dtype, so a huge file (a link to a disk image or to another
+    model, say) is refused in microseconds instead of hashed for minutes.
+    """
+    resolved = weights.resolve()
+    if not resolved.is_relative_to(zoo_dir.resolve()):
+        return f"weight file {weights} links to {resolved}, outside the zoo {zoo_dir}"
+    if not resolved.is_file():
+        return f"weight file {weights} is missing"
+    try:
+        declared, data = safetensors_extent(weights)
+    except WeightFileError as exc:
+        return f"{exc}; {_NOT_HASHED}"
+    size = weights.stat().st_size
+    if size != declared:
+        return f"{weights}: {size} bytes, its safetensors header declares {declared}; {_NOT_HASHED}"
+    if isinstance(num_params, int) and data > _MAX_ITEM_BYTES * num_params:
+        return (f"{weights}: its safetensors header declares {data} bytes of tensors, more than "
+                f"num_params = {num_params} values can fill; {_NOT_HASHED}")
+    return None
+
+
+def entry_problem(entry_dir: Path, *, expect: dict[str, Any] | None = None,
+                  zoo_dir: Path | None = None) -> str | None:
     """Why an entry folder is not a complete, intact checkpoint; ``None`` if it is.
 
-    Checks the row, the weight file's existence and its sha256, and (``expect``) that fields of
-    the row equal the planned values, so a resumed build never keeps an entry of another plan.
+    Checks the row, the weight file (:func:`weights_problem`) and its sha256, and (``expect``) that
+    fields of the row equal the planned values, so a resumed build never keeps an entry of another
+    plan.
+
+    Args:
+        entry_dir: ``<zoo>/entries/<id>``.
+        expect: planned values of row fields.
+        zoo_dir: the zoo folder (default: the one ``entry_dir`` lies in).
     """
     try:
         row = read_row(entry_dir)
     except ManifestError as exc:
         return str(exc)
     weights = entry_dir / row["file"]
-    if not weights.is_file():
-        return f"weight file {weights} is missing"
+    why = weights_problem(weights, zoo_dir_of(entry_dir) if zoo_dir is None else zoo_dir, row["num_params"])
+    if why is not None:
+        return why
     for key, value in (expect or {}).items():
         if row.get(key) != value:
             return f"{entry_dir / ENTRY_FILE}: field '{key}' = {row.get(key)!r}, expected {value!r}"
@@ -112,11 +161,19 @@ def entry_problem(entry_dir: Path, *, expect: dict[str, Any] | None = None) -> s
     return None
 
 
-def network_problem(folder: Path) -> str | None:
-    """Why a base/parent network folder (weights + ``entry.json``) is not intact; ``None`` if it is."""
+def network_problem(folder: Path, *, zoo_dir: Path | None = None) -> str | None:
+    """Why a base/parent network folder (weights + ``entry.json``) is not intact; ``None`` if it is.
+
+    Args:
+        folder: ``<zoo>/base`` or ``<zoo>/parents/p<k>``.
+        zoo_dir: the zoo folder (default: the one ``folder`` lies in).
+    """
     try:
         row = read_json(folder / ENTRY_FILE, "network row")
         weights = folder / row["file"]
+        why = weights_problem(weights, zoo_dir_of(folder) if zoo_dir is None else zoo_dir, row.get("num_params"))
+        if why is not None:
+            return why
         if sha256_file(weights) != row["sha256"]:
             return f"{weights}: sha256 differs from the one in {folder / ENTRY_FILE}"
     except WeightFileError as exc:

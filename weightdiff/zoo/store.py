@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from weightdiff.errors import ManifestError, WeightDiffError, WeightFileError
-from weightdiff.io import check_finite, load_weights, read_json
+from weightdiff.io import check_finite, check_weight_dtypes, load_weights, read_json
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, PARENTS_DIR, entry_problem,
                                      network_problem, read_row, read_zoo_json)
 from weightdiff.zoo.recipe import Recipe
@@ -138,7 +138,7 @@ class Zoo:
 
         Raises:
             ManifestError: unknown entry id or key.
-            WeightFileError: the weight file is missing or not safetensors.
+            WeightFileError: the weight file is missing or not safetensors, or a tensor is not float32.
             NonFiniteWeightsError: a requested tensor holds NaN/Inf (naming the file and tensor).
         """
         path = self.weight_path(entry_id)
@@ -153,6 +153,7 @@ class Zoo:
         except (SafetensorError, OSError) as exc:
             raise WeightFileError(f"{path} is not a readable safetensors file: {exc}") from None
         check_finite(tensors, str(path))  # a diverged run must not reach training as data
+        check_weight_dtypes(tensors, str(path))
         return tensors
 
     def base_file(self) -> Path:
@@ -197,7 +198,7 @@ class Zoo:
         """Re-check every entry; return ``[(entry_id, problem)]`` (empty when the zoo is intact).
 
         Checks the base/parents, every row (fields, id = folder name, planned task/seed/split),
-        the weight file's sha256, that it is finite safetensors whose names and shapes load
+        the weight file's sha256, that it is finite float32 safetensors whose names and shapes load
         strictly into the target network, the adapter config of LoRA entries, and that every
         entry the recipe plans exists.
         """
@@ -242,6 +243,7 @@ class Zoo:
         row = read_json(entry_dir / ENTRY_FILE)
         try:
             params = load_weights(entry_dir / row["file"])
+            check_weight_dtypes(params, str(entry_dir / row["file"]))
             target.check(params, str(entry_dir / row["file"]))
             if self.kind == "lora":
                 cfg = make_lora_config(read_json(entry_dir / ADAPTER_CONFIG_FILE, "adapter config"))
