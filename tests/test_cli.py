@@ -14,7 +14,7 @@ from typing import get_args
 import pytest
 
 from tests.conftest import REPO
-from weightdiff import __version__, cli
+from weightdiff import __version__, commands
 from weightdiff.cli import build_parser, main
 
 SUBCOMMANDS = ["zoo build", "zoo info", "zoo verify", "export", "sample", "evaluate", "benchmark", "diagnose", "demo"]
@@ -144,15 +144,15 @@ def test_cli_defaults_are_the_librarys():
     from weightdiff.zoo import run_build
 
     settings = {f.name: f.default for f in fields(SamplerSettings) if f.name not in ("steps", "sampler")}
-    pairs = [(cli.sample, {**settings, **_defaults(sample), **_defaults(select_best)}),
-             (cli.benchmark, _defaults(run_benchmark)), (cli.evaluate, _defaults(evaluate_weights)),
-             (cli.zoo_build, _defaults(run_build)), (cli.demo, _defaults(run_demo))]
+    pairs = [(commands.sample, {**settings, **_defaults(sample), **_defaults(select_best)}),
+             (commands.benchmark, _defaults(run_benchmark)), (commands.evaluate, _defaults(evaluate_weights)),
+             (commands.zoo_build, _defaults(run_build)), (commands.demo, _defaults(run_demo))]
     for fn, library in pairs:
         shared = {k: v for k, v in _defaults(fn).items() if k in library and k != "shard"}  # "0/1" is (0, 1)
         assert shared, fn.__name__
         for name, value in shared.items():
             assert value == library[name], f"{fn.__name__} --{name}: {value!r} != {library[name]!r}"
-    assert get_args(cli.Sampler) == get_args(SamplerName)
+    assert get_args(commands.Sampler) == get_args(SamplerName)
 
 
 class _Stop(Exception):

@@ -23,6 +23,7 @@ STAGES = [
     ("weightdiff.models",),
     ("weightdiff.training", "weightdiff.sampling", "weightdiff.evaluate"),
     ("weightdiff.demo",),
+    ("weightdiff.commands",),
     ("weightdiff.cli", "weightdiff.__main__"),
 ]
 # Inside a stage the arrows still point one way.

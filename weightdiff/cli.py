@@ -1,9 +1,9 @@
 """The ``weightdiff`` command line.
 
 ``fit`` and ``validate`` are LightningCLI subcommands driven by ``configs/*.yaml``. Every other
-subcommand is a typed function below, turned into a jsonargparse subcommand: its signature is the
-subcommand's options and their defaults, its docstring's ``Args:`` their help, so ``--help`` shows
-every default. Parameter ``select_with`` is the option ``--select-with``; a ``bool`` option given
+subcommand is a typed function of :mod:`weightdiff.commands`, turned into a jsonargparse
+subcommand: its signature is the subcommand's options and their defaults, its docstring's
+``Args:`` their help, so ``--help`` shows every default. Parameter ``select_with`` is the option ``--select-with``; a ``bool`` option given
 alone means true (``--quick``, or ``--quick false``).
 
 User errors (:class:`~weightdiff.errors.WeightDiffError`) and bad options print one line,
@@ -19,352 +19,26 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from json import dumps
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from weightdiff import __version__
-from weightdiff.errors import ConditionError, ManifestError, WeightDiffError
-from weightdiff.runtime import EXIT_SIGTERM, log_to_stderr, quiet_library_warnings, set_threads, sigterm_exits
+from weightdiff.commands import COMMANDS, POSITIONAL, ZOO_COMMANDS
+from weightdiff.errors import ConditionError, WeightDiffError
+from weightdiff.runtime import (
+    EXIT_SIGTERM,
+    log_to_stderr,
+    quiet_library_warnings,
+    set_threads,
+    sigterm_exits,
+)
 
 LIGHTNING_COMMANDS = ("fit", "validate")
 # The commands that train; the others ignore libraries' warnings about their own internals.
 TRAINING_COMMANDS = (*LIGHTNING_COMMANDS, "demo")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
-MAX_TASK_LINES = 20  # `zoo info` lists tasks one per line up to this many (all of them with --json)
-# weightdiff.models.schedule.SamplerName, spelled here so that --help imports no torch
-# (tests/test_cli.py checks that the two agree).
-Sampler = Literal["ddim", "dpm", "x0"]
-Split = Literal["train", "val", "test"]
-
-
-# Each subcommand imports its library code inside its function body: building the parser then
-# imports no torch, so `weightdiff --help` takes a fraction of a second instead of several.
-
-
-# ------------------------------------------------------------------------------------ zoo
-def zoo_build(config: str, root: str = "checkpoints_zoo", shard: str = "0/1", workers: int = 1,
-              no_progress: bool = False) -> None:
-    """Train the checkpoints of a zoo recipe (resumable, shardable).
-
-    Args:
-        config: recipe YAML, e.g. configs/zoo/rotdigits-lora.yaml.
-        root: folder holding zoos.
-        shard: i/n: build the runs with index i modulo n.
-        workers: training processes, one per core.
-        no_progress: no progress bar.
-    """
-    from weightdiff.zoo import load_recipe, parse_shard, run_build
-
-    shard_range = parse_shard(shard)
-    report = run_build(load_recipe(config), root, shard=shard_range, workers=workers, progress=not no_progress)
-    accs = report.test_accs
-    acc = (f"; test acc of new entries mean {sum(accs) / len(accs):.4f}, min {min(accs):.4f}, max {max(accs):.4f}"
-           if accs else "")
-    print(f"zoo {report.zoo_dir}: shard {shard} has {report.shard_runs} of {report.planned_runs} runs; "
-          f"{report.skipped_runs} already built, {report.trained_runs} trained ({report.entries_written} entries) "
-          f"in {report.seconds:.1f} s{acc}")
-
-
-def _fmt_acc(stats: dict[str, float | None]) -> str:
-    if not stats["n"]:
-        return "test acc –"
-    return f"test acc mean {stats['mean']:.4f} min {stats['min']:.4f} max {stats['max']:.4f}"
-
-
-def zoo_info(path: str, json: bool = False) -> None:
-    """Counts and test accuracy per split, held-out kind and task.
-
-    Args:
-        path: zoo folder, e.g. checkpoints_zoo/rotdigits-lora.
-        json: print the full numbers as JSON.
-    """
-    from weightdiff.zoo import Zoo
-
-    info = Zoo.open(path).info()
-    if json:
-        print(dumps(info, indent=2))
-        return
-    lines = [f"zoo {info['name']} ({info['kind']}, family {info['family']}) at {info['path']}",
-             f"  {info['entries']} of {info['planned_entries']} planned entries, {info['runs']} runs, "
-             f"{info['tasks']} tasks, {info['num_params']} parameters per entry; {_fmt_acc(info['test_acc'])}"]
-    if "base" in info and "test_acc" in info["base"]:
-        lines.append(f"  base network: test acc {info['base']['test_acc']:.4f}")
-    for split, s in info["splits"].items():
-        lines.append(f"  split {split}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s['test_acc'])}")
-    for kind, s in info["heldout_kinds"].items():
-        lines.append(f"    held-out {kind}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s['test_acc'])}")
-    if len(info["per_task"]) <= MAX_TASK_LINES:
-        for task, s in info["per_task"].items():
-            lines.append(f"  {task} [{s['split']}]: {s['entries']} entries; {_fmt_acc(s['test_acc'])}")
-    else:
-        lines.append(f"  ({len(info['per_task'])} tasks: use --json for per-task numbers)")
-    if info["temporary_dirs"]:
-        lines.append(f"  {info['temporary_dirs']} temporary folder(s) from interrupted builds under entries/")
-    print("\n".join(lines))
-
-
-def zoo_verify(path: str) -> None:
-    """Re-hash every entry and check that it loads strictly; exit 2 on problems.
-
-    Args:
-        path: zoo folder, e.g. checkpoints_zoo/rotdigits-lora.
-    """
-    from weightdiff.zoo import Zoo
-
-    zoo = Zoo.open(path)
-    problems = zoo.verify()
-    for entry_id, why in problems:
-        print(f"{entry_id}: {why}")
-    if problems:
-        raise ManifestError(f"zoo {path}: {len(problems)} problem(s) found (listed above)")
-    print(f"zoo {path}: {len(zoo.rows())} entries verified")
-
-
-# ------------------------------------------------------------------------- generator, samples
-def export(ckpt: str, out: str) -> None:
-    """Export EMA weights + layout + config from a Lightning checkpoint.
-
-    Args:
-        ckpt: Lightning checkpoint written by `weightdiff fit`.
-        out: output directory (the generator `sample` loads).
-    """
-    from weightdiff.training.export import export_checkpoint
-
-    print(f"exported generator to {export_checkpoint(ckpt, out)}")
-
-
-def sample(model: str, out: str, task: str | None = None, description: str | None = None,
-           examples: int | None = None, num: int = 4, steps: int | None = None, sampler: Sampler | None = None,
-           temperature: float = 1.0, guidance: float = 1.0, seed: int = 0, batch_size: int = 64,
-           select_with: int | None = None, candidates: int = 8, no_cache: bool = False, devices: int = 1,
-           overwrite: bool = False) -> None:
-    """Sample weights for a task, a free-text description or labelled examples.
-
-    Args:
-        model: exported generator directory (`weightdiff export`).
-        out: output directory (one sub-directory per sample): new or empty, unless --overwrite.
-        task: task string, e.g. 'rotdigits:angle=70,flip=0' (give --task or --description).
-        description: free-text task description (text-conditioned generators).
-        examples: labelled examples of --task fed to an examples-conditioned generator.
-        num: number of samples, at most 100000 (weightdiff.sampling.MAX_SAMPLES); written as they
-            are generated, --batch-size at a time.
-        steps: sampler steps (null: the generator's).
-        sampler: ddim / dpm (DPM-Solver++) / x0 (one-step clean estimate); null: the generator's.
-        temperature: scale of the initial noise.
-        guidance: classifier-free guidance scale (1 = off).
-        seed: sample i starts from the noise of seed + i (0 <= seed, seed + num - 1 < 2**63).
-        batch_size: samples generated at once.
-        select_with: best-of-k: score candidates on this many labelled training examples of --task,
-            keep the best.
-        candidates: candidates per kept sample with --select-with.
-        no_cache: bypass the generated-weights cache.
-        devices: sample over this many devices through Lightning's predict loop (1: plain torch).
-        overwrite: replace a non-empty --out folder as a whole (atomically, when every sample is written).
-    """
-    from weightdiff.models.conditioning import check_description
-    from weightdiff.models.generator import load_generator
-    from weightdiff.outputs import check_output_folder
-    from weightdiff.sampling import SamplerSettings, check_request, make_condition, select_best
-    from weightdiff.sampling import sample as sample_weights
-
-    if (task is None) == (description is None):
-        raise ConditionError("give exactly one of --task and --description")
-    if description is not None:
-        check_description(description, name="--description")
-    if steps is not None and steps < 1:
-        raise ConditionError(f"--steps must be at least 1, got {steps}")
-    check_request(num, SamplerSettings(guidance=guidance, seed=seed, temperature=temperature), batch_size)
-    if devices < 1:
-        raise ConditionError(f"--devices must be at least 1, got {devices}")
-    if examples is not None and task is None:
-        raise ConditionError("--examples K draws K labelled examples of a task: give --task too")
-    if select_with is not None and task is None:
-        raise ConditionError("--select-with needs --task (the labelled examples come from the task)")
-    check_output_folder(out, overwrite=overwrite)
-    gen = load_generator(model)
-    cond = make_condition(gen, task=task, description=description, examples=examples, seed=seed)
-    validated = gen.config.get("sampling", {})  # the sampler the generator was validated with
-    settings = SamplerSettings(steps=validated.get("steps", SamplerSettings.steps) if steps is None else steps,
-                               sampler=validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler,
-                               guidance=guidance, seed=seed, temperature=temperature)
-    if select_with is not None:
-        dirs, info = select_best(gen, cond, num, settings, out, task=task, examples=select_with,
-                                 candidates=candidates, use_cache=not no_cache, batch_size=batch_size,
-                                 overwrite=overwrite)
-    else:
-        generate = None
-        if devices > 1:
-            from functools import partial
-
-            from weightdiff.training.predict import predict_tokens  # lightning: imported only for this case
-
-            generate = partial(predict_tokens, devices=devices)
-        dirs, info = sample_weights(gen, cond, num, settings, out, use_cache=not no_cache, batch_size=batch_size,
-                                    generate=generate, overwrite=overwrite)
-    src = "cache" if info["from_cache"] else f"{info['seconds']:.2f} s"
-    print(f"wrote {len(dirs)} samples to {out} ({src})")
-
-
-# -------------------------------------------------------------------------------- evaluation
-def evaluate(task: str, weights: list[str] | str, base: str | None = None, split: Split = "test",
-             chunk: int = 64, json: str | None = None) -> None:
-    """Evaluate weights (samples, zoo entries) on a split of a task.
-
-    Args:
-        task: task string, e.g. 'rotdigits:angle=70,flip=0'.
-        weights: checkpoint directory (a sample, a zoo entry), directory of checkpoint directories,
-            zoo directory or a quoted glob pattern; several as a list, e.g. '[samples/, zoo/]'. Not
-            an exported generator: sample from it first.
-        base: base network (model.safetensors or its directory) for LoRA adapters; null: from the
-            sample's sample.json or the zoo the entries are in.
-        split: the task's data split.
-        chunk: networks evaluated at once.
-        json: write the per-checkpoint accuracies and summary to this JSON file.
-    """
-    from weightdiff.errors import OutputPathError
-    from weightdiff.evaluate.weights import evaluate_weights
-    from weightdiff.io import check_writable, write_json
-
-    if chunk < 1:
-        raise ConditionError(f"--chunk must be at least 1, got {chunk}")
-    if json is not None:
-        if Path(json).is_dir():
-            raise OutputPathError(f"cannot write --json {json}: it is a folder; name a file in it, "
-                                  f"e.g. {Path(json) / 'eval.json'}")
-        check_writable(json, "--json")  # before the evaluation, not after it
-    result = evaluate_weights(task, [weights] if isinstance(weights, str) else weights, base, split=split,
-                              chunk=chunk)
-    width = max(len(row["id"]) for row in result["weights"])
-    for row in result["weights"]:  # printed first: a failing --json write loses none of it
-        print(f"{row['id']:<{width}}  {row['accuracy']:.4f}")
-    print(f"{result['task']} ({split}, {result['num']} {result['kind']} checkpoints): best {result['best']:.4f}  "
-          f"mean {result['mean']:.4f}  median {result['median']:.4f}")
-    if json is not None:
-        try:
-            write_json(json, result)
-        except OSError as exc:
-            raise OutputPathError(f"cannot write --json {json}: {exc.strerror or exc}; the results are printed "
-                                  "above") from None
-        print(f"wrote {json}")
-
-
-def benchmark(suite: str, zoo: str, out: str, model: str | None = None, num: int = 32, steps: int | None = None,
-              sampler: Sampler | None = None, guidance: float = 1.0, seed: int = 0, from_description: bool = False,
-              max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None, sgd_tasks: int | None = None,
-              sgd_ks: Sequence[int | str] = (1, 5, 10, 50, "all"), hypernet_steps: int | None = None,
-              functional_loss_weight: float | None = None, batch_size: int = 64, select_per_class: int | None = 10,
-              threads: int | None = None) -> None:
-    """The honest benchmark of one suite: a generator beside every baseline, in one run.
-
-    Writes results.json, results.md, predictions/*.npz and PNG plots under --out.
-
-    Args:
-        suite: digits-cnn, mnist1d-cnn or adapt-lora (weightdiff.tasks.suites).
-        zoo: zoo directory (its training split is what the generator saw).
-        out: output directory.
-        model: exported generator directory (null: the baselines alone).
-        num: samples per task.
-        steps: sampler steps (null: the generator's).
-        sampler: ddim / dpm / x0 (null: the generator's).
-        guidance: classifier-free guidance scale.
-        seed: sampling and baseline seed.
-        from_description: condition the generator on a held-out free-text paraphrase of each task.
-        max_seen_tasks: evenly spread training tasks evaluated (null: all).
-        max_unseen_tasks: evenly spread held-out tasks evaluated (null: all).
-        sgd_tasks: unseen tasks (seen for full suites) that get few-shot SGD (null: all; 0: skip).
-        sgd_ks: labelled examples per class of few-shot SGD, e.g. '[1, 5, all]'.
-        hypernet_steps: MLP hypernetwork steps (null: as many as the generator's, at least 2000).
-        functional_loss_weight: MLP hypernetwork functional loss weight (null: the generator's own).
-        batch_size: generator batch size.
-        select_per_class: labelled examples per class for the 'generated best-of-N' row (0: no such row).
-        threads: torch CPU threads (null: the global `weightdiff --threads`, else torch's choice).
-    """
-    import torch
-
-    from weightdiff.evaluate.benchmark import run_benchmark
-    from weightdiff.io import check_writable
-
-    check_writable(out, "benchmark folder")
-    if threads:
-        torch.set_num_threads(threads)
-    run_benchmark(suite, model, zoo, out, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                  from_description=from_description, max_seen_tasks=max_seen_tasks,
-                  max_unseen_tasks=max_unseen_tasks, sgd_tasks=sgd_tasks, sgd_ks=sgd_ks,
-                  hypernet_steps=hypernet_steps, functional_loss_weight=functional_loss_weight,
-                  batch_size=batch_size, select_per_class=select_per_class)
-    print(f"wrote {out}/results.json and results.md")
-
-
-def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] = ("ddim:10", "ddim:20"), task: str | None = None,
-             max_entries: int | None = 64, num: int = 16, seed: int = 0) -> None:
-    """Judge the denoiser at every noise level and along its sampler's path (diagnose.json, diagnose.png).
-
-    Per noise level, on noised training and held-out zoo entries: the x̂0 error of the model against
-    returning the noisy input (identity) and against the exact posterior mean of the training
-    entries (the memorising oracle), and the accuracy of x̂0; then, along each sampler's path from
-    noise, the accuracy of x̂0 and its distance to the nearest training entry.
-
-    Args:
-        model: exported generator directory.
-        zoo: the zoo it was trained on.
-        out: output directory.
-        paths: samplers to follow, as sampler:steps, e.g. '[ddim:10, dpm:20]'.
-        task: task the paths sample for (null: the zoo's first training task).
-        max_entries: zoo entries per split at each noise level (null: all).
-        num: samples per path.
-        seed: noise seed.
-    """
-    from weightdiff.evaluate.diagnose import diagnose_generator, write_report
-    from weightdiff.io import check_writable
-    from weightdiff.models.generator import load_generator
-    from weightdiff.zoo import Zoo
-
-    check_writable(out, "diagnose folder")
-    parsed = []
-    for spec in paths:
-        name, _, steps = spec.partition(":")
-        if name not in ("ddim", "dpm") or not steps.isdigit() or int(steps) < 1:
-            raise ConditionError(f"--paths: {spec!r} is not sampler:steps with sampler ddim or dpm and steps >= 1")
-        parsed.append((name, int(steps)))
-    if num < 1:
-        raise ConditionError(f"--num must be at least 1, got {num}")
-    report = diagnose_generator(load_generator(model), Zoo.open(zoo), paths=parsed, task=task,
-                                max_entries=max_entries, num=num, seed=seed)
-    json_path, png = write_report(out, report)
-    train = report["noise_levels"]["train"]
-    t = report["noise_levels"]["timesteps"]
-    print(f"x̂0 MSE on training entries at t = {t[0]}: model {train['model_mse'][0]:.4g}, identity "
-          f"{train['identity_mse'][0]:.4g}; at t = {t[-1]}: model {train['model_mse'][-1]:.4g}")
-    for name, p in report["paths"].items():
-        print(f"{name}: final accuracy {100 * p['final_accuracy']:.1f} %, nearest-zoo distance "
-              f"{p['final_distance']:.3g} (zoo spacing {p['zoo_spacing']:.3g})")
-    print(f"wrote {json_path} and {png}")
-
-
-def demo(run_dir: str = "runs/demo", zoo_config: str = "configs/zoo/rotdigits-lora.yaml",
-         fit_config: str = "configs/rotdigits-lora.yaml", workers: int = 2, quick: bool = False) -> None:
-    """The main job: build the default zoo, train, sample from text, benchmark.
-
-    Args:
-        run_dir: run folder for every output.
-        zoo_config: zoo recipe YAML.
-        fit_config: LightningCLI fit config YAML.
-        workers: zoo build processes (one per core).
-        quick: every stage at test size: tiny zoo, short fit, small benchmark protocol (seconds).
-    """
-    from weightdiff.demo import run_demo
-
-    run_demo(Path(run_dir), zoo_config=Path(zoo_config), fit_config=Path(fit_config), workers=workers, quick=quick)
-
-
-ZOO_COMMANDS: dict[str, Callable[..., None]] = {"build": zoo_build, "info": zoo_info, "verify": zoo_verify}
-COMMANDS: dict[str, Callable[..., None]] = {"export": export, "sample": sample, "evaluate": evaluate,
-                                            "benchmark": benchmark, "diagnose": diagnose, "demo": demo}
-_POSITIONAL = (zoo_info, zoo_verify)  # `weightdiff zoo info PATH`: the required argument is positional
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -409,7 +83,7 @@ def _doc(fn: Callable) -> tuple[str, str]:
 
 def _function_parser(fn: Callable) -> _Parser:
     parser = _Parser(description=_doc(fn)[1])
-    parser.add_function_arguments(fn, as_group=False, as_positional=fn in _POSITIONAL)
+    parser.add_function_arguments(fn, as_group=False, as_positional=fn in POSITIONAL)
     return parser
 
 
@@ -510,7 +184,9 @@ def _run(argv: list[str], from_process: bool) -> int:
         with log_to_stderr(level), (contextlib.nullcontext() if trains else quiet_library_warnings()):
             set_threads(opts.threads)
             if command in LIGHTNING_COMMANDS:
-                from weightdiff.training.lightning_cli import run_lightning_cli  # lightning costs seconds to import
+                from weightdiff.training.lightning_cli import (
+                    run_lightning_cli,  # lightning costs seconds to import
+                )
 
                 run_lightning_cli(argv, keep_process_argv=from_process)
                 return 0
