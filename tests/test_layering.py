@@ -32,6 +32,7 @@ ALLOWED_SIDEWAYS = {
     ("weightdiff.runtime", "weightdiff.errors"),
     ("weightdiff.outputs", "weightdiff.errors"),
     ("weightdiff.outputs", "weightdiff.io"),
+    ("weightdiff.outputs", "weightdiff.runtime"),
     ("weightdiff.evaluate", "weightdiff.sampling"),
     ("weightdiff.training", "weightdiff.sampling"),
     ("weightdiff.__main__", "weightdiff.cli"),

@@ -8,6 +8,7 @@ Each imports its library code inside its body, so building the parser imports no
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from json import dumps
 from pathlib import Path
@@ -20,6 +21,11 @@ MAX_TASK_LINES = 20  # `zoo info` lists tasks one per line up to this many (all 
 # (tests/test_cli.py checks that the two agree).
 Sampler = Literal["ddim", "dpm", "x0"]
 Split = Literal["train", "val", "test"]
+
+
+def _rank_zero() -> bool:
+    """Whether this process is the first (or only) one of a distributed launch (torchrun, Lightning's DDP)."""
+    return all(int(os.environ.get(name, "0")) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 # ------------------------------------------------------------------------------------ zoo
@@ -190,7 +196,8 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
         dirs, info = sample_weights(gen, cond, num, settings, out, use_cache=not no_cache, batch_size=batch_size,
                                     generate=generate, overwrite=overwrite)
     src = "cache" if info["from_cache"] else f"{info['seconds']:.2f} s"
-    print(f"wrote {len(dirs)} samples to {out} ({src})")
+    if _rank_zero():  # with --devices N every rank runs the command; one reports it
+        print(f"wrote {len(dirs)} samples to {out} ({src})")
 
 
 # -------------------------------------------------------------------------------- evaluation

@@ -24,6 +24,7 @@ from typing import Any
 
 from weightdiff.errors import OutputPathError
 from weightdiff.io import atomic_path, check_writable
+from weightdiff.runtime import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def check_output_folder(out: str | Path, *, overwrite: bool = False, what: str =
 
 @contextlib.contextmanager
 def terminate_as_exit() -> Iterator[None]:
-    """Inside the block, SIGTERM raises ``SystemExit(128 + SIGTERM)``, so cleanup runs as on Ctrl-C.
+    """Inside the block, SIGTERM raises :class:`~weightdiff.runtime.Terminated` (exit 143): cleanup runs as on Ctrl-C.
 
     A Python handler already installed for SIGTERM is called first (it may record the signal or
     raise itself); it is restored when the block ends. An ignored SIGTERM stays ignored, and off
@@ -143,7 +144,7 @@ def terminate_as_exit() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         if callable(previous):
             previous(signum, frame)
-        raise SystemExit(128 + signum)
+        raise Terminated
 
     signal.signal(signal.SIGTERM, handler)
     try:
