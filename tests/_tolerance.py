@@ -20,8 +20,12 @@ ten times below it, while a merge with the scaling 1 % off moves the outputs by 
 hundred times it (``test_lora_tolerance_catches_a_wrong_merge``).
 
 Computations that are not one chain of sums of products get their own bounds below: a bilinear
-resampling (:func:`interpolation_tol`), factors taken from an SVD (:func:`svd_factor_tol`) and a
-sampler that feeds each step's rounding into the next (:func:`steps_tol`).
+resampling (:func:`interpolation_tol`), factors taken from an SVD (:func:`svd_factor_tol`), a
+sampler that feeds each step's rounding into the next (:func:`steps_tol`), one sum of known terms
+added in another order (:func:`sum_tol`), the per-entry affine maps of pack and unpack
+(:func:`affine_tol`, :func:`normalize_tol`, :func:`roundtrip_tol`) and a ridge fit's predictions
+(:func:`ridge_prediction_tol`). Two runs of the same computation on the same inputs are compared
+exactly.
 """
 
 from __future__ import annotations
@@ -147,3 +151,163 @@ def steps_tol(per_step: float, steps: int) -> float:
                          f"per_step={per_step}")
     growth = math.sqrt(2.0)
     return per_step * sum(growth ** k for k in range(steps))
+
+
+def sum_tol(abs_sum: float | torch.Tensor, *, reduction: int | torch.Tensor, roundings: int = 0,
+            dtype: torch.dtype = torch.float32) -> float:
+    """Absolute tolerance between two computations of a sum of ``reduction`` terms added in different orders.
+
+    A blocked kernel, a vectorised torch reduction, a Triton tree and autograd's backward add the
+    same terms ``t_k`` sequentially, pairwise or in SIMD lanes. Whatever the order, each sum is
+    within ``λ · sqrt(n) · u · Σ|t_k|`` of the exact one with high probability (Higham & Mary, as
+    for :func:`matmul_tol`), so two of them differ by ``λ · sqrt(n) · eps · Σ|t_k|``. The terms
+    themselves may be rounded differently on the two sides (a difference, a square, a product by
+    a weight) and the sum scaled afterwards (divided by a count): each of those ``roundings``,
+    counted over both computations, adds at most ``u · Σ|t_k|``:
+
+        atol = (λ · sqrt(n) + roundings / 2) · eps(dtype) · Σ|t_k|.
+
+    Args:
+        abs_sum: ``Σ|t_k|`` (already scaled like the compared sum, e.g. divided by a count), or a
+            tensor of them, one per compared sum; the largest bound is returned.
+        reduction: ``n``, the number of terms (a tensor like ``abs_sum`` for several sums).
+        roundings: the roundings of one term and of the scaling of the sum, both sides together.
+        dtype: the dtype both computations ran in.
+
+    Example: the masked MSE of 1,413 squared errors ``t_k`` (``roundings=8``) gets
+    ``≈ 1.8e-5 · mean(t_k)``; dropping a single median term moves it by ``≈ 3e-4 · mean(t_k)``
+    (``test_masked_mse_tolerance_catches_one_dropped_entry``). The worst-case ``(n - 1) u`` bound
+    would be ``≈ 1.7e-4 · mean(t_k)`` there, too loose to see a dropped median term beyond ~2,000 terms.
+    """
+    s = torch.as_tensor(abs_sum).detach().to(torch.float64)
+    n = torch.as_tensor(reduction, dtype=torch.float64).clamp(min=1).expand_as(s)
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or roundings < 0:
+        raise ValueError(f"sum_tol needs finite abs_sum >= 0 and roundings >= 0, got abs_sum={s.tolist()}, "
+                         f"roundings={roundings}")
+    if s.numel() == 0:
+        return 0.0
+    return float(((LAMBDA * n.sqrt() + roundings / 2) * torch.finfo(dtype).eps * s).max())
+
+
+def affine_tol(*, value: float, scale: torch.Tensor, shift: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> float:
+    """Absolute tolerance between two computations of ``x · scale + shift`` with the same ``scale``, ``shift``.
+
+    Each side rounds the product and the sum (once only where they are fused into a multiply-add,
+    which a vectorised kernel may do and a loop may not): ``|fl(fl(x s) + h) - (x s + h)| ≤
+    u · |x s| + u · |x s + h| ≤ 2u · (|x| |s| + |h|)``. Two sides differ by twice that:
+
+        atol = eps(dtype) · 2 · max_t (value · |scale_t| + |shift_t|).
+
+    Unpack (``y · std + mean``) is this map with ``scale = std``, ``shift = mean``.
+
+    Args:
+        value: the largest ``|x|``.
+        scale, shift: (T,) the per-tensor scale and shift.
+        dtype: the dtype of the computation.
+    """
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"affine_tol needs a finite value >= 0, got {value}")
+    s, h = scale.detach().double().abs(), shift.detach().double().abs()
+    return 2 * torch.finfo(dtype).eps * float((value * s + h).max())
+
+
+def normalize_tol(*, value: float, mean: torch.Tensor, std: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """Absolute tolerance between pack's ``x · fl(1 / std) + fl(-mean / std)`` and ``(x - mean) / std``.
+
+    Pack rounds ``1 / std`` and ``-mean / std`` once each (from float64), then the product and the
+    sum: at most ``u · (3 |x| + 2 |mean|) / std``. The specification rounds the difference and the
+    quotient: at most ``2u · (|x| + |mean|) / std``. Together ``5u · (|x| + |mean|) / std``, and
+    with one ``u`` for the second-order terms
+
+        atol = 3 · eps(dtype) · max_t (value + |mean_t|) / std_t.
+
+    Gradients of pack by ``flat`` (``g · fl(1 / std)`` against ``g / std``) are the case ``mean = 0``.
+
+    Args:
+        value: the largest ``|x|``.
+        mean, std: (T,) the per-tensor statistics.
+        dtype: the dtype of the computation.
+    """
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"normalize_tol needs a finite value >= 0, got {value}")
+    m, s = mean.detach().double().abs(), std.detach().double().abs()
+    return 3 * torch.finfo(dtype).eps * float(((value + m) / s).max())
+
+
+def roundtrip_tol(*, value: float, mean: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """Absolute tolerance between ``unpack(pack(x))`` and ``x``.
+
+    Pack's result is off by at most ``u · (3 |x| + 2 |mean|) / std`` (:func:`normalize_tol`), which
+    unpack multiplies back by ``std``; unpack then rounds the product ``y · std`` (at most
+    ``u · (|x| + |mean|)``) and the sum (at most ``u · |x|``). Together ``5u · (|x| + |mean|)``, and
+    with one ``u`` for the second-order terms
+
+        atol = 3 · eps(dtype) · (value + max_t |mean_t|).
+
+    ``std`` drops out: a wrong ``std`` on either side moves entries by ``|x - mean|`` times the
+    relative error, far above this.
+
+    Args:
+        value: the largest ``|x|``.
+        mean: (T,) the per-tensor means.
+        dtype: the dtype of the computation.
+    """
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"roundtrip_tol needs a finite value >= 0, got {value}")
+    return 3 * torch.finfo(dtype).eps * (value + float(mean.detach().double().abs().max()))
+
+
+def ridge_prediction_tol(features: torch.Tensor, new_features: torch.Tensor, coef: torch.Tensor,
+                         intercept: torch.Tensor, alpha: float, *, dtype: torch.dtype = torch.float32) -> float:
+    """Absolute tolerance between a ridge fit's predictions and the exact map ``y = x · W + b`` it was fitted to.
+
+    The fit standardises the features, ``z = (x - μ) / s`` (``Z`` the centred training rows,
+    ``G = ZᵀZ``, ``λ_min`` its smallest eigenvalue), in whose coordinates the map's coefficients
+    are ``β = s ⊙ W`` (per output column). The prediction at ``z₀`` is
+    ``ŷ = ȳ + z₀ᵀ (G + αI)⁻¹ Zᵀ y``, and it departs from ``x₀ · W + b`` in four ways:
+
+    * the targets were rounded to ``dtype``: ``|e_i| ≤ (C + 1) u · (|x_i| |W| + |b|)`` (a sum of
+      ``C`` products and ``b``; Higham §3.1), and ``ŷ`` moves by ``h · e`` with
+      ``‖h‖₂ ≤ sqrt(1 / n + ‖z₀‖² / λ_min)``;
+    * the penalty shrinks the coefficients to ``β - α (G + αI)⁻¹ β``: at most
+      ``α · ‖z₀‖ · ‖β‖ / (λ_min + α)``;
+    * the float64 Cholesky solve is backward stable: ``eps(float64) · cond(G + αI)`` relative to
+      ``‖z₀‖ ‖β‖ + |ȳ|``;
+    * the prediction is rounded to ``dtype`` (``u · |ŷ|``) and the reference ``x₀ · W + b``
+      computed in it (``(C + 1) u · (|x₀| |W| + |b|)``).
+
+    Each is a first-order bound, not an estimate, so no safety factor is applied; the largest sum
+    over new rows and output columns is returned. For 40 standard-normal rows of 3 features and
+    ``α = 1e-6`` this is ~4e-6; ``α = 1e-3`` shrinks predictions by ~1e-4.
+
+    Args:
+        features: (n, C) the training conditions.
+        new_features: (m, C) the conditions predicted at.
+        coef, intercept: (C, P) and (P,) the exact map.
+        alpha: the ridge penalty of the fit.
+        dtype: the dtype of the targets, the prediction and the reference.
+    """
+    x, x0 = features.detach().double(), new_features.detach().double()
+    w, b = coef.detach().double(), intercept.detach().double()
+    n, c = x.shape
+    if n < 2 or alpha < 0:
+        raise ValueError(f"ridge_prediction_tol needs >= 2 training rows and alpha >= 0, got n={n}, alpha={alpha}")
+    u = torch.finfo(dtype).eps / 2
+    mu, s = x.mean(0), x.std(0)
+    z, z0 = (x - mu) / s, (x0 - mu) / s
+    eig = torch.linalg.eigvalsh(z.T @ z)
+    lam_min, lam_max = float(eig[0]), float(eig[-1])
+    beta = s[:, None] * w  # (C, P)
+    beta_norm = beta.norm(dim=0)  # (P,)
+    z0_norm = z0.norm(dim=1, keepdim=True)  # (m, 1)
+    target_err = (c + 1) * u * (x.abs() @ w.abs() + b.abs())  # (n, P)
+    hat = (1 / n + z0_norm ** 2 / lam_min).sqrt()  # (m, 1)
+    y_mean = (x @ w + b).mean(0).abs()  # (P,)
+    cond = (lam_max + alpha) / (lam_min + alpha)
+    bound = (hat * target_err.norm(dim=0)
+             + alpha * z0_norm * beta_norm / (lam_min + alpha)
+             + torch.finfo(torch.float64).eps * cond * (z0_norm * beta_norm + y_mean)
+             + u * (x0 @ w + b).abs() + (c + 1) * u * (x0.abs() @ w.abs() + b.abs()))
+    return float(bound.max())

@@ -52,6 +52,29 @@ def zoo_build(config: str, root: str = "checkpoints_zoo", shard: str = "0/1", wo
           f"in {report.seconds:.1f} s{acc}")
 
 
+def zoo_import(manifest: str, base: str | None = None, name: str | None = None, root: str = "checkpoints_zoo",
+               no_progress: bool = False) -> None:
+    """Build a zoo from existing checkpoints listed in a manifest (resumable).
+
+    Every row is checked before anything is written; a bad row is one error naming the line and field.
+
+    Args:
+        manifest: JSONL or CSV file, one row per checkpoint: path (a PEFT adapter folder or a
+            .safetensors state dict), task, split (train/heldout), descriptions; optional
+            heldout_kind, code, metrics, seed, checkpoint (see weightdiff.zoo.importer).
+        base: base network of a LoRA family: a .safetensors state dict, or a folder holding
+            model.safetensors (null for full families).
+        name: zoo name (null: the manifest's file name without its suffix).
+        root: folder holding zoos.
+        no_progress: no progress bar.
+    """
+    from weightdiff.zoo import import_zoo
+
+    report = import_zoo(manifest, base, name=name, root=root, progress=not no_progress)
+    print(f"zoo {report.zoo_dir}: {report.rows} checkpoints in {manifest}; {report.skipped} already imported, "
+          f"{report.written} imported in {report.seconds:.1f} s")
+
+
 def _fmt_acc(stats: dict[str, float | None]) -> str:
     if not stats["n"]:
         return "test acc –"
@@ -254,7 +277,8 @@ def benchmark(suite: str, zoo: str, out: str, model: str | None = None, num: int
     Writes results.json, results.md, predictions/*.npz and PNG plots under --out.
 
     Args:
-        suite: digits-cnn, mnist1d-cnn or adapt-lora (weightdiff.tasks.suites).
+        suite: a shipped suite (digits-cnn, mnist1d-cnn, adapt-lora) or a suite YAML file
+            (weightdiff.tasks.suites).
         zoo: zoo directory (its training split is what the generator saw).
         out: output directory.
         model: exported generator directory (null: the baselines alone).
@@ -352,7 +376,8 @@ def demo(run_dir: str = "runs/demo", zoo_config: str = "configs/zoo/rotdigits-lo
     run_demo(Path(run_dir), zoo_config=Path(zoo_config), fit_config=Path(fit_config), workers=workers, quick=quick)
 
 
-ZOO_COMMANDS: dict[str, Callable[..., None]] = {"build": zoo_build, "info": zoo_info, "verify": zoo_verify}
+ZOO_COMMANDS: dict[str, Callable[..., None]] = {"build": zoo_build, "import": zoo_import, "info": zoo_info,
+                                                "verify": zoo_verify}
 COMMANDS: dict[str, Callable[..., None]] = {"export": export, "sample": sample, "evaluate": evaluate,
                                             "benchmark": benchmark, "diagnose": diagnose, "demo": demo}
-POSITIONAL = (zoo_info, zoo_verify)  # `weightdiff zoo info PATH`: the required argument is positional
+POSITIONAL = (zoo_import, zoo_info, zoo_verify)  # `weightdiff zoo info PATH`: the required argument is positional

@@ -67,3 +67,7 @@ class BenchmarkError(WeightDiffError):
 
 class OutputPathError(WeightDiffError):
     """An output location cannot be written: read-only, full, not a folder, or already holding results."""
+
+
+class TaskFamilyError(WeightDiffError):
+    """A task family plug-in (entry point of group ``weightdiff.tasks``) cannot be loaded or registered."""

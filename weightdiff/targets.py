@@ -2,8 +2,12 @@
 
 :class:`Target` evaluates many weight sets at once. Weights are named as in the zoo's files:
 the full state dict for full zoos, PEFT adapter keys for LoRA zoos, e.g.
-``base_model.model.conv2.lora_A.weight``. For LoRA the merged weight of each adapted layer is
-computed differentiably (LoRA, Hu et al. 2021, eq. 3: ``h = W0 x + (alpha / r) B A x``), so
+``base_model.model.conv2.lora_A.weight``. For LoRA each sample's tensors are substituted into
+the base with PEFT's own LoRA layers injected, so every layer computes PEFT's
+``h = W0 x + scaling · B A x`` (LoRA, Hu et al. 2021, eq. 3), one ``W0`` shared by all S samples,
+honouring what PEFT honours (``fan_in_fan_out`` for GPT-2's ``Conv1D``, rsLoRA, rank/alpha
+patterns, ``bias``, ``modules_to_save``, regex ``target_modules``, ``layers_to_transform``); fields
+that would make it something else (DoRA, LoRA biases, base-rewriting inits) are refused.
 ``forward_batched`` serves both the functional training loss and batched evaluation.
 """
 
@@ -19,6 +23,7 @@ from typing import Any, Literal
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import layer as lora_layer
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 from torch.func import functional_call, vmap
@@ -33,14 +38,68 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT's prefix of base-module names in adapter keys
 
 
+# LoraConfig fields whose function substituted A/B tensors do not give (variants, changed architectures)
+_REFUSED_FIELDS = ("use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+                   "use_qalora", "alora_invocation_tokens", "arrow_config", "megatron_config", "use_bdlora",
+                   "velora_config", "monteclora_config", "kasa_config")
+# init_lora_weights values that leave the base weights as given (the others, e.g. "pissa", "olora",
+# "loftq", "corda", rewrite W0 when PEFT builds or loads the adapter, so its function needs that W0).
+_KEPT_BASE_INITS = (True, False, "gaussian", "orthogonal")
+_LORA_LAYERS = (lora_layer.Linear, lora_layer.Embedding, lora_layer.Conv1d, lora_layer.Conv2d, lora_layer.Conv3d)
+_ADAPTER = "default"  # PEFT's name of the one adapter a Target injects
+
+
 @dataclass(frozen=True)
 class _LoraSlot:
-    """One LoRA-adapted layer: where its A/B tensors live and how they merge into the base."""
+    """One LoRA-adapted layer of the injected network and the base parameter it changes."""
 
+    module_name: str   # in the base network, e.g. "conv2"
     weight_name: str   # base parameter, e.g. "conv2.weight"
-    key_a: str         # adapter key, e.g. "base_model.model.conv2.lora_A.weight"
-    key_b: str
-    scaling: float     # alpha / r (or alpha / sqrt(r) with rsLoRA), read from PEFT itself
+    scaling: float     # alpha / r (or alpha / sqrt(r) with rsLoRA, per rank/alpha pattern), read from PEFT
+
+
+class _DeltaWeights(nn.Module):
+    """``forward()``: PEFT's ``get_delta_weight`` of every adapted layer, keyed by base weight name.
+
+    Run with :func:`torch.func.functional_call` to substitute one sample's A/B tensors: the deltas
+    are PEFT's own (``fan_in_fan_out`` transposition, conv kernels, scaling) and differentiable.
+    """
+
+    def __init__(self, net: nn.Module, slots: list[_LoraSlot]) -> None:
+        super().__init__()
+        self.net, self.slots = net, slots
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        layers = dict(self.net.named_modules())
+        return {slot.weight_name: layers[slot.module_name].get_delta_weight(_ADAPTER) for slot in self.slots}
+
+
+def _check_plain_lora(config: LoraConfig) -> None:
+    """Refuse the ``LoraConfig`` fields whose function :class:`Target` does not compute.
+
+    Raises:
+        TargetMismatchError: naming the field and its value.
+    """
+    for field in _REFUSED_FIELDS:
+        value = getattr(config, field, None)
+        if value not in (None, False) and value != [] and value != {}:
+            raise TargetMismatchError(f"lora_config: '{field}' is {value!r}; only plain LoRA is supported, "
+                                      f"expected '{field}' unset (None/False)")
+    init = config.init_lora_weights  # booleans compared with `is`: 1 == True, but 1 is no PEFT init
+    if not any(init is kept or (isinstance(kept, str) and init == kept) for kept in _KEPT_BASE_INITS):
+        raise TargetMismatchError(f"lora_config: 'init_lora_weights' is {init!r}, which rewrites the base "
+                                  f"weights when PEFT loads the adapter; expected one of {list(_KEPT_BASE_INITS)} "
+                                  "(convert the adapter to plain LoRA first)")
+    if config.bias == "all" and config.modules_to_save:
+        raise TargetMismatchError(f"lora_config: 'bias' is 'all' together with 'modules_to_save' "
+                                  f"{sorted(config.modules_to_save)}; PEFT then saves one bias under two keys. "
+                                  "Expected bias 'none' or 'lora_only' with modules_to_save")
+
+
+def _shared_copy(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers are the same tensors as its own."""
+    memo: dict[int, Any] = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 def _json_config(config: LoraConfig) -> dict[str, Any]:
@@ -70,7 +129,10 @@ class Target:
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
         self.lora_config = lora_config
         self._slots: list[_LoraSlot] = []
-        self._saved: dict[str, str] = {}  # modules_to_save key -> base parameter name
+        self._names: dict[str, str] = {}  # adapter key -> its parameter in the LoRA-injected network
+        self._saved: dict[str, str] = {}  # adapter key of a substituted base tensor -> base parameter name
+        self._net: nn.Module | None = None  # LoRA: the base with PEFT's layers injected, sharing its tensors
+        self._deltas: _DeltaWeights | None = None
         if kind == "full":
             self._shapes = {k: tuple(v.shape) for k, v in self.module.named_parameters()}
         elif kind == "lora":
@@ -99,8 +161,16 @@ class Target:
         Args:
             base_module: the base network with its trained weights.
             lora_config: ``LoraConfig`` keyword arguments (``r``, ``lora_alpha``,
-                ``target_modules``, optional ``modules_to_save``), the contents of an
-                ``adapter_config.json``, or a ``LoraConfig``.
+                ``target_modules`` as names or a regex, optional ``modules_to_save``,
+                ``fan_in_fan_out``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``bias``,
+                ``layers_to_transform``, ...), the contents of an ``adapter_config.json``, or a
+                ``LoraConfig``. ``lora_dropout`` and ``init_lora_weights`` do not change a given
+                adapter's function (the target runs in eval mode; the tensors are substituted).
+
+        Raises:
+            TargetMismatchError: a field whose function is not computed (``use_dora``,
+                ``lora_bias``, a base-rewriting ``init_lora_weights`` such as ``"pissa"``, ...),
+                named, or a target module that is not Linear/Embedding/Conv/``Conv1D``.
         """
         return cls(base_module, "lora", make_lora_config(lora_config))
 
@@ -146,30 +216,50 @@ class Target:
         return cls.lora(load_base_network(module, base_state, source), lora_config)
 
     def _inspect_lora(self, config: LoraConfig) -> dict[str, tuple[int, ...]]:
-        if config.use_dora or config.lora_bias or config.bias != "none":
-            raise TargetMismatchError("lora_config: only plain LoRA is supported "
-                                      f"(use_dora=False, lora_bias=False, bias='none'); got use_dora="
-                                      f"{config.use_dora}, lora_bias={config.lora_bias}, bias={config.bias!r}")
-        peft_model = get_peft_model(copy.deepcopy(self.module), copy.deepcopy(config))
+        """Inject PEFT's LoRA layers into a tensor-sharing copy of the base and map the adapter keys.
+
+        Sets ``_net`` (the injected network; its base tensors are ``self.module``'s own, its A/B
+        placeholders are replaced per sample), ``_names`` (adapter key → parameter of ``_net``),
+        ``_slots`` (the adapted layers) and ``_saved`` (adapter keys that replace a base tensor:
+        ``modules_to_save`` and, with ``bias`` 'all'/'lora_only', biases).
+        """
+        _check_plain_lora(config)  # the initialisations left are those that keep W0 as given
+        peft_model = get_peft_model(_shared_copy(self.module), copy.deepcopy(config))
+        net = peft_model.base_model.model.eval().requires_grad_(False)
         state = get_peft_model_state_dict(peft_model)
-        base_names = dict(self.module.named_parameters())
-        for name, layer in peft_model.base_model.model.named_modules():
+        base_of = {id(p): n for n, p in self.module.named_parameters()}
+        lora_ids: set[int] = set()
+        for name, layer in net.named_modules():
             if not isinstance(layer, LoraLayer):
                 continue
             base_layer = layer.get_base_layer()
+            if not isinstance(layer, _LORA_LAYERS):
+                raise TargetMismatchError(f"lora target module '{name}' is a {type(base_layer).__name__}; expected "
+                                          "Linear, Embedding, Conv1d/2d/3d or transformers' Conv1D")
             if getattr(base_layer, "groups", 1) != 1:
                 raise TargetMismatchError(f"lora target module '{name}' is a grouped conv; not supported")
-            self._slots.append(_LoraSlot(
-                weight_name=f"{name}.weight", key_a=f"{PEFT_PREFIX}{name}.lora_A.weight",
-                key_b=f"{PEFT_PREFIX}{name}.lora_B.weight", scaling=float(layer.scaling["default"])))
-        lora_keys = {s.key_a for s in self._slots} | {s.key_b for s in self._slots}
-        for key in state:
-            if key in lora_keys:
+            self._slots.append(_LoraSlot(module_name=name, weight_name=base_of[id(base_layer.weight)],
+                                         scaling=float(layer.scaling[_ADAPTER])))
+            lora_ids |= {id(p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")}
+        params = dict(net.named_parameters())
+        by_storage: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+        for name, p in params.items():
+            by_storage.setdefault((p.data_ptr(), tuple(p.shape)), []).append(name)
+        for key, value in state.items():  # PEFT's state dict holds the parameters' own storage
+            found = by_storage.get((value.data_ptr(), tuple(value.shape)), [])
+            if len(found) != 1:
+                raise TargetMismatchError(f"adapter key '{key}' maps to {len(found)} parameters of the LoRA "
+                                          f"network {found}, expected exactly 1")
+            name = self._names[key] = found[0]
+            if id(params[name]) in lora_ids:
                 continue
-            base_name = key.removeprefix(PEFT_PREFIX)
-            if base_name not in base_names:
+            original = name.replace(f".modules_to_save.{_ADAPTER}.", ".original_module.")
+            base_name = base_of.get(id(params.get(original)))
+            if base_name is None:
                 raise TargetMismatchError(f"adapter key '{key}' maps to no base parameter")
             self._saved[key] = base_name
+        self._net = net
+        self._deltas = _DeltaWeights(net, self._slots)
         return {k: tuple(v.shape) for k, v in state.items()}
 
     # ------------------------------------------------------------------ shapes and checks
@@ -211,44 +301,61 @@ class Target:
         return sizes.pop() if batched else None
 
     # ------------------------------------------------------------------ functional forward
+    def adapted_names(self) -> list[str]:
+        """Base parameters a LoRA adapter changes (adapted weights, substituted biases and modules), sorted."""
+        return sorted({slot.weight_name for slot in self._slots} | set(self._saved.values()))
+
     def merged_params(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Parameters of the target network for one sample (no S dimension).
+        """Parameters of the target network for one sample (no S dimension), named as in the base.
 
         For full targets this is ``params`` itself; for LoRA the base weights with each adapted
-        weight replaced by ``W0 + scaling · B A`` (conv kernels: ``B (out, r, 1…)`` times
-        ``A (r, in, k…)`` summed over r), and ``modules_to_save`` tensors substituted.
+        weight replaced by ``W0 + ΔW``, ``ΔW`` being PEFT's ``get_delta_weight`` of the sample's
+        tensors (``scaling · B A``, transposed for ``fan_in_fan_out`` layers such as GPT-2's
+        ``Conv1D`` whose weight is ``(in, out)``; conv kernels ``B (out, r, 1…)`` times
+        ``A (r, in, k…)``), and ``modules_to_save`` / bias tensors substituted. Works under
+        :func:`torch.func.vmap`.
+
+        Example: a ``Conv1D(nf=12, nx=6)`` with r=2 stores ``W0 (6, 12)``; the adapter holds
+        ``lora_A (2, 6)`` and ``lora_B (12, 2)``, and ``ΔW = scaling · (B @ A).T`` is ``(6, 12)``.
         """
         if self.kind == "full":
             return dict(params)
+        assert self._deltas is not None
         merged = dict(self.module.named_parameters())
-        for slot in self._slots:
-            a, b = params[slot.key_a], params[slot.key_b]
-            w0 = merged[slot.weight_name]
-            delta = (b.flatten(1) @ a.flatten(1)).reshape(w0.shape)  # (out, r) @ (r, in·k…) → W's shape
-            merged[slot.weight_name] = w0 + slot.scaling * delta
+        deltas = functional_call(self._deltas, {f"net.{self._names[k]}": v for k, v in params.items()}, ())
+        for name, delta in deltas.items():
+            merged[name] = merged[name] + delta
         for key, base_name in self._saved.items():
             merged[base_name] = params[key]
         return merged
 
-    def forward_batched(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Logits of S weight sets on one input batch.
+    def _call(self, params: Mapping[str, torch.Tensor], args: tuple[Any, ...],
+              kwargs: Mapping[str, Any] | None = None) -> Any:
+        """The network on ``args`` with one sample's tensors (no S dimension) substituted."""
+        if self.kind == "full":
+            return functional_call(self.module, dict(params), args, kwargs)
+        assert self._net is not None
+        # h = W0 x + scaling · B A x in each injected layer: the base W0 is shared, never copied per sample
+        return functional_call(self._net, {self._names[k]: v for k, v in params.items()}, args, kwargs)
+
+    def forward_batched(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> Any:
+        """Outputs of S weight sets on one input batch.
 
         Args:
             params: tensors ``(S, *shape)`` named as in :meth:`param_shapes`.
-            x: inputs ``(N, *input_shape)``.
+            x: inputs ``(N, *input_shape)`` (for a Hugging Face model, e.g. ``input_ids (N, L)``).
+            **kwargs: further inputs of the network's forward, the same for every weight set
+                (e.g. ``attention_mask``).
 
         Returns:
-            logits ``(S, N, C)``; differentiable with respect to ``params``.
+            logits ``(S, N, C)`` (or the network's output with every tensor given a leading S,
+            e.g. a ``ModelOutput`` whose ``last_hidden_state`` is ``(S, N, L, H)``);
+            differentiable with respect to ``params``.
         """
         self.check(params, batched=True)
-        module = self.module
+        return vmap(lambda p: self._call(p, (x,), kwargs))(dict(params))  # (S, N, C)
 
-        def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(module, self.merged_params(p), (x,))  # (N, C)
-
-        return vmap(one)(dict(params))  # (S, N, C)
-
-    def forward_each(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward_each(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> Any:
         """Logits of S weight sets, each on its own input batch (the functional loss's case).
 
         Args:
@@ -259,12 +366,7 @@ class Target:
             logits ``(S, N, C)``; differentiable with respect to ``params``.
         """
         self.check(params, batched=True)
-        module = self.module
-
-        def one(p: dict[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
-            return functional_call(module, self.merged_params(p), (xs,))  # (N, C)
-
-        return vmap(one)(dict(params), x)  # (S, N, C)
+        return vmap(lambda p, xs: self._call(p, (xs,)))(dict(params), x)  # (S, N, C): row s on weight set s
 
     @torch.no_grad()
     def accuracy(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -321,7 +423,8 @@ class Target:
 
         Raises:
             WeightFileError: a file is missing or unreadable.
-            TargetMismatchError: a missing/unexpected key, a wrong shape or a different scaling.
+            TargetMismatchError: a missing/unexpected key, a wrong shape, a different scaling or an
+                adapter config with a field :class:`Target` refuses (e.g. ``use_dora``).
         """
         params = self.load_params(path)
         if self.kind == "full":
@@ -336,6 +439,13 @@ class Target:
             # PEFT would build rank-r layers and fail copying the (checked) tensors into them.
             raise TargetMismatchError(f"{directory / ADAPTER_CONFIG_FILE}: 'r' is {cfg['r']!r}, expected "
                                       f"{self.lora_config.r} (the rank of the adapter tensors and of this target)")
+        if isinstance(cfg, dict):  # PEFT would load a DoRA or base-rewriting adapter as something else
+            known = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__}
+            try:
+                _check_plain_lora(make_lora_config(known))
+            except (TargetMismatchError, ValueError, TypeError) as exc:  # ValueError: not a valid LoraConfig
+                raise TargetMismatchError(f"{directory / ADAPTER_CONFIG_FILE}: "
+                                          f"{str(exc).strip().splitlines()[-1]}") from None
         try:
             model = PeftModel.from_pretrained(copy.deepcopy(self.module), str(directory))
         except (RuntimeError, ValueError, TypeError) as exc:  # any other config/tensor disagreement
@@ -344,7 +454,7 @@ class Target:
         loaded = {name: float(layer.scaling["default"]) for name, layer in model.base_model.model.named_modules()
                   if isinstance(layer, LoraLayer)}
         for slot in self._slots:
-            name = slot.weight_name.removesuffix(".weight")
+            name = slot.module_name
             if name not in loaded or abs(loaded[name] - slot.scaling) > 1e-12:
                 raise TargetMismatchError(f"{directory / ADAPTER_CONFIG_FILE}: module '{name}' has LoRA scaling "
                                           f"{loaded.get(name)}, expected {slot.scaling}")

@@ -38,7 +38,7 @@ from weightdiff.evaluate.report import (
 )
 from weightdiff.evaluate.weights import evaluate_params
 from weightdiff.tasks import Task, get_task
-from weightdiff.tasks.suites import SUITES
+from weightdiff.tasks.suites import load_suite
 from weightdiff.models.generator import load_generator
 from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
 from weightdiff.zoo import Zoo
@@ -186,7 +186,7 @@ def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.
     return rows
 
 
-def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: str | Path, *, num: int = 32,
+def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, out: str | Path, *, num: int = 32,
                   steps: int | None = None, sampler: str | None = None, guidance: float = 1.0,
                   from_description: bool = False,
                   seed: int = 0, max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None,
@@ -198,7 +198,8 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
     """Run the whole protocol on one suite and write the results under ``out``.
 
     Args:
-        suite: ``"digits-cnn"``, ``"mnist1d-cnn"`` or ``"adapt-lora"``.
+        suite: a shipped suite (``"digits-cnn"``, ``"mnist1d-cnn"``, ``"adapt-lora"``) or the path of a
+            suite YAML file (:func:`weightdiff.tasks.suites.load_suite`).
         model: exported generator directory; ``None`` runs the baselines alone (no "generated" row).
         zoo: the zoo directory (its training split is what the generator saw).
         out: output directory.
@@ -222,9 +223,8 @@ def run_benchmark(suite: str, model: str | Path | None, zoo: str | Path, out: st
     Returns:
         The results dict written to ``results.json`` (keys listed in ``report.RESULT_KEYS``).
     """
-    if suite not in SUITES:
-        raise BenchmarkError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
-    kind, family = SUITES[suite]
+    spec = load_suite(suite)
+    suite, kind, family = spec.name, spec.kind, spec.family
     zoo_obj = Zoo.open(zoo)
     if zoo_obj.kind != kind or zoo_obj.family != family:
         raise BenchmarkError(f"suite '{suite}' needs a {kind} zoo of family '{family}', but {zoo} is a "

@@ -26,7 +26,7 @@ import torch
 from torch.func import vmap
 
 from weightdiff.evaluate.baselines import align_full
-from weightdiff.targets import PEFT_PREFIX, Target
+from weightdiff.targets import Target
 from weightdiff.weights.canonical import PermutationSpec, sequential_permutation_spec
 
 
@@ -65,15 +65,6 @@ def wrong_set_iou(preds: torch.Tensor, labels: torch.Tensor, zoo_preds: torch.Te
     return torch.where(torch.isinf(best), torch.full_like(best, float("nan")), best)
 
 
-def _base_name(adapter_key: str) -> str:
-    """``base_model.model.fc.lora_A.weight`` → ``fc.weight``; saved modules keep their name."""
-    name = adapter_key.removeprefix(PEFT_PREFIX)
-    for part in (".lora_A.", ".lora_B."):
-        if part in name:
-            return name.split(part)[0] + ".weight"
-    return name
-
-
 class ComparisonSpace:
     """The symmetry-free, z-scored space in which weight-space distances to the zoo are measured.
 
@@ -106,7 +97,7 @@ class ComparisonSpace:
             self.spec = sequential_permutation_spec(first)
             self.reference = align_full(first, first, self.spec)
         # Base parameters an adapter changes: adapted weights (ΔW) and modules_to_save tensors.
-        self._lora_names = sorted({_base_name(k) for k in target.param_shapes()}) if self.kind == "lora" else []
+        self._lora_names = target.adapted_names() if self.kind == "lora" else []
         raw = self._raw(self.zoo_params)
         self.scale = {k: v.std().clamp_min(1e-12) for k, v in raw.items()}
         self.points = self._zscore(raw)                                           # (Z, P')

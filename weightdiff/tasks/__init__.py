@@ -1,10 +1,13 @@
 """Task families: task strings, data, descriptions, codes and target networks.
 
 ``get_task("rotdigits:angle=40,flip=1")`` builds a :class:`Task`; see ``docs/architecture.md``
-for the families. Importing this package registers ``digits``, ``mnist1d`` and ``rotdigits``.
+for the families. Importing this package registers ``digits``, ``mnist1d`` and ``rotdigits``;
+other installed packages add families through the entry-point group ``weightdiff.tasks``
+(see :class:`Task`).
 """
 
 from weightdiff.tasks.base import (
+    ENTRY_POINT_GROUP,
     Factor,
     Task,
     TaskData,
@@ -13,12 +16,13 @@ from weightdiff.tasks.base import (
     get_task,
     list_families,
     make_task,
+    register_family,
 )
 from weightdiff.tasks.digits import DigitsTask
 from weightdiff.tasks.mnist1d import MNIST1DTask
 from weightdiff.tasks.rotdigits import RotDigitsTask, rotate_images
 
 __all__ = [
-    "DigitsTask", "Factor", "MNIST1DTask", "RotDigitsTask", "Task", "TaskData", "canonical_name", "get_family",
-    "get_task", "list_families", "make_task", "rotate_images",
+    "ENTRY_POINT_GROUP", "DigitsTask", "Factor", "MNIST1DTask", "RotDigitsTask", "Task", "TaskData", "canonical_name",
+    "get_family", "get_task", "list_families", "make_task", "register_family", "rotate_images",
 ]

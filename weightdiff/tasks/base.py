@@ -13,6 +13,7 @@ and ``task.name`` always agree and ``get_task(task.name) == task``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import re
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from weightdiff.errors import TaskStringError
+from weightdiff.errors import TaskFamilyError, TaskStringError
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,25 @@ class Task:
     Subclasses (one per family) implement the data, the code, the descriptions and the target
     network; the fields are the same for all families.
 
+    To add a family, write one frozen dataclass subclass:
+
+    * class attributes: ``family_name`` (the prefix of its task strings), ``factor_specs`` (one
+      :class:`Factor` per key of the task string; empty for a single-task family), ``kind``
+      (``"full"``: whole networks; ``"lora"``: adapters on a frozen base, whose family is
+      ``base_family``), ``NUM_CLASSES`` and ``INPUT_SHAPE``;
+    * methods: :meth:`descriptions`, :meth:`data` and :meth:`build_network` (required);
+      :meth:`code`, :meth:`heldout_description` and :meth:`default_lora_config` (optional);
+    * registration: decorate it with :func:`register_family` in a module that is imported, or,
+      from another installed package, name it (or a function registering it) as an entry point
+      of group :data:`ENTRY_POINT_GROUP` whose name is the family name::
+
+          # pyproject.toml of the other package
+          [project.entry-points."weightdiff.tasks"]
+          tinyfam = "tinyfam:TinyTask"
+
+      Entry points are loaded lazily, the first time a family name is not found among the
+      registered ones (or when the families are listed).
+
     Attributes:
         name: canonical task string, e.g. ``"rotdigits:angle=40,flip=1"``.
         family: family name, e.g. ``"rotdigits"``.
@@ -175,27 +195,129 @@ class Task:
         return None
 
 
+ENTRY_POINT_GROUP = "weightdiff.tasks"
+
 _FAMILIES: dict[str, type[Task]] = {}
+_LOADED_ENTRY_POINTS: set[tuple[str, str, str]] = set()  # (package, name, value) registered already
+_SCANNED_ALL = False  # every installed entry point has been loaded once
 
 
 def register_family(cls: type[Task]) -> type[Task]:
     """Class decorator adding a :class:`Task` subclass to the registry under ``family_name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"register_family expects a Task subclass, got {cls!r}")
     if not cls.family_name:
         raise ValueError(f"{cls.__name__} has no family_name")
     _FAMILIES[cls.family_name] = cls
     return cls
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _package(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else "an unnamed package"
+
+
+def _load_entry_point(ep: importlib.metadata.EntryPoint) -> None:
+    """Import one entry point and register the family it names.
+
+    The entry point names a :class:`Task` subclass (registered here) or a function taking no
+    arguments that registers one; either way a family named ``ep.name`` must be registered after.
+
+    Raises:
+        TaskFamilyError: the import or the registration fails, the object is neither, or the
+            family registered under ``ep.name`` is missing or clashes with another class.
+    """
+    package = _package(ep)
+    key = (package, ep.name, ep.value)
+    if key in _LOADED_ENTRY_POINTS:
+        return
+    where = (f"task family plug-in '{ep.name} = {ep.value}' (entry point group '{ENTRY_POINT_GROUP}' "
+             f"of package '{package}')")
+
+    def fail(why: str) -> TaskFamilyError:
+        return TaskFamilyError(f"{where} {' '.join(why.split())}")  # one line, whatever the cause prints
+
+    previous = _FAMILIES.get(ep.name)
+    try:
+        obj = ep.load()
+    except Exception as exc:
+        raise fail(f"cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, type) and issubclass(obj, Task):
+        if obj.family_name != ep.name:
+            raise fail(f"names {_qualified(obj)} of family_name {obj.family_name!r}; expected the entry-point "
+                       f"name {ep.name!r}")
+        register_family(obj)
+    elif callable(obj):
+        try:
+            obj()
+        except Exception as exc:
+            raise fail(f"failed while registering: {type(exc).__name__}: {exc}") from exc
+    else:
+        raise fail(f"names a {type(obj).__name__}; expected a Task subclass or a function registering one")
+    registered = _FAMILIES.get(ep.name)
+    if registered is None:
+        raise fail(f"registered no family named '{ep.name}' (registered: {sorted(_FAMILIES)}); the entry-point "
+                   "name must be the family name")
+    if previous is not None and _qualified(previous) != _qualified(registered):
+        _FAMILIES[ep.name] = previous  # the family registered first stays
+        raise fail(f"registers {_qualified(registered)} as family '{ep.name}', which {_qualified(previous)} "
+                   "already is")
+    _LOADED_ENTRY_POINTS.add(key)
+
+
+def _entry_points(name: str | None = None) -> list[importlib.metadata.EntryPoint]:
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in eps if name is None or ep.name == name]
+
+
+def _lookup(name: str) -> type[Task] | None:
+    """The registered family ``name``, loading the entry points of that name if it is not yet known."""
+    if name not in _FAMILIES:
+        for ep in _entry_points(name):
+            _load_entry_point(ep)
+    return _FAMILIES.get(name)
+
+
+def _known_families() -> list[str]:
+    """Registered families (for error messages): entry points are loaded, broken ones skipped."""
+    if not _SCANNED_ALL:
+        for ep in _entry_points():
+            try:
+                _load_entry_point(ep)
+            except TaskFamilyError:
+                pass  # reported when that family itself is asked for, or the families are listed
+    return sorted(_FAMILIES)
+
+
 def list_families() -> list[str]:
-    """Names of the registered task families, sorted."""
+    """Names of the task families, sorted: those registered in code and every installed plug-in.
+
+    Raises:
+        TaskFamilyError: an installed plug-in cannot be loaded (naming its entry point and package).
+    """
+    global _SCANNED_ALL
+    if not _SCANNED_ALL:
+        for ep in _entry_points():
+            _load_entry_point(ep)
+        _SCANNED_ALL = True
     return sorted(_FAMILIES)
 
 
 def get_family(name: str) -> type[Task]:
-    """The :class:`Task` subclass of a family (its ``kind``, ``base_family``, ``factor_specs``)."""
-    if name not in _FAMILIES:
-        raise TaskStringError(f"unknown task family '{name}'; expected one of {list_families()}")
-    return _FAMILIES[name]
+    """The :class:`Task` subclass of a family (its ``kind``, ``base_family``, ``factor_specs``).
+
+    Raises:
+        TaskStringError: no family of that name is registered or installed.
+        TaskFamilyError: the plug-in of that name cannot be loaded.
+    """
+    cls = _lookup(name)
+    if cls is None:
+        raise TaskStringError(f"unknown task family '{name}'; expected one of {_known_families()}")
+    return cls
 
 
 def _split_task_string(task_string: str) -> tuple[str, dict[str, str]]:
@@ -208,7 +330,7 @@ def _split_task_string(task_string: str) -> tuple[str, dict[str, str]]:
     family = family.strip()
     if not family:
         raise TaskStringError(f"task string {task_string!r} has no family before ':'; "
-                              f"expected one of {list_families()}")
+                              f"expected one of {_known_families()}")
     raw: dict[str, str] = {}
     if sep and not rest.strip():
         raise TaskStringError(f"task string {task_string!r} has ':' but no factors; "
@@ -230,7 +352,7 @@ def _split_task_string(task_string: str) -> tuple[str, dict[str, str]]:
 
 def canonical_name(family: str, factors: Mapping[str, float | int]) -> str:
     """Canonical string of a family and fully specified factors (declaration order, ``%g``)."""
-    cls = _FAMILIES[family]
+    cls = get_family(family)
     if not cls.factor_specs:
         return family
     return family + ":" + ",".join(f"{f.name}={f.format(factors[f.name])}" for f in cls.factor_specs)
@@ -243,12 +365,13 @@ def get_task(task_string: str) -> Task:
         TaskStringError: the string is malformed, names an unknown family or factor, lacks a
             required factor, or gives a value of the wrong type or out of range. The message
             names the string, the key and what was expected.
+        TaskFamilyError: the family is an installed plug-in that cannot be loaded.
     """
     family, raw = _split_task_string(task_string)
-    if family not in _FAMILIES:
+    cls = _lookup(family)
+    if cls is None:
         raise TaskStringError(f"task string {task_string!r}: unknown family '{family}'; "
-                              f"expected one of {list_families()}")
-    cls = _FAMILIES[family]
+                              f"expected one of {_known_families()}")
     specs = {f.name: f for f in cls.factor_specs}
     for key in raw:
         if key not in specs:
@@ -273,8 +396,7 @@ def make_task(family: str, **factors: Any) -> Task:
 
     Equivalent to :func:`get_task` on the formatted string (same validation and rounding).
     """
-    if family not in _FAMILIES:
-        raise TaskStringError(f"unknown task family '{family}'; expected one of {list_families()}")
+    get_family(family)
     if not factors:
         return get_task(family)
     text = family + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in factors.items())

@@ -131,8 +131,14 @@ class _Exists(Exception):
     """Another shard published the folder first; keep theirs (raised to abort our temp folder)."""
 
 
-def _publish_network(folder: Path, row: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
-    """Write a base/parent network (weights + row) atomically, unless another process already did."""
+def publish_network(folder: Path, row: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Write a base/parent network (weights + row) atomically, unless another process already did.
+
+    Args:
+        folder: ``<zoo>/base`` or ``<zoo>/parents/p<k>``.
+        row: its ``entry.json`` fields; ``file``, ``sha256`` and ``num_params`` are added.
+        state: the network's state dict, written to :data:`WEIGHTS_FILE`.
+    """
     check_finite(state, str(folder))
     try:
         with atomic_path(folder, directory=True) as tmp:
@@ -224,27 +230,54 @@ class _Builder:
         return [self.write_entry(run, by_ckpt[c]) for c in todo]
 
     def write_entry(self, run: RunSpec, ckpt: TrainedCheckpoint) -> tuple[str, float]:
-        entry_id = run.entry_id(ckpt.checkpoint)
-        dest = self.zoo_dir / ENTRIES_DIR / entry_id
-        metrics = _clean_metrics(ckpt.metrics, f"entry {entry_id}")
-        check_finite(ckpt.tensors, f"entry {entry_id}")
+        metrics = _clean_metrics(ckpt.metrics, f"entry {run.entry_id(ckpt.checkpoint)}")
         code, descriptions = self.task_info(run.task)
-        with atomic_path(dest, directory=True) as tmp:
-            weights = self.target().save(ckpt.tensors, tmp)  # checks names/shapes; PEFT layout for LoRA
-            row: dict[str, Any] = {
-                "id": entry_id, "task": run.task, "split": run.split, "heldout_kind": run.heldout_kind,
-                "family": self.recipe.family, "kind": self.recipe.kind, "code": code, "descriptions": descriptions,
-                "seed": run.seed, "run_id": run.run_id,
-                "checkpoint": ckpt.checkpoint, "metrics": metrics,
-                "num_params": sum(int(t.numel()) for t in ckpt.tensors.values()),
-                "file": weights.name, "sha256": sha256_file(weights),
-            }
-            if run.parent is not None:
-                row["parent"] = f"p{run.parent}"
-            if self.base_sha is not None:
-                row["base_sha256"] = self.base_sha
-            write_json(tmp / ENTRY_FILE, row)
-        return entry_id, metrics["test_acc"]
+        row = write_entry(self.zoo_dir, self.target(), run, TrainedCheckpoint(ckpt.checkpoint, ckpt.tensors, metrics),
+                          family=self.recipe.family, kind=self.recipe.kind, code=code, descriptions=descriptions,
+                          base_sha=self.base_sha)
+        return row["id"], metrics["test_acc"]
+
+
+def write_entry(zoo_dir: Path, target: Any, run: RunSpec, ckpt: TrainedCheckpoint, *, family: str, kind: str,
+                code: list[float], descriptions: list[str], base_sha: str | None,
+                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write the entry ``<zoo_dir>/entries/<run.entry_id(checkpoint)>`` atomically; return its row.
+
+    Args:
+        zoo_dir: the zoo folder.
+        target: the zoo's :class:`~weightdiff.targets.Target`; it checks the tensors' names and
+            shapes and writes them in the zoo's format (PEFT folder for LoRA).
+        run: the run the checkpoint belongs to (task, split, seed, parent).
+        ckpt: the checkpoint; its metrics hold at least :data:`METRIC_FIELDS`.
+        family, kind: as in ``zoo.json``.
+        code, descriptions: the task's condition material stored in the row.
+        base_sha: sha256 of the base network (LoRA zoos), or ``None``.
+        extra: further row fields, written last.
+
+    Raises:
+        NonFiniteWeightsError: a tensor holds NaN/Inf.
+        TargetMismatchError: a missing/unexpected tensor or a wrong shape.
+        OutputPathError: the entry cannot be written (nothing is left half-written).
+    """
+    entry_id = run.entry_id(ckpt.checkpoint)
+    check_finite(ckpt.tensors, f"entry {entry_id}")
+    with atomic_path(zoo_dir / ENTRIES_DIR / entry_id, directory=True) as tmp:
+        weights = target.save(ckpt.tensors, tmp)  # checks names/shapes; PEFT layout for LoRA
+        row: dict[str, Any] = {
+            "id": entry_id, "task": run.task, "split": run.split, "heldout_kind": run.heldout_kind,
+            "family": family, "kind": kind, "code": code, "descriptions": descriptions,
+            "seed": run.seed, "run_id": run.run_id,
+            "checkpoint": ckpt.checkpoint, "metrics": dict(ckpt.metrics),
+            "num_params": sum(int(t.numel()) for t in ckpt.tensors.values()),
+            "file": weights.name, "sha256": sha256_file(weights),
+        }
+        if run.parent is not None:
+            row["parent"] = f"p{run.parent}"
+        if base_sha is not None:
+            row["base_sha256"] = base_sha
+        row.update(extra or {})
+        write_json(tmp / ENTRY_FILE, row)
+    return row
 
 
 # ---------------------------------------------------------------------------------- worker processes
@@ -302,7 +335,7 @@ def _prepare_networks(recipe: Recipe, zoo_dir: Path, trainer: ZooTrainer) -> Non
         state, metrics = trainer.train_base(recipe)
         row = {"id": "base", "task": recipe.base_family(), "seed": recipe.base_seed,
                "metrics": _clean_metrics(metrics, "base network")}
-        _publish_network(zoo_dir / BASE_DIR, row, state)
+        publish_network(zoo_dir / BASE_DIR, row, state)
     for p in range(recipe.parents):
         folder = zoo_dir / PARENTS_DIR / f"p{p}"
         if network_problem(folder) is None:
@@ -311,7 +344,7 @@ def _prepare_networks(recipe: Recipe, zoo_dir: Path, trainer: ZooTrainer) -> Non
         state, metrics = trainer.train_parent(recipe, p)
         row = {"id": f"p{p}", "task": recipe.tasks[0], "seed": recipe.parent_seed + p,
                "metrics": _clean_metrics(metrics, f"parent {p}")}
-        _publish_network(folder, row, state)
+        publish_network(folder, row, state)
 
 
 def run_build(recipe: Recipe, root: str | os.PathLike = "checkpoints_zoo", *, shard: tuple[int, int] = (0, 1),

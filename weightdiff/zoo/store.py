@@ -56,6 +56,7 @@ class Zoo:
         self.kind: str = meta["kind"]
         self.family: str = meta["family"]
         self.recipe: dict[str, Any] = meta["recipe"]
+        self.imported: dict[str, Any] | None = meta.get("imported")  # zoos of `weightdiff zoo import`
         self._rows: list[dict[str, Any]] | None = None
         self._dirs: dict[str, Path] = {}
         self._by_id: dict[str, dict[str, Any]] = {}
@@ -219,25 +220,35 @@ class Zoo:
             why = network_problem(self.path / PARENTS_DIR / f"p{p}")
             if why is not None:
                 problems.append((f"parent p{p}", why))
-        planned = {}
-        for run in recipe.plan():
-            for c in run.checkpoints:
-                expect = {"task": run.task, "split": run.split, "seed": run.seed, "checkpoint": c}
-                if base_sha is not None:
-                    expect["base_sha256"] = base_sha
-                planned[run.entry_id(c)] = expect
+        planned = self.planned()
+        if base_sha is not None:
+            planned = {eid: dict(expect, base_sha256=base_sha) for eid, expect in planned.items()}
+        source = "the import manifest" if self.imported is not None else "the zoo's recipe"
         target = self.target()
         seen = set()
         for d in self._entry_dirs():
             seen.add(d.name)
             if d.name not in planned:
-                problems.append((d.name, "not planned by the zoo's recipe"))
+                problems.append((d.name, f"not planned by {source}"))
                 continue
             why = entry_problem(d, expect=planned[d.name]) or self._check_weights(d, target)
             if why is not None:
                 problems.append((d.name, why))
-        problems += [(eid, "missing: planned by the recipe but not built") for eid in planned if eid not in seen]
+        missing = ("listed in the import manifest but not imported" if self.imported is not None
+                   else "planned by the recipe but not built")
+        problems += [(eid, f"missing: {missing}") for eid in planned if eid not in seen]
         return sorted(problems)
+
+    def planned(self) -> dict[str, dict[str, Any]]:
+        """Every planned entry id with the row fields its entry must have.
+
+        A built zoo plans the runs of its recipe; an imported zoo the rows of its import manifest
+        (``zoo.json``'s ``imported.entries``, which also pin the hash of each source checkpoint).
+        """
+        if self.imported is not None:
+            return {eid: dict(expect) for eid, expect in self.imported["entries"].items()}
+        return {run.entry_id(c): {"task": run.task, "split": run.split, "seed": run.seed, "checkpoint": c}
+                for run in self.parsed_recipe.plan() for c in run.checkpoints}
 
     def _check_weights(self, entry_dir: Path, target: Any) -> str | None:
         row = read_json(entry_dir / ENTRY_FILE)
@@ -263,8 +274,7 @@ class Zoo:
     def info(self) -> dict[str, Any]:
         """Counts and test accuracy (n/mean/min/max) overall, per split, held-out kind and task."""
         rows = self.rows()
-        recipe = self.parsed_recipe
-        planned = sum(len(r.checkpoints) for r in recipe.plan())
+        planned = len(self.planned())
         acc = lambda rs: _stats(r["metrics"]["test_acc"] for r in rs)  # noqa: E731
         out: dict[str, Any] = {
             "name": self.name, "kind": self.kind, "family": self.family, "path": str(self.path),
