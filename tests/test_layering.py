@@ -18,6 +18,7 @@ STAGES = [
     ("weightdiff.errors", "weightdiff.io", "weightdiff.outputs", "weightdiff.runtime"),
     ("weightdiff.kernels",),
     ("weightdiff.tasks",),
+    ("weightdiff.base_networks",),
     ("weightdiff.targets",),
     ("weightdiff.weights", "weightdiff.zoo"),
     ("weightdiff.models",),

@@ -22,7 +22,7 @@ from weightdiff.tasks import get_family, get_task, list_families, make_task
 from weightdiff.tasks.suites import Suite, list_suites, load_suite
 
 REPO = Path(__file__).resolve().parents[1]
-BUILTIN = ["digits", "mnist1d", "rotdigits"]
+BUILTIN = ["dataset", "digits", "mnist1d", "rotdigits"]
 
 TINYFAM = '''
 from dataclasses import dataclass
@@ -135,7 +135,7 @@ def test_list_families_includes_class_and_function_entry_points(install):
 def test_unknown_family_error_lists_plugin_families(install):
     install("tinyfam", {"tinyfam": "tinyfam:TinyTask"})
     with pytest.raises(TaskStringError, match=r"unknown family 'nofam'; expected one of "
-                                              r"\['digits', 'mnist1d', 'rotdigits', 'tinyfam'\]"):
+                                              r"\['dataset', 'digits', 'mnist1d', 'rotdigits', 'tinyfam'\]"):
         get_task("nofam:k=1")
 
 
@@ -158,7 +158,7 @@ def test_broken_plugin_is_one_error_naming_entry_point_and_package(install, valu
     with pytest.raises(TaskFamilyError, match="tinybroken 0.1"):
         list_families()
     assert get_task("rotdigits:angle=40").name == "rotdigits:angle=40,flip=0"  # the others still work
-    with pytest.raises(TaskStringError, match=r"expected one of \['digits', 'mnist1d', 'rotdigits'\]"):
+    with pytest.raises(TaskStringError, match=r"expected one of \['dataset', 'digits', 'mnist1d', 'rotdigits'\]"):
         get_task("nofam")
 
 

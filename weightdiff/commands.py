@@ -53,7 +53,7 @@ def zoo_build(config: str, root: str = "checkpoints_zoo", shard: str = "0/1", wo
 
 
 def zoo_import(manifest: str, base: str | None = None, name: str | None = None, root: str = "checkpoints_zoo",
-               no_progress: bool = False) -> None:
+               no_progress: bool = False, base_config: str | None = None) -> None:
     """Build a zoo from existing checkpoints listed in a manifest (resumable).
 
     Every row is checked before anything is written; a bad row is one error naming the line and field.
@@ -62,15 +62,19 @@ def zoo_import(manifest: str, base: str | None = None, name: str | None = None, 
         manifest: JSONL or CSV file, one row per checkpoint: path (a PEFT adapter folder or a
             .safetensors state dict), task, split (train/heldout), descriptions; optional
             heldout_kind, code, metrics, seed, checkpoint (see weightdiff.zoo.importer).
-        base: base network of a LoRA family: a .safetensors state dict, or a folder holding
-            model.safetensors (null for full families).
+        base: base network of a LoRA family: a .safetensors state dict, a folder holding
+            model.safetensors, or a Hugging Face model folder (config.json + model.safetensors)
+            (null for full families).
         name: zoo name (null: the manifest's file name without its suffix).
         root: folder holding zoos.
         no_progress: no progress bar.
+        base_config: YAML of the base architecture, recorded in the zoo: class_path + init_args
+            (any nn.Module; weights from --base) or pretrained (a local Hugging Face folder) +
+            auto_class (null: the family's network).
     """
     from weightdiff.zoo import import_zoo
 
-    report = import_zoo(manifest, base, name=name, root=root, progress=not no_progress)
+    report = import_zoo(manifest, base, name=name, root=root, progress=not no_progress, base_config=base_config)
     print(f"zoo {report.zoo_dir}: {report.rows} checkpoints in {manifest}; {report.skipped} already imported, "
           f"{report.written} imported in {report.seconds:.1f} s")
 
@@ -237,7 +241,8 @@ def evaluate(task: str, weights: list[str] | str, base: str | None = None, split
             sample's sample.json or the zoo the entries are in.
         split: the task's data split.
         chunk: networks evaluated at once.
-        json: write the per-checkpoint accuracies and summary to this JSON file.
+        json: write the per-checkpoint scores (the task's metric: accuracy unless the task names
+            another) and summary to this JSON file.
     """
     from weightdiff.errors import OutputPathError
     from weightdiff.evaluate.weights import evaluate_weights
@@ -253,10 +258,12 @@ def evaluate(task: str, weights: list[str] | str, base: str | None = None, split
     result = evaluate_weights(task, [weights] if isinstance(weights, str) else weights, base, split=split,
                               chunk=chunk)
     width = max(len(row["id"]) for row in result["weights"])
+    metric = result["metric"]
     for row in result["weights"]:  # printed first: a failing --json write loses none of it
-        print(f"{row['id']:<{width}}  {row['accuracy']:.4f}")
-    print(f"{result['task']} ({split}, {result['num']} {result['kind']} checkpoints): best {result['best']:.4f}  "
-          f"mean {result['mean']:.4f}  median {result['median']:.4f}")
+        print(f"{row['id']:<{width}}  {row[metric]:.4f}")
+    direction = "" if result["higher_is_better"] else ", lower is better"
+    print(f"{result['task']} ({split}, {result['num']} {result['kind']} checkpoints, {metric}{direction}): "
+          f"best {result['best']:.4f}  mean {result['mean']:.4f}  median {result['median']:.4f}")
     if json is not None:
         try:
             write_json(json, result)

@@ -53,7 +53,7 @@ from weightdiff.models.generator import GeneratorArtefact, sample_tokens, seeded
 from weightdiff.models.schedule import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, SamplerName
 from weightdiff.outputs import output_folder, terminate_as_exit
 from weightdiff.tasks import get_family, get_task
-from weightdiff.tasks.numeric import parse_description
+from weightdiff.tasks.numeric import NUMERIC_DIM, parse_description
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +248,10 @@ def make_condition(gen: GeneratorArtefact, *, task: str | None = None, descripti
                    examples: int | None = None, seed: int = 0) -> Condition:
     """Build the raw condition the generator was trained with, from one kind of request.
 
-    ``task``: a task string; the text provider uses its first description, the code provider its
-    code, the examples provider draws ``examples`` (default: the training setting) labelled examples.
+    ``task``: a task string; the text provider uses its first description (the first one the
+    generator was trained on when it recorded them, e.g. an imported zoo's own; else the family's),
+    the code provider its code, the examples provider draws ``examples`` (default: the training
+    setting) labelled examples.
     ``description``: free text (text provider only); a task never seen in the zoo is fine.
     """
     if sum(v is not None for v in (task, description)) != 1:
@@ -276,7 +278,7 @@ def _condition(gen: GeneratorArtefact, *, task: str | None, description: str | N
                             f"trained on a '{family}' zoo")
     info: dict[str, Any] = {"task": t.name}
     if kind == "text":
-        desc = t.descriptions()[0]
+        desc = gen.task_description(t.name) or t.descriptions()[0]
         return _text(gen, desc, {**info, "description": desc}, family)
     if kind == "code":
         code = t.code().float()
@@ -297,23 +299,23 @@ def _rounded(values: torch.Tensor) -> list[float]:
 def _text(gen: GeneratorArtefact, description: str, info: dict[str, Any], family: str) -> Condition:
     """The text condition of one description, recording what was read from it and what reaches the model.
 
-    For a family whose tasks need an angle (a required ``angle`` factor), a description without a
-    readable angle is refused when the model reads the numbers (:mod:`weightdiff.tasks.numeric`):
-    it would get ``has_angle = 0``, never seen in training. Text alone: a warning.
+    The family reads the numbers of the description (``Task.description_features``) and says
+    why it cannot condition its tasks (``Task.description_problem``, e.g. ``rotdigits``: no
+    readable angle, which would reach the model as ``has_angle = 0``, never seen in training):
+    refused when the model reads the numbers, a warning when it reads the text alone.
     """
     parsed = parse_description(description)
+    numeric_dim = gen.generator.cond.numeric_dim
     numeric = getattr(gen.generator.cond, "numeric_mlp", None) is not None
-    needs_angle = any(f.name == "angle" and f.default is None for f in get_family(family).factor_specs)
-    if needs_angle and parsed.angle is None:
-        why = (f"--description {description[:80]!r} names no angle that weightdiff can read, and '{family}' "
-               "tasks need one")
+    problem = get_family(family).description_problem(description)
+    if problem is not None:
         if numeric:
-            raise ConditionError(f"{why}: state it with a unit, e.g. 'rotated by 40 degrees clockwise' or 'sixty-five "
-                                 "degrees' (digits or words up to 999; 'rotated by 0 degrees' for upright)")
-        log.warning("%s; this generator reads the text embedding alone, which carries no numbers reliably", why)
-    raw = text_condition([description])
-    features = raw[0, -gen.generator.cond.numeric_dim:] if numeric else None
-    model_input = (f"text embedding + numeric features [cos A, sin A, has_angle, mirror_sign] = {_rounded(features)}"
+            raise ConditionError(f"--{problem}")
+        log.warning("--%s; this generator reads the text embedding alone, which carries no numbers reliably", problem)
+    raw = text_condition([description], family, numeric_dim)
+    features = raw[0, raw.shape[1] - numeric_dim:] if numeric else None
+    names = "[cos A, sin A, has_angle, mirror_sign]" if numeric_dim == NUMERIC_DIM else f"({numeric_dim})"
+    model_input = (f"text embedding + numeric features {names} = {_rounded(features)}"
                    if numeric else "text embedding only (this generator does not read numeric features)")
     return Condition(raw, {**info, "parsed": {"angle": parsed.angle, "mirrored": parsed.mirrored},
                            "model_input": model_input})

@@ -28,6 +28,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 from torch.func import functional_call, vmap
 
+from weightdiff.base_networks import BaseSpec, build_base
 from weightdiff.errors import TargetMismatchError, WeightFileError
 from weightdiff.io import load_weights, read_json, save_weights, write_json
 from weightdiff.tasks import get_task
@@ -175,7 +176,7 @@ class Target:
         return cls(base_module, "lora", make_lora_config(lora_config))
 
     @classmethod
-    def build(cls, kind: Literal["full", "lora"], network: nn.Module | str, *,
+    def build(cls, kind: Literal["full", "lora"], network: nn.Module | str | BaseSpec, *,
               base_state: Mapping[str, torch.Tensor] | None = None,
               lora_config: Mapping[str, Any] | LoraConfig | None = None,
               source: str | os.PathLike = "<base_state>") -> Target:
@@ -187,8 +188,10 @@ class Target:
 
         Args:
             kind: ``"full"`` or ``"lora"``.
-            network: a task family or task string, or a module. Full: the architecture whose
-                parameters are generated. LoRA: an untrained network of the base architecture;
+            network: a task family or task string, a :class:`~weightdiff.base_networks.BaseSpec`
+                (``class_path`` + ``init_args`` or a local Hugging Face folder, built with
+                :func:`~weightdiff.base_networks.build_base`), or a module. Full: the architecture
+                whose parameters are generated. LoRA: a network of the base architecture;
                 ``base_state`` is loaded into it in place.
             base_state: (LoRA) the frozen base network's state dict, loaded strictly.
             lora_config: (LoRA) ``LoraConfig`` keyword arguments or a saved ``adapter_config.json``;
@@ -201,7 +204,10 @@ class Target:
                 of the wrong shape (naming ``source`` and the key), or the adapter config is not
                 plain LoRA.
         """
-        module = get_task(network).build_network() if isinstance(network, str) else network
+        if isinstance(network, BaseSpec):
+            module = build_base(network, str(source))
+        else:
+            module = get_task(network).build_network() if isinstance(network, str) else network
         if kind == "full":
             if base_state is not None or lora_config is not None:
                 raise ValueError("a full Target takes no base_state or lora_config")

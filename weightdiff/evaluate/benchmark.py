@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,18 @@ from weightdiff.zoo.training import few_shot_indices
 
 log = logging.getLogger(__name__)
 
-def heldout_description(task: Task) -> str:
-    """A paraphrase of the task phrased unlike any training template (for ``--from-description``)."""
+def heldout_description(task: Task, descriptions: Mapping[str, Any] | None = None) -> str:
+    """A paraphrase of the task phrased unlike any training template (for ``--from-description``).
+
+    Args:
+        task: the task.
+        descriptions: a generator's ``descriptions.json`` record
+            (:data:`~weightdiff.models.generator.DESCRIPTIONS_FILE`); the held-out description it
+            gives the task (an imported zoo's own) is used, else the family's.
+    """
+    recorded = ((descriptions or {}).get("tasks", {}).get(task.name) or {}).get("heldout")
+    if recorded is not None:
+        return recorded
     try:
         return task.heldout_description()
     except NotImplementedError as exc:
@@ -206,7 +216,8 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         num: samples per task (generated, gaussian) and the cap on noise-added sources per task.
         steps, sampler, guidance, seed: generator sampling settings; ``None`` steps and sampler are
             those the generator was validated with (``gen.config["sampling"]``).
-        from_description: condition the generator on :func:`heldout_description` (free text).
+        from_description: condition the generator on :func:`heldout_description` (free text; an
+            imported zoo's held-out descriptions, as the generator recorded them).
         max_seen_tasks, max_unseen_tasks: evenly spread subsets of the tasks (``None``: all).
         sgd_tasks: how many unseen tasks (seen for full suites), spread over the held-out kinds,
             get few-shot SGD (``None``: all; 0 skips it).
@@ -260,11 +271,12 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
 
     gen_seconds, gen_calls, gen_total, nonfinite = 0.0, 0, 0, 0
     one_step_settings = None
+    recorded = getattr(gen, "descriptions", None)  # None: no generator, or one exported without them
     if gen is not None:
         settings = SamplerSettings(steps=steps, sampler=sampler, guidance=guidance, seed=seed)
         one_step_settings = replace(settings, sampler="x0") if sampler != "x0" else None
         warm = make_condition(gen, task=sections[0][1]) if not from_description else \
-            make_condition(gen, description=heldout_description(get_task(sections[0][1])))
+            make_condition(gen, description=heldout_description(get_task(sections[0][1]), recorded))
         generate_tokens(gen, warm, 1, settings, use_cache=False, batch_size=batch_size, progress=False)  # warm-up
 
     per_task: dict[str, dict[str, dict[str, Any]]] = {"seen": {}, "unseen": {}}
@@ -278,7 +290,7 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         generated = one_step = None
         if gen is not None:
             if from_description:
-                descriptions[name] = heldout_description(task)
+                descriptions[name] = heldout_description(task, recorded)
                 cond = make_condition(gen, description=descriptions[name])
             else:
                 cond = make_condition(gen, task=name)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from weightdiff.base_networks import recorded_base_spec
 from weightdiff.errors import TargetMismatchError, WeightFileError
 from weightdiff.io import check_weight_dtypes, load_weights, read_json, sha256_file
 from weightdiff.models.generator import BASE_DIR as GENERATOR_BASE_DIR
@@ -396,7 +397,8 @@ def target_for(weights: WeightSet, task: Task, base: str | os.PathLike | None = 
         file = base_path / FULL_WEIGHTS_FILE if base_path.is_dir() else base_path
         base_state = load_weights(file)
         _check_base(weights, file)
-        target = Target.build("lora", task.build_network(), base_state=base_state,
+        spec = recorded_base_spec(file.parent)  # a zoo's base/ records its architecture; else the family's
+        target = Target.build("lora", spec if spec is not None else task.build_network(), base_state=base_state,
                               lora_config=weights.adapter_config, source=file)
     source = str(weights.sources[0]) if weights.sources else "weights"
     if len(weights.sources) > 1:  # every set has the first one's keys and shapes (load_weight_sets)
@@ -433,16 +435,49 @@ def evaluate_params(target: Target, task: Task, params: Mapping[str, torch.Tenso
     return acc, preds
 
 
-def summarize(acc: torch.Tensor) -> dict[str, float]:
-    """``{num, best, mean, median, std}`` of accuracies ``(S,)``."""
+@torch.no_grad()
+def score_params(target: Target, task: Task, params: Mapping[str, torch.Tensor], split: str = "test",
+                 chunk: int = 64, input_chunk: int = 4096) -> torch.Tensor:
+    """The task's metric (:attr:`Task.metric`) of S weight sets on one split.
+
+    Each network's score is the mean of the metric's per-example scores, accumulated over input
+    chunks, so it does not depend on ``chunk`` or ``input_chunk``.
+
+    Args:
+        target: the target network (:func:`target_for`).
+        params: tensors ``(S, *shape)`` named as in ``target.param_shapes()``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        chunk: samples evaluated at once.
+        input_chunk: inputs evaluated at once.
+
+    Returns:
+        ``(S,)`` float32 scores (for ``accuracy``: those of :func:`evaluate_params`).
+    """
+    if chunk < 1 or input_chunk < 1:
+        raise ValueError(f"chunk and input_chunk must be at least 1, got {chunk} and {input_chunk}")
+    s = target.check(params, batched=True)
+    metric = task.metric
+    x, y = task.data().split(split)
+    total = torch.zeros(s, dtype=torch.float64)
+    for i in range(0, s, chunk):
+        part = {k: v[i:i + chunk] for k, v in params.items()}
+        for j in range(0, x.shape[0], input_chunk):
+            out = target.forward_batched(part, x[j:j + input_chunk])  # (s, n, ...)
+            total[i:i + chunk] += metric.per_example(out, y[j:j + input_chunk].to(out.device)).double().sum(1).cpu()
+    return (total / x.shape[0]).float()
+
+
+def summarize(acc: torch.Tensor, higher_is_better: bool = True) -> dict[str, float]:
+    """``{num, best, mean, median, std}`` of scores ``(S,)`` (best: the lowest when lower is better)."""
     a = acc.double()
-    return {"num": int(a.numel()), "best": float(a.max()), "mean": float(a.mean()),
+    best = a.max() if higher_is_better else a.min()
+    return {"num": int(a.numel()), "best": float(best), "mean": float(a.mean()),
             "median": float(a.quantile(0.5)), "std": float(a.std()) if a.numel() > 1 else 0.0}
 
 
 def evaluate_weights(task: str, weights: Sequence[str | os.PathLike], base: str | os.PathLike | None = None,
                      split: str = "test", chunk: int = 64) -> dict[str, Any]:
-    """Accuracy of checkpoints (samples, zoo entries) on one split of a task.
+    """The task's metric (top-1 accuracy unless the task names another) of checkpoints on one split.
 
     Args:
         task: task string, e.g. ``"rotdigits:angle=70,flip=0"``.
@@ -452,13 +487,16 @@ def evaluate_weights(task: str, weights: Sequence[str | os.PathLike], base: str 
         chunk: networks evaluated at once.
 
     Returns:
-        ``{task, split, kind, num, best, mean, median, std, weights}`` where ``weights`` lists
-        ``{id, path, accuracy}`` per checkpoint.
+        ``{task, split, kind, metric, higher_is_better, num, best, mean, median, std, weights}``
+        where ``weights`` lists ``{id, path, <metric>}`` per checkpoint (``metric`` names the
+        key, e.g. ``accuracy``; ``best`` is the lowest score when lower is better).
     """
     t = get_task(task)
     paths = [p for spec in weights for p in find_weight_paths(spec)]
     loaded = load_weight_sets(paths)
-    acc, _ = evaluate_params(target_for(loaded, t, base), t, loaded.params, split=split, chunk=chunk)
-    return {"task": t.name, "split": split, "kind": loaded.kind, **summarize(acc),
-            "weights": [{"id": i, "path": str(p), "accuracy": float(a)}
-                        for i, p, a in zip(loaded.ids, loaded.sources, acc.tolist())]}
+    metric = t.metric
+    scores = score_params(target_for(loaded, t, base), t, loaded.params, split=split, chunk=chunk)
+    return {"task": t.name, "split": split, "kind": loaded.kind, "metric": metric.name,
+            "higher_is_better": metric.higher_is_better, **summarize(scores, metric.higher_is_better),
+            "weights": [{"id": i, "path": str(p), metric.name: float(a)}
+                        for i, p, a in zip(loaded.ids, loaded.sources, scores.tolist())]}

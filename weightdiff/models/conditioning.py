@@ -4,7 +4,8 @@ Two layers:
 
 1. *Raw condition features*, computed outside the generator and cached:
    :class:`TextEncoder` (frozen all-MiniLM-L6-v2 sentence embedding, 384-d) and
-   :func:`parse_numeric_features` (angles and mirror flags read from the same text).
+   :func:`numeric_features` (the numbers the same text states, read by the task family's
+   ``description_features``: ``rotdigits`` reads angles and mirror flags, other families none).
 2. *Providers* (``nn.Module``, trained with the generator) that map a batch of raw conditions
    to ``(B, hidden)`` vectors for the denoiser, each with a learned null embedding that replaces
    dropped rows (condition dropout for classifier-free guidance, Ho & Salimans 2022).
@@ -46,7 +47,7 @@ from torch import nn
 
 from weightdiff.errors import ConditionError, WeightDiffError
 from weightdiff.io import load_weights, save_weights
-from weightdiff.tasks.numeric import NUMERIC_DIM, parse_numeric_features
+from weightdiff.tasks.numeric import NUMERIC_DIM, numeric_features
 
 logger = logging.getLogger(__name__)
 
@@ -216,12 +217,16 @@ def text_encoder() -> TextEncoder:
     return _ENCODER
 
 
-def text_condition(descriptions: Sequence[str]) -> torch.Tensor:
-    """Descriptions -> (R, 384 + F): sentence embedding and parsed numeric features side by side."""
+def text_condition(descriptions: Sequence[str], family: str | None = None,
+                   numeric_dim: int | None = None) -> torch.Tensor:
+    """Descriptions -> (R, 384 + F): sentence embedding and numeric features side by side.
+
+    ``family`` and ``numeric_dim`` choose the numeric features (:func:`numeric_features`).
+    """
     if len(descriptions) == 0:
         raise ConditionError("no description given: need at least one non-empty task description")
+    num = numeric_features(descriptions, family, numeric_dim)
     emb = text_encoder().encode(list(descriptions)).float()
-    num = torch.stack([parse_numeric_features(d) for d in descriptions]).float()
     return torch.cat([emb, num], dim=1)
 
 

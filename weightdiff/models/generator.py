@@ -12,6 +12,8 @@
       scheduler/              the training DDPMScheduler's save_pretrained: scheduler_config.json
       tokenizer/              layout.json + layout_stats.safetensors, fitted at training time
       base/                   (LoRA) model.safetensors (the frozen base) + adapter_config.json
+      descriptions.json       (text generators) the descriptions trained on, per task, and each task's
+                              held-out paraphrase (:data:`DESCRIPTIONS_FILE`); absent from older exports
       README.md               model card
 
 Loading checks every file and key (:meth:`GeneratorArtefact.from_pretrained`). Plain torch: no
@@ -50,6 +52,11 @@ GENERATOR_DIR, SCHEDULER_DIR, TOKENIZER_DIR, BASE_DIR = "generator", "scheduler"
 BASE_WEIGHTS_FILE = "model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 CARD_FILE = "README.md"
+#: ``{"source": "zoo" | "family", "tasks": {task: {"train": [str, ...], "heldout": str | null}}}``: the
+#: descriptions a text generator was trained on (``source`` "zoo": an imported zoo's own) and the
+#: held-out paraphrase of each task (``null``: its family's ``Task.heldout_description()``).
+DESCRIPTIONS_FILE = "descriptions.json"
+DESCRIPTION_SOURCES = ("zoo", "family")
 _LEGACY_FILES = ("config.json", "generator.safetensors")  # format_version 1, at the top of the folder
 
 
@@ -261,13 +268,16 @@ class GeneratorArtefact:
         adapter_config: (LoRA) the PEFT adapter config of the generated adapters.
         path: the folder it was loaded from (None when built in memory).
         card: README text (None: no model card).
+        descriptions: (text) the :data:`DESCRIPTIONS_FILE` record; None when not recorded (older
+            exports, other conditions).
     """
 
     def __init__(self, generator: WeightGenerator, scheduler: DDPMScheduler, tokenizer: WeightTokenizer,
                  info: dict[str, Any], *, base_file: Path | None = None, adapter_config: dict | None = None,
-                 path: Path | None = None, card: str | None = None):
+                 path: Path | None = None, card: str | None = None, descriptions: dict[str, Any] | None = None):
         self.generator, self.scheduler, self.tokenizer = generator, scheduler, tokenizer
         self.info, self.base_file, self.path, self.card = info, base_file, path, card
+        self.descriptions = descriptions
         self._adapter_config = adapter_config
         self.schedule = ScheduleConfig.from_scheduler_config(scheduler.config, "scheduler")
         self._base_state: dict[str, torch.Tensor] | None = None
@@ -286,6 +296,11 @@ class GeneratorArtefact:
     @property
     def kind(self) -> str:
         return self.info["zoo"]["kind"]
+
+    def task_description(self, task: str) -> str | None:
+        """The first description ``task`` was trained on, if recorded (None: use the family's)."""
+        entry = (self.descriptions or {}).get("tasks", {}).get(task)
+        return entry["train"][0] if entry else None
 
     def to(self, device: torch.device | str) -> GeneratorArtefact:
         """Move the generator (sampling follows it); returns ``self``."""
@@ -337,6 +352,8 @@ class GeneratorArtefact:
                      "_diffusers_version": version("diffusers"), "format_version": FORMAT_VERSION,
                      **_COMPONENTS, **info}
             write_json(tmp / MODEL_INDEX_FILE, index)
+            if self.descriptions is not None:
+                write_json(tmp / DESCRIPTIONS_FILE, self.descriptions)
             if self.card is not None:
                 (tmp / CARD_FILE).write_text(self.card)
         self.info, self.path = info, path
@@ -398,8 +415,35 @@ class GeneratorArtefact:
                 raise ModelDirError(f"{path} is not an exported generator: missing '{BASE_DIR}/{BASE_WEIGHTS_FILE}'")
             adapter_config = read_json(path / BASE_DIR / ADAPTER_CONFIG_FILE, "adapter config")
         card = (path / CARD_FILE).read_text() if (path / CARD_FILE).is_file() else None
+        descriptions = None
+        if (path / DESCRIPTIONS_FILE).exists():
+            descriptions = check_descriptions(read_json(path / DESCRIPTIONS_FILE, "descriptions record"),
+                                              str(path / DESCRIPTIONS_FILE))
         return cls(generator, scheduler, tokenizer, info, base_file=base_file, adapter_config=adapter_config,
-                   path=path, card=card)
+                   path=path, card=card, descriptions=descriptions)
+
+
+def check_descriptions(record: Any, source: str) -> dict[str, Any]:
+    """Check a :data:`DESCRIPTIONS_FILE` record; return it unchanged.
+
+    Raises:
+        ModelDirError: naming ``source`` and the first missing or ill-typed key.
+    """
+    text = lambda v: isinstance(v, str) and bool(v.strip())  # noqa: E731
+    got = record.get("source") if isinstance(record, dict) else record
+    if got not in DESCRIPTION_SOURCES:
+        raise ModelDirError(f"{source}: key 'source' expected one of {DESCRIPTION_SOURCES}, got {got!r}")
+    tasks = record.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise ModelDirError(f"{source}: key 'tasks' expected a non-empty object of tasks, got {tasks!r}")
+    for task, entry in tasks.items():
+        train, heldout = (entry.get("train"), entry.get("heldout")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(train, list) or not train or not all(text(t) for t in train):
+            raise ModelDirError(f"{source}: key 'tasks.{task}.train' expected a non-empty list of descriptions, "
+                                f"got {train!r}")
+        if heldout is not None and not text(heldout):
+            raise ModelDirError(f"{source}: key 'tasks.{task}.heldout' expected a description or null, got {heldout!r}")
+    return record
 
 
 def _check_base_file(file: Path | None, sha256: str) -> None:

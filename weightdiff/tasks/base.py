@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from weightdiff.errors import TaskFamilyError, TaskStringError
+from weightdiff.tasks.metrics import Metric, get_metric
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class TaskData:
 # Factor values as written in task strings: ASCII digits only, an optional sign, decimal point and exponent.
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# Name factors: a letter or digit, then letters, digits, '.', '_' or '-' (no ',', '=', ':' or spaces).
+_NAME_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -58,15 +61,16 @@ class Factor:
 
     Args:
         name: key in the task string.
-        kind: ``"float"`` (formatted with ``%g``) or ``"int"``.
+        kind: ``"float"`` (formatted with ``%g``), ``"int"`` or ``"name"`` (a name kept as written:
+            a letter or digit, then up to 63 letters, digits, ``.``, ``_`` or ``-``).
         default: value used when the key is absent; ``None`` makes the key required.
         low, high: allowed range ``[low, high)`` (``high_inclusive`` closes it on the right).
         choices: allowed values for ``"int"`` factors (overrides the range).
     """
 
     name: str
-    kind: Literal["float", "int"]
-    default: float | int | None = None
+    kind: Literal["float", "int", "name"]
+    default: float | int | str | None = None
     low: float | None = None
     high: float | None = None
     high_inclusive: bool = False
@@ -76,15 +80,21 @@ class Factor:
         """Human-readable description of the allowed values (used in error messages)."""
         if self.choices is not None:
             return "one of " + ", ".join(str(c) for c in self.choices)
+        if self.kind == "name":
+            return "a name: a letter or digit, then up to 63 letters, digits, '.', '_' or '-'"
         right = "]" if self.high_inclusive else ")"
         return f"a finite {self.kind} in [{self.low:g}, {self.high:g}{right}"
 
-    def parse(self, raw: str, task_string: str) -> float | int:
+    def parse(self, raw: str, task_string: str) -> float | int | str:
         """Parse and validate one raw value, raising :class:`TaskStringError` naming the key."""
         def fail(why: str) -> TaskStringError:
             return TaskStringError(f"task string {task_string!r}: factor '{self.name}' {why}; "
                                    f"expected {self.expected()}")
 
+        if self.kind == "name":
+            if not _NAME_TEXT.fullmatch(raw):
+                raise fail(f"has value {raw!r}, not a name")
+            return raw
         if self.kind == "int":
             if not _INT_TEXT.fullmatch(raw):  # int() would also take "1_5" and non-ASCII digits
                 raise fail(f"has non-integer value {raw!r} (ASCII digits 0-9 with an optional sign)")
@@ -104,9 +114,14 @@ class Factor:
             value = float(f"{value:g}") + 0.0
         return self.validate(value, task_string, raw)
 
-    def validate(self, value: float | int, task_string: str, raw: str | None = None) -> float | int:
-        """Check the range/choices of an already typed value."""
+    def validate(self, value: float | int | str, task_string: str, raw: str | None = None) -> float | int | str:
+        """Check the range/choices (names: the spelling) of an already typed value."""
         shown = raw if raw is not None else repr(value)
+        if self.kind == "name":
+            if not (isinstance(value, str) and _NAME_TEXT.fullmatch(value)):
+                raise TaskStringError(f"task string {task_string!r}: factor '{self.name}' = {shown} is not "
+                                      f"allowed; expected {self.expected()}")
+            return value
         if self.choices is not None:
             if value not in self.choices:
                 raise TaskStringError(f"task string {task_string!r}: factor '{self.name}' = {shown} is not "
@@ -118,8 +133,10 @@ class Factor:
                                   f"range; expected {self.expected()}")
         return value
 
-    def format(self, value: float | int) -> str:
-        """Canonical text of a value (``%g`` for floats)."""
+    def format(self, value: float | int | str) -> str:
+        """Canonical text of a value (``%g`` for floats, names as written)."""
+        if self.kind == "name":
+            return str(value)
         return f"{value:g}" if self.kind == "float" else str(int(value))
 
 
@@ -138,6 +155,11 @@ class Task:
       ``base_family``), ``NUM_CLASSES`` and ``INPUT_SHAPE``;
     * methods: :meth:`descriptions`, :meth:`data` and :meth:`build_network` (required);
       :meth:`code`, :meth:`heldout_description` and :meth:`default_lora_config` (optional);
+    * evaluation: :attr:`metric` (default top-1 accuracy; :mod:`weightdiff.tasks.metrics`);
+    * numbers in descriptions (optional): ``NUMERIC_DIM`` and :meth:`description_features`, the
+      ``(NUMERIC_DIM,)`` features a text-conditioned generator reads beside the sentence
+      embedding (default: none), and :meth:`description_problem`, why a free-text description
+      cannot condition the family's tasks;
     * registration: decorate it with :func:`register_family` in a module that is imported, or,
       from another installed package, name it (or a function registering it) as an entry point
       of group :data:`ENTRY_POINT_GROUP` whose name is the family name::
@@ -163,10 +185,11 @@ class Task:
     base_family: ClassVar[str | None] = None  # adapter families: the family of the frozen base
     NUM_CLASSES: ClassVar[int] = 0
     INPUT_SHAPE: ClassVar[tuple[int, ...]] = ()
+    NUMERIC_DIM: ClassVar[int] = 0  # width of description_features
 
     name: str
     family: str
-    factors: Mapping[str, float | int] = field(hash=False)
+    factors: Mapping[str, float | int | str] = field(hash=False)
     num_classes: int
     input_shape: tuple[int, ...]
 
@@ -192,6 +215,21 @@ class Task:
 
     def default_lora_config(self) -> dict[str, Any] | None:
         """``LoraConfig`` keyword arguments of the family's adapters; ``None`` for full families."""
+        return None
+
+    @property
+    def metric(self) -> Metric:
+        """How a network's outputs on this task are scored (top-1 accuracy unless the family says otherwise)."""
+        return get_metric("accuracy")
+
+    @classmethod
+    def description_features(cls, text: str) -> torch.Tensor:
+        """Numbers a description states, as ``(NUMERIC_DIM,)`` float32 (the family's own parser; default: none)."""
+        return torch.zeros(cls.NUMERIC_DIM, dtype=torch.float32)
+
+    @classmethod
+    def description_problem(cls, text: str) -> str | None:
+        """Why ``text`` cannot condition a task of this family (e.g. a required number is missing); None if it can."""
         return None
 
 
@@ -350,7 +388,7 @@ def _split_task_string(task_string: str) -> tuple[str, dict[str, str]]:
     return family, raw
 
 
-def canonical_name(family: str, factors: Mapping[str, float | int]) -> str:
+def canonical_name(family: str, factors: Mapping[str, float | int | str]) -> str:
     """Canonical string of a family and fully specified factors (declaration order, ``%g``)."""
     cls = get_family(family)
     if not cls.factor_specs:
@@ -378,7 +416,7 @@ def get_task(task_string: str) -> Task:
             allowed = ", ".join(specs) if specs else "no factors"
             raise TaskStringError(f"task string {task_string!r}: unknown factor '{key}' for family "
                                   f"'{family}'; expected {allowed}")
-    factors: dict[str, float | int] = {}
+    factors: dict[str, float | int | str] = {}
     for spec in cls.factor_specs:
         if spec.name in raw:
             factors[spec.name] = spec.parse(raw[spec.name], task_string)

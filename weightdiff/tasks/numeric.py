@@ -1,5 +1,8 @@
 """Numbers in task descriptions: the angle and mirror flag a ``rotdigits`` description names.
 
+:func:`numeric_features` gives the features of any family: its ``description_features``
+(``rotdigits``: the angle and mirror flag read here; the other built-in families: none).
+
 A frozen sentence embedding carries meaning but not numeric geometry (measured: adapters
 generated from "rotated by N degrees" descriptions did not generalise to unseen N), so the
 numbers a description states reach the generator directly, as ``[cos A, sin A, has_angle,
@@ -10,11 +13,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from weightdiff.errors import ConditionError
+from weightdiff.tasks.base import get_family
 
 NUMERIC_DIM = 4  # [cos A, sin A, has_angle, mirror_sign]
 
@@ -180,3 +185,32 @@ def parse_numeric_features(text: str) -> torch.Tensor:
     [0.0, -1.0, 1.0, 1.0]
     """
     return parse_description(text).features()
+
+
+def numeric_features(descriptions: Sequence[str], family: str | None = None,
+                     numeric_dim: int | None = None) -> torch.Tensor:
+    """Descriptions -> (R, F): the numbers they state, as the task family reads them.
+
+    Args:
+        descriptions: R task descriptions.
+        family: the task family, whose ``description_features`` (``F = NUMERIC_DIM``) are used;
+            None: the angle/mirror features (``F = 4``) of :mod:`weightdiff.tasks.numeric`, which
+            every family's descriptions got before families supplied their own.
+        numeric_dim: the width a trained generator reads. When it differs from the family's
+            ``NUMERIC_DIM`` and is 4, the angle/mirror features are used (a generator trained
+            with them keeps sampling from the inputs it was trained on).
+
+    Raises:
+        ConditionError: ``numeric_dim`` is neither the family's width nor 4.
+    """
+    features, width = parse_numeric_features, NUMERIC_DIM
+    if family is not None:
+        cls = get_family(family)
+        if numeric_dim is None or numeric_dim == cls.NUMERIC_DIM:
+            features, width = cls.description_features, cls.NUMERIC_DIM
+        elif numeric_dim != NUMERIC_DIM:
+            raise ConditionError(f"the generator reads {numeric_dim} numeric description features, but family "
+                                 f"'{family}' supplies {cls.NUMERIC_DIM} (and the angle/mirror features are "
+                                 f"{NUMERIC_DIM})")
+    rows = [features(d).float().reshape(width) for d in descriptions]
+    return torch.stack(rows) if rows else torch.zeros(0, width)

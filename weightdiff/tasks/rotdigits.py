@@ -41,6 +41,7 @@ from weightdiff.errors import RecipeError, TaskStringError
 from weightdiff.tasks.base import Factor, Task, TaskData, make_task, register_family
 from weightdiff.tasks.digits import digits_arrays
 from weightdiff.tasks.networks import DigitsMLP
+from weightdiff.tasks.numeric import NUMERIC_DIM, parse_description, parse_numeric_features
 
 ANGLE_RANGE = (-180.0, 180.0)
 
@@ -108,6 +109,7 @@ class RotDigitsTask(Task):
     base_family: ClassVar[str] = "digits"
     NUM_CLASSES: ClassVar[int] = 10
     INPUT_SHAPE: ClassVar[tuple[int, ...]] = (1, 8, 8)
+    NUMERIC_DIM: ClassVar[int] = NUMERIC_DIM  # [cos A, sin A, has_angle, mirror_sign]
 
     @property
     def angle(self) -> float:
@@ -154,6 +156,20 @@ class RotDigitsTask(Task):
         way = " anticlockwise" if self.angle > 0 else " clockwise" if self.angle < 0 else ""
         mirrored = "mirrored, then " if self.flip else ""
         return f"Recognise handwritten digits that were {mirrored}turned {abs(self.angle):g} degrees{way}"
+
+    @classmethod
+    def description_features(cls, text: str) -> torch.Tensor:
+        """``[cos A, sin A, has_angle, mirror_sign]`` (4,) read from the text (:mod:`weightdiff.tasks.numeric`)."""
+        return parse_numeric_features(text)
+
+    @classmethod
+    def description_problem(cls, text: str) -> str | None:
+        """Every task has an angle: a description naming none would reach the model as ``has_angle = 0``."""
+        if parse_description(text).angle is None:
+            return (f"description {text[:80]!r} names no angle that weightdiff can read, and '{cls.family_name}' "
+                    "tasks need one: state it with a unit, e.g. 'rotated by 40 degrees clockwise' or 'sixty-five "
+                    "degrees' (digits or words up to 999; 'rotated by 0 degrees' for upright)")
+        return None
 
     def data(self) -> TaskData:
         return _rotated_data(self.angle, self.flip)

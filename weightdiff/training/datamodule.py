@@ -12,6 +12,16 @@ Each item is one zoo checkpoint:
 Training uses the ``train`` split of the zoo; validation uses held-out tasks (the generator never
 trains on them), so ``val/weight_loss`` measures generalisation to unseen tasks.
 
+Which descriptions (:func:`zoo_descriptions`): a built zoo's tasks are described by their family
+(``Task.descriptions()``, held-out paraphrase ``Task.heldout_description()``). An imported zoo
+(``weightdiff zoo import``) brings its own: per task, the union of its rows' ``descriptions`` in
+manifest order, duplicates dropped. When a task has at least :data:`MIN_DESCRIPTIONS_TO_HOLD_OUT`
+of them, the last is its held-out paraphrase, never trained on (what ``benchmark
+--from-description`` conditions on) and the others are its conditions; a task with a single
+description trains on it and keeps its family's held-out paraphrase. What the generator was
+trained on is saved in every checkpoint (:meth:`ZooDataModule.descriptions_record`) and exported
+with it (``descriptions.json``).
+
 The fitted tokenizer is part of the trained model: :meth:`ZooDataModule.state_dict` puts it (layout
 and the statistics fitted at training time) into every Lightning checkpoint, with a record of the
 zoo it came from (absolute path, counts, the base network's sha256 and adapter config), and
@@ -22,7 +32,8 @@ both from the checkpoint (:func:`tokenizer_from_state`), never from the zoo's cu
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -31,7 +42,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from weightdiff.errors import WeightDiffError, WeightFileError
+from weightdiff.errors import ConditionError, WeightDiffError, WeightFileError
 from weightdiff.io import read_json, sha256_file
 from weightdiff.models.conditioning import ConditionKind, examples_condition, none_condition, text_condition
 from weightdiff.tasks import get_task
@@ -39,7 +50,10 @@ from weightdiff.weights.canonical import canonicalize
 from weightdiff.weights.layout import TokenLayout, parse_dtype
 from weightdiff.weights.tokenizer import WeightTokenizer
 from weightdiff.zoo import Zoo
-from weightdiff.zoo.manifest import BASE_DIR, ENTRY_FILE
+from weightdiff.zoo.manifest import BASE_DIR, ENTRIES_DIR, ENTRY_FILE
+
+#: A task of an imported zoo with at least this many descriptions holds its last one out of training.
+MIN_DESCRIPTIONS_TO_HOLD_OUT = 2
 
 
 def tokenizer_state(tokenizer: WeightTokenizer) -> dict[str, Any]:
@@ -70,17 +84,73 @@ def tokenizer_from_state(state: dict[str, Any], source: str) -> WeightTokenizer:
     return WeightTokenizer(layout)
 
 
-class TaskConditions:
-    """Per-task condition material, computed once: text features, codes, training data."""
+@dataclass(frozen=True)
+class TaskDescriptions:
+    """The descriptions of one task: those its conditions are drawn from, and its held-out paraphrase.
 
-    def __init__(self, task_names: list[str], kind: ConditionKind):
+    Attributes:
+        train: the phrasings text conditions are drawn from (training and validation items).
+        heldout: a phrasing never trained on; ``None``: the family's ``Task.heldout_description()``.
+        entry_file: the ``entry.json`` of the task's first row, for a zoo's own descriptions;
+            ``None`` for the family's.
+    """
+
+    train: tuple[str, ...]
+    heldout: str | None = None
+    entry_file: str | None = None
+
+
+def zoo_descriptions(zoo: Zoo) -> dict[str, TaskDescriptions] | None:
+    """Per task, the descriptions an imported zoo's rows carry (see the module docstring); ``None``
+    for a built zoo, whose tasks are described by their family.
+
+    Rows are taken in manifest order (the order of ``zoo.json``'s ``imported.entries``; by id for
+    rows it does not list), so the first description of a task is the first one its manifest gives.
+    """
+    if zoo.imported is None:
+        return None
+    order = {entry_id: i for i, entry_id in enumerate(zoo.imported.get("entries", {}))}
+    rows = sorted(zoo.rows(), key=lambda r: (order.get(r["id"], len(order)), r["id"]))
+    texts: dict[str, dict[str, None]] = {}
+    files: dict[str, str] = {}
+    for row in rows:
+        texts.setdefault(row["task"], {}).update(dict.fromkeys(row["descriptions"]))
+        files.setdefault(row["task"], str(zoo.path / ENTRIES_DIR / row["id"] / ENTRY_FILE))
+    out = {}
+    for task, unique in texts.items():
+        found = list(unique)
+        held = len(found) >= MIN_DESCRIPTIONS_TO_HOLD_OUT
+        out[task] = TaskDescriptions(tuple(found[:-1] if held else found), found[-1] if held else None, files[task])
+    return out
+
+
+class TaskConditions:
+    """Per-task condition material, computed once: text features, codes, training data.
+
+    Args:
+        task_names: the tasks of the zoo.
+        kind: the condition the items carry.
+        descriptions: (text) per task, the phrasings its conditions are drawn from; tasks not
+            given use their family's ``Task.descriptions()``.
+    """
+
+    def __init__(self, task_names: list[str], kind: ConditionKind,
+                 descriptions: Mapping[str, TaskDescriptions] | None = None):
         self.kind = kind
         self.tasks = {name: get_task(name) for name in task_names}
         self.data = {name: task.data() for name, task in self.tasks.items()}
+        given = descriptions or {}
+        self.descriptions = {name: given.get(name) or TaskDescriptions(tuple(task.descriptions()))
+                             for name, task in self.tasks.items()}
         self.text: dict[str, torch.Tensor] = {}
         if kind == "text":
-            for name, task in self.tasks.items():
-                self.text[name] = text_condition(task.descriptions())  # (n_desc, 384 + F)
+            for name, desc in self.descriptions.items():
+                try:
+                    self.text[name] = text_condition(desc.train)  # (n_desc, 384 + F)
+                except ConditionError as exc:
+                    if desc.entry_file is None:
+                        raise
+                    raise ConditionError(f"{desc.entry_file}: field 'descriptions' of task {name!r}: {exc}") from None
 
     def raw(self, name: str, rng: random.Random, k: int, gen: torch.Generator):
         if self.kind == "text":
@@ -105,6 +175,15 @@ class TaskConditions:
                 x_dim *= int(s)
             return {"x_dim": x_dim, "num_classes": int(first.num_classes)}
         return {"raw_dim": 1}
+
+    def record(self) -> dict[str, Any]:
+        """The descriptions as :data:`~weightdiff.models.generator.DESCRIPTIONS_FILE` of an exported
+        generator records them: ``source`` (``"zoo"``: the zoo's own, ``"family"``: the family's)
+        and per task ``train`` (the phrasings trained on) and ``heldout`` (``None``: the family's)."""
+        own = any(d.entry_file is not None for d in self.descriptions.values())
+        return {"source": "zoo" if own else "family",
+                "tasks": {name: {"train": list(d.train), "heldout": d.heldout}
+                          for name, d in sorted(self.descriptions.items())}}
 
 
 class ZooTokenDataset(Dataset):
@@ -229,8 +308,12 @@ class ZooDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The fitted tokenizer and the zoo record, saved in every Lightning checkpoint."""
-        return {"tokenizer": tokenizer_state(self.tokenizer), "zoo": self.zoo_record}
+        """The fitted tokenizer, the zoo record and (text) the descriptions, saved in every Lightning checkpoint."""
+        state = {"tokenizer": tokenizer_state(self.tokenizer), "zoo": self.zoo_record}
+        record = self.descriptions_record
+        if record is not None:
+            state["descriptions"] = record
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """On resume: train on with the checkpoint's tokenizer (never a re-fit on today's zoo)."""
@@ -238,6 +321,7 @@ class ZooDataModule(L.LightningDataModule):
         if restored.layout.to_json() != self.tokenizer.layout.to_json():
             raise WeightDiffError(f"zoo {self.zoo_path}: its entries are laid out differently from the checkpoint's "
                                   "tokenizer (another network?); resume from a checkpoint of this zoo")
+        self._check_descriptions(state_dict.get("descriptions"))
         record = state_dict["zoo"]
         if "base" in record and record["base"]["sha256"] != self.zoo_record.get("base", {}).get("sha256"):
             raise WeightFileError(f"{self.zoo_record.get('base', {}).get('file')}: sha256 differs from the base "
@@ -249,10 +333,30 @@ class ZooDataModule(L.LightningDataModule):
             self._train = self._val = None
             self.setup("fit")
 
+    def _check_descriptions(self, saved: dict[str, Any] | None) -> None:
+        """Refuse to resume on descriptions other than those the checkpoint was trained on."""
+        ours = self.descriptions_record
+        if saved is None or ours is None or saved == ours:
+            return
+        changed = sorted(t for t in {*saved["tasks"], *ours["tasks"]}
+                         if saved["tasks"].get(t) != ours["tasks"].get(t))
+        task = changed[0] if changed else None
+        raise WeightDiffError(f"zoo {self.zoo_path}: the descriptions of task {task!r} are {ours['tasks'].get(task)!r} "
+                              f"(source {ours['source']!r}), the checkpoint was trained on "
+                              f"{saved['tasks'].get(task)!r} (source {saved['source']!r}); resume from a checkpoint "
+                              "of this zoo")
+
     @cached_property
     def conditions(self) -> TaskConditions:
+        """Condition material of every task of the zoo; text from the zoo's own descriptions if it has them."""
         names = sorted({r["task"] for r in self.train_rows} | {r["task"] for r in self.heldout_rows})
-        return TaskConditions(names, self.hparams.condition)
+        return TaskConditions(names, self.hparams.condition, zoo_descriptions(self.zoo))
+
+    @property
+    def descriptions_record(self) -> dict[str, Any] | None:
+        """(text condition) The descriptions trained on, per task, with their held-out paraphrase
+        (:meth:`TaskConditions.record`); ``None`` for other conditions."""
+        return self.conditions.record() if self.hparams.condition == "text" else None
 
     @property
     def spec(self) -> dict[str, Any]:

@@ -15,12 +15,15 @@ the recorded absolute path and checked against the recorded hash. The folder
       scheduler/             scheduler_config.json of the training DDPMScheduler
       tokenizer/             layout.json + layout_stats.safetensors (as fitted at training time)
       base/                  (LoRA zoos) model.safetensors + adapter_config.json
+      descriptions.json      (text generators) the descriptions trained on and the held-out paraphrases,
+                             from the checkpoint (absent for checkpoints that did not save them)
       README.md              model card
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ import torch
 
 from weightdiff.errors import WeightFileError
 from weightdiff.io import check_writable, read_json
-from weightdiff.models.generator import GeneratorArtefact, WeightGenerator
+from weightdiff.models.generator import GeneratorArtefact, WeightGenerator, check_descriptions
 from weightdiff.models.schedule import ScheduleConfig
 from weightdiff.training.datamodule import ZooDataModule, tokenizer_from_state
 from weightdiff.training.module import build_generator
@@ -91,6 +94,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, results: str | Path 
         raise WeightFileError(f"{ckpt}: no EMA weights (keys '{_EMA_PREFIX}*') in the state dict")
     tokenizer = tokenizer_from_state(state[dm_key]["tokenizer"], str(ckpt))
     zoo: dict[str, Any] = state[dm_key]["zoo"]
+    descriptions = state[dm_key].get("descriptions")
+    if descriptions is not None:
+        descriptions = check_descriptions(_plain(descriptions), f"{ckpt}: '{dm_key}.descriptions'")
 
     generator = build_generator(hp["spec"], hp["hidden"], hp["depth"], hp["heads"], hp["mlp_ratio"],
                                 hp["cross_attention"], hp["condition"], hp.get("text_dropout", 0.0))
@@ -115,19 +121,29 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, results: str | Path 
     info = _plain(info)
     bench = read_json(results, "benchmark results") if results is not None else None
     artefact = GeneratorArtefact(generator, schedule.training_scheduler(), tokenizer, info, base_file=base_file,
-                                 adapter_config=adapter_config, card=model_card(info, generator, bench))
+                                 adapter_config=adapter_config, card=model_card(info, generator, bench, descriptions),
+                                 descriptions=descriptions)
     return artefact.save_pretrained(out)
 
 
-def model_card(info: dict[str, Any], generator: WeightGenerator, results: dict[str, Any] | None = None) -> str:
-    """The README.md of an exported generator: what it was trained on, how to sample it, its numbers."""
+def model_card(info: dict[str, Any], generator: WeightGenerator, results: dict[str, Any] | None = None,
+               descriptions: dict[str, Any] | None = None) -> str:
+    """The README.md of an exported generator: what it was trained on, how to sample it, its numbers.
+
+    Args:
+        descriptions: the ``descriptions.json`` record; an imported zoo's own descriptions give the
+            example request.
+    """
     zoo, cfg, sampling = info["zoo"], generator.config, info["sampling"]
     what = "LoRA adapters" if zoo["kind"] == "lora" else "whole networks"
     condition = {"text": "a free-text task description", "code": "a task code",
                  "examples": "a few labelled examples of the task", "none": "nothing (unconditional)"}[cfg.condition]
-    request = '"handwritten digits rotated by 40 degrees"' if cfg.condition == "text" else "task=\"<task>\""
-    cli_request = "--description 'handwritten digits rotated by 40 degrees'" if cfg.condition == "text" \
-        else "--task '<task>'"
+    own = descriptions is not None and descriptions["source"] == "zoo"
+    example = next(iter(descriptions["tasks"].values()))["train"][0] if own else \
+        "handwritten digits rotated by 40 degrees"
+    request = json.dumps(example, ensure_ascii=False) if cfg.condition == "text" else "task=\"<task>\""
+    cli_request = f"--description {shlex.quote(example)}" if cfg.condition == "text" else "--task '<task>'"
+    trained = sum(len(t["train"]) for t in descriptions["tasks"].values()) if own else 0
     lines = [
         f"# weightdiff generator: {zoo['name']}",
         "",
@@ -140,6 +156,7 @@ def model_card(info: dict[str, Any], generator: WeightGenerator, results: dict[s
         f"| held-out tasks (never trained on) | {zoo.get('num_heldout_tasks')} |",
         f"| training steps | {info['global_step']} |",
         f"| condition | `{cfg.condition}` |",
+        *([f"| descriptions | the zoo's own ({trained} trained on, in `descriptions.json`) |"] if own else []),
         f"| denoiser | DiT, hidden {cfg.hidden}, depth {cfg.depth}, heads {cfg.heads}, "
         f"{cfg.num_tokens} tokens of {cfg.token_size} |",
         f"| sampler | `{sampling['sampler']}`, {sampling['steps']} steps |",

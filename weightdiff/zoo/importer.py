@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
+from weightdiff.base_networks import BaseSpec, build_base, hf_folder, read_base_spec, record_base_spec
 from weightdiff.errors import ManifestError, OutputPathError, WeightDiffError
 from weightdiff.io import check_weight_dtypes, check_writable, load_weights, read_json, sha256_file, write_json
 from weightdiff.targets import ADAPTER_CONFIG_FILE, FULL_WEIGHTS_FILE, Target, load_base_network, make_lora_config
@@ -89,22 +90,63 @@ class ImportPlan:
     recipe: Recipe
     base_state: dict[str, torch.Tensor] | None
     base_file: Path | None
+    base_spec: BaseSpec | None = None  # None: the family's network is the base architecture
 
 
-def _load_base(base: str | os.PathLike, family: str) -> tuple[Path, dict[str, torch.Tensor], torch.nn.Module]:
-    """The base network reference: a state dict loading strictly into the family's base architecture."""
+def _base_spec(base: str | os.PathLike | None, base_config: str | os.PathLike | None) -> BaseSpec | None:
+    """The base architecture given: ``--base-config``, a Hugging Face folder as ``--base``, or none (the family's)."""
+    if base_config is not None:
+        spec = read_base_spec(base_config)
+        if spec.pretrained is not None and base is not None:
+            raise ManifestError(f"--base {base}: {base_config} names the pretrained folder {spec.pretrained}, "
+                                "whose model.safetensors are the base weights; give one of the two")
+        if spec.class_path is not None and base is None:
+            raise ManifestError(f"--base-config {base_config}: a class_path base needs its trained weights: "
+                                "give them with --base (a .safetensors state dict)")
+        return spec
+    if base is not None and hf_folder(base):
+        return BaseSpec(pretrained=str(base))
+    return None
+
+
+def _load_base(base: str | os.PathLike | None, family: str, spec: BaseSpec | None,
+               spec_source: str) -> tuple[Path, dict[str, torch.Tensor], torch.nn.Module]:
+    """The base network: weights loading strictly into the spec's (or the family's) architecture.
+
+    Args:
+        spec_source: where ``spec`` was given, named in its errors.
+    """
+    if spec is not None and spec.pretrained is not None:
+        network = build_base(spec, spec_source)
+        file = Path(spec.pretrained) / FULL_WEIGHTS_FILE
+        state = {k: v.detach().contiguous() for k, v in network.state_dict().items()}
+        check_weight_dtypes(state, str(file))
+        return file, state, network
+    assert base is not None
     path = Path(base)
     file = path / FULL_WEIGHTS_FILE if path.is_dir() else path
     if file.suffix in PICKLE_SUFFIXES:
         raise ManifestError(f"--base {file} is a pickle file; only safetensors weights are accepted")
     state = load_weights(file)  # missing, pickle or non-safetensors file: WeightFileError naming it
     check_weight_dtypes(state, str(file))
-    network = load_base_network(base_architecture_task(family).build_network(), state, file)
+    untrained = (build_base(spec, spec_source) if spec is not None
+                 else base_architecture_task(family).build_network())
+    network = load_base_network(untrained, state, file)
     return file, state, network
 
 
-def plan_import(manifest: str | os.PathLike, base: str | os.PathLike | None, name: str) -> ImportPlan:
+def plan_import(manifest: str | os.PathLike, base: str | os.PathLike | None, name: str,
+                base_config: str | os.PathLike | None = None) -> ImportPlan:
     """Validate every row and file of ``manifest`` (nothing is written).
+
+    Args:
+        manifest: JSONL or CSV file, one row per checkpoint.
+        base: the base weights (a ``.safetensors`` state dict, a folder holding ``model.safetensors``,
+            or a Hugging Face model folder, whose ``config.json`` then gives the architecture).
+        name: zoo name.
+        base_config: YAML/JSON :class:`~weightdiff.base_networks.BaseSpec` of the base architecture
+            (``class_path`` + ``init_args``, weights from ``base``; or ``pretrained``); default
+            the family's network.
 
     Raises:
         ManifestError: a bad row, naming the manifest, the line and the field.
@@ -122,13 +164,17 @@ def plan_import(manifest: str | os.PathLike, base: str | os.PathLike | None, nam
     if not any(r.split == "train" for r in rows):
         raise m.error(rows[0].line, "split", "is 'heldout' in every row; a zoo needs at least one 'train' row")
     base_file = base_state = base_module = None
+    spec = _base_spec(base, base_config) if kind == "lora" else None
     if kind == "lora":
-        if base is None:
+        if base is None and spec is None:
             raise ManifestError(f"{m.path}: family '{family}' is a LoRA family: give its base network with --base "
-                                "(a .safetensors state dict, or a folder holding model.safetensors)")
-        base_file, base_state, base_module = _load_base(base, family)
-    elif base is not None:
-        raise ManifestError(f"--base {base}: family '{family}' is a full family; its checkpoints need no base network")
+                                "(a .safetensors state dict, a folder holding model.safetensors, or a Hugging "
+                                "Face model folder) or --base-config")
+        spec_source = f"--base-config {base_config}" if base_config is not None else f"--base {base}"
+        base_file, base_state, base_module = _load_base(base, family, spec, spec_source)
+    elif base is not None or base_config is not None:
+        raise ManifestError(f"--base {base or base_config}: family '{family}' is a full family; its checkpoints "
+                            "need no base network")
     _number_entries(m, rows)
     seen: dict[Any, int] = {}
     reference: tuple[int, dict[str, tuple[int, ...]], dict[str, Any] | None] | None = None
@@ -174,14 +220,15 @@ def plan_import(manifest: str | os.PathLike, base: str | os.PathLike | None, nam
         try:
             target.check(tensors, str(row.weights))
         except WeightDiffError as exc:
-            raise m.error(row.line, "path", f"does not fit the family's network: {exc}") from None
+            network = "the family's network" if spec is None else f"the base network ({spec.kind})"
+            raise m.error(row.line, "path", f"does not fit {network}: {exc}") from None
         row.source_sha256 = sha256_file(row.weights)
         row.config_sha256 = sha256_file(row.config) if row.config is not None else None
         if row.source_sha256 in seen:
             raise m.error(row.line, "path", f"{where} the same contents (sha256 {row.source_sha256[:12]}…) as "
                                             f"line {seen[row.source_sha256]} (duplicate row)")
         seen[row.source_sha256] = row.line
-    return ImportPlan(rows, family, kind, target, recipe, base_state, base_file)
+    return ImportPlan(rows, family, kind, target, recipe, base_state, base_file, spec)
 
 
 def _number_entries(m: Manifest, rows: list[ImportRow]) -> None:
@@ -220,8 +267,9 @@ def _zoo_json(plan: ImportPlan, manifest: Path) -> dict[str, Any]:
         entries[row.entry_id] = row.expect()
     imported: dict[str, Any] = {
         "manifest": str(manifest.resolve()), "manifest_sha256": sha256_file(manifest),
-        "base": None if plan.base_file is None else {"path": str(plan.base_file.resolve()),
-                                                      "sha256": sha256_file(plan.base_file)},
+        "base": None if plan.base_file is None else {
+            "path": str(plan.base_file.resolve()), "sha256": sha256_file(plan.base_file),
+            "spec": None if plan.base_spec is None else plan.base_spec.to_dict()},
         "training_settings": "not recorded: the recipe's training fields configure baselines only",
         "entries": entries,
     }
@@ -242,6 +290,9 @@ def _check_existing(zoo_dir: Path, meta: dict[str, Any]) -> None:
             raise ManifestError(f"{where}: field '{key}' is {old[key]!r}, this manifest's is {meta[key]!r}; "
                                 "import into another --name or --root")
     old_base, new_base = old["imported"].get("base"), meta["imported"]["base"]
+    if (old_base or {}).get("spec") != (new_base or {}).get("spec"):
+        raise ManifestError(f"{where}: field 'imported.base.spec' is {(old_base or {}).get('spec')!r}, this "
+                            f"import's base is {(new_base or {}).get('spec')!r}; import into another --name or --root")
     if (old_base or {}).get("sha256") != (new_base or {}).get("sha256"):
         raise ManifestError(f"{where}: field 'imported.base' names a base network with sha256 "
                             f"{(old_base or {}).get('sha256')}, --base has {(new_base or {}).get('sha256')}; "
@@ -266,17 +317,31 @@ def _measured(plan: ImportPlan, row: ImportRow, tensors: dict[str, torch.Tensor]
     return metrics
 
 
+def _base_metrics(module: torch.nn.Module, data: Any) -> dict[str, float]:
+    """The base network's accuracies on its family's data, or none when its output is not logits (N, C)."""
+    with torch.no_grad():
+        out = module(data.split("val")[0][:1])
+    if not (torch.is_tensor(out) and out.dim() == 2):
+        log.info("base network: its output is a %s, not logits (N, C); no base accuracies recorded",
+                 type(out).__name__)
+        return {}
+    return evaluate_module(module, data)
+
+
 def import_zoo(manifest: str | os.PathLike, base: str | os.PathLike | None = None, *, name: str | None = None,
-               root: str | os.PathLike = "checkpoints_zoo", progress: bool = True) -> ImportReport:
+               root: str | os.PathLike = "checkpoints_zoo", progress: bool = True,
+               base_config: str | os.PathLike | None = None) -> ImportReport:
     """Import the checkpoints of ``manifest`` into the zoo ``<root>/<name>`` (see the module docstring).
 
     Args:
         manifest: JSONL or CSV file, one row per checkpoint.
-        base: the base network of a LoRA family (``.safetensors`` state dict, or a folder holding
-            ``model.safetensors``); ``None`` for full families.
+        base: the base network of a LoRA family (``.safetensors`` state dict, a folder holding
+            ``model.safetensors``, or a Hugging Face model folder); ``None`` for full families.
         name: zoo name (default: the manifest's file name without its suffix).
         root: folder holding zoos.
         progress: show a tqdm bar over the entries to write.
+        base_config: the base architecture as a :class:`~weightdiff.base_networks.BaseSpec` file
+            (see :func:`plan_import`), recorded in the zoo's ``base/``; default the family's network.
 
     Raises:
         ManifestError: a bad row (naming the manifest, line and field), or a zoo folder holding
@@ -288,7 +353,7 @@ def import_zoo(manifest: str | os.PathLike, base: str | os.PathLike | None = Non
 
     start = time.perf_counter()
     manifest = Path(manifest)
-    plan = plan_import(manifest, base, name or manifest.stem)
+    plan = plan_import(manifest, base, name or manifest.stem, base_config)
     zoo_dir = check_writable(Path(root) / plan.recipe.name, "zoo folder")
     meta = _zoo_json(plan, manifest)
     _check_existing(zoo_dir, meta)
@@ -301,11 +366,15 @@ def import_zoo(manifest: str | os.PathLike, base: str | os.PathLike | None = Non
     if plan.kind == "lora":
         assert plan.base_state is not None and plan.base_file is not None
         if network_problem(zoo_dir / BASE_DIR) is not None:
-            data_family = get_family(plan.family).base_family or plan.family
+            data_family = get_family(plan.family).base_family or plan.recipe.tasks[0]  # the base's own data
             row = {"id": "base", "task": data_family,
-                   "metrics": evaluate_module(plan.target.module, get_task(data_family).data()),
+                   "metrics": _base_metrics(plan.target.module, get_task(data_family).data()),
                    "source": str(plan.base_file.resolve()), "source_sha256": meta["imported"]["base"]["sha256"]}
             publish_network(zoo_dir / BASE_DIR, row, plan.base_state)
+        if plan.base_spec is not None:  # rewritten on resume: a kill may fall between the two
+            record_base_spec(plan.base_spec, zoo_dir / BASE_DIR)
+            if plan.base_spec.pretrained is not None:  # AutoPeftModel finds the base from the adapter config
+                plan.target.lora_config.base_model_name_or_path = str((zoo_dir / BASE_DIR).resolve())
         base_sha = read_json(zoo_dir / BASE_DIR / ENTRY_FILE, "base network row")["sha256"]
     report = ImportReport(zoo_dir, len(plan.rows))
     todo = []

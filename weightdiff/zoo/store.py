@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from weightdiff.base_networks import BaseSpec, build_base, recorded_base_spec
 from weightdiff.errors import ManifestError, WeightDiffError, WeightFileError
 from weightdiff.io import check_finite, check_weight_dtypes, load_weights, read_json
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, PARENTS_DIR, entry_problem,
@@ -167,10 +168,27 @@ class Zoo:
         """State dict of the frozen base network (LoRA zoos)."""
         return load_weights(self.base_file())
 
+    def base_spec(self) -> BaseSpec | None:
+        """The base architecture recorded in ``base/`` (``base_spec.json``), or ``None``: the family's network.
+
+        Raises:
+            TargetMismatchError: a recorded spec that is invalid (naming the file and field).
+        """
+        if self.kind != "lora":
+            return None
+        return recorded_base_spec(self.path / BASE_DIR)
+
+    def _base_network(self) -> nn.Module | BaseSpec:
+        """What the base weights load into: the recorded spec, or the family's untrained network."""
+        spec = self.base_spec()
+        return spec if spec is not None else self.parsed_recipe.build_network()
+
     def base_module(self) -> nn.Module:
         """The frozen base network (eval mode, no gradients), loaded strictly."""
         if self._base is None:
-            self._base = load_base_network(self.parsed_recipe.build_network(), self.base_state(), self.base_file())
+            network = self._base_network()
+            network = build_base(network, str(self.path / BASE_DIR)) if isinstance(network, BaseSpec) else network
+            self._base = load_base_network(network, self.base_state(), self.base_file())
         return copy.deepcopy(self._base)
 
     def adapter_config(self) -> dict[str, Any]:
@@ -189,9 +207,8 @@ class Zoo:
             if self.kind == "full":
                 self._target = Target.build("full", self.family)
             else:
-                recipe = self.parsed_recipe
-                self._target = Target.build("lora", recipe.build_network(), base_state=self.base_state(),
-                                            lora_config=recipe.lora_config(), source=self.base_file())
+                self._target = Target.build("lora", self._base_network(), base_state=self.base_state(),
+                                            lora_config=self.parsed_recipe.lora_config(), source=self.base_file())
         return self._target
 
     # ---------------------------------------------------------------------------------- checks
