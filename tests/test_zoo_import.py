@@ -343,6 +343,14 @@ def test_a_killed_import_resumes_and_skips_the_entries_already_imported(peft_sou
     entry = next(r for r in zoo.rows() if r["task"] == rows[0]["task"])
     assert entry["source_sha256"] == sha256_file(changed)
 
+    # so are descriptions edited in the manifest: the entry takes the new ones
+    rows[1] = {**rows[1], "descriptions": ["digits as the manifest now describes them"]}
+    manifest = _write_jsonl(src / "m.jsonl", rows)
+    report = import_zoo(manifest, src / "base.safetensors", root=root, progress=False)
+    assert (report.skipped, report.written) == (len(rows) - 1, 1)
+    new = [r for r in Zoo.open(zoo_dir).rows() if r["descriptions"] == rows[1]["descriptions"]]
+    assert [r["task"] for r in new] == [rows[1]["task"]]
+
 
 def test_an_import_never_mixes_into_a_built_zoo_or_another_base(tiny_lora_zoo, peft_sources, imported_lora,
                                                                tmp_path):

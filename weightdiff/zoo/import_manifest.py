@@ -73,9 +73,11 @@ class ImportRow:
         return self.run().entry_id(self.checkpoint)
 
     def expect(self) -> dict[str, Any]:
-        """Row fields of its entry: identity and the hashes of the files it was imported from."""
+        """Row fields of its entry: identity, what conditions it (descriptions, code) and the hashes
+        of the files it was imported from; an entry whose row differs in any is imported again."""
         out: dict[str, Any] = {"task": self.task, "split": self.split, "seed": self.seed,
-                               "checkpoint": self.checkpoint, "source_sha256": self.source_sha256}
+                               "checkpoint": self.checkpoint, "descriptions": list(self.descriptions),
+                               "code": list(self.code), "source_sha256": self.source_sha256}
         if self.config_sha256 is not None:
             out["source_config_sha256"] = self.config_sha256
         return out
