@@ -241,3 +241,11 @@ def test_the_family_says_why_a_description_cannot_condition_its_tasks():
     assert rot.description_problem("rotated by 40 degrees clockwise") is None
     assert "names no angle" in rot.description_problem("upright digits")
     assert get_family("digits").description_problem("upright digits") is None
+
+
+def test_a_family_without_a_network_of_its_own_says_to_give_the_zoo_a_base():
+    from weightdiff.errors import ZooBuildError
+    from weightdiff.zoo.training import base_architecture_task
+
+    with pytest.raises(ZooBuildError, match=r"'dataset' names its tasks by 'name'.*--base-config"):
+        base_architecture_task("dataset")

@@ -29,6 +29,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from weightdiff.errors import ZooBuildError
 from weightdiff.tasks import Task, TaskData, get_family, get_task, list_families
 
 LateSchedule = Literal["cyclic", "constant", "cosine"]
@@ -181,6 +182,11 @@ def _example_task_string(family: str) -> str:
     # Every member of a family has the same base architecture; fill the required factors with
     # their lowest allowed value.
     specs = get_family(family).factor_specs
+    named = [f.name for f in specs if f.default is None and f.kind == "name"]
+    if named:  # e.g. `dataset:name=...`: the tasks share no architecture the family could build
+        raise ZooBuildError(f"task family '{family}' names its tasks by '{named[0]}' and has no network of its "
+                            "own: give the zoo's base network (`zoo import --base-config`, a class_path or a "
+                            "Hugging Face folder)")
     parts = [f"{f.name}={f.choices[0] if f.choices else f.low:g}" for f in specs if f.default is None]
     return family + (":" + ",".join(parts) if parts else "")
 
