@@ -337,12 +337,18 @@ class Target:
 
     def _call(self, params: Mapping[str, torch.Tensor], args: tuple[Any, ...],
               kwargs: Mapping[str, Any] | None = None) -> Any:
-        """The network on ``args`` with one sample's tensors (no S dimension) substituted."""
+        """The network on ``args`` with one sample's tensors (no S dimension) substituted.
+
+        An output mapping with ``logits`` (a Hugging Face ``...ForSequenceClassification`` model's
+        ``ModelOutput``) gives just its logits, so the task metrics score it as any classifier.
+        """
         if self.kind == "full":
-            return functional_call(self.module, dict(params), args, kwargs)
-        assert self._net is not None
-        # h = W0 x + scaling · B A x in each injected layer: the base W0 is shared, never copied per sample
-        return functional_call(self._net, {self._names[k]: v for k, v in params.items()}, args, kwargs)
+            out = functional_call(self.module, dict(params), args, kwargs)
+        else:
+            assert self._net is not None
+            # h = W0 x + scaling · B A x in each injected layer: the base W0 is shared, never copied per sample
+            out = functional_call(self._net, {self._names[k]: v for k, v in params.items()}, args, kwargs)
+        return out["logits"] if isinstance(out, Mapping) and "logits" in out else out
 
     def forward_batched(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> Any:
         """Outputs of S weight sets on one input batch.
@@ -354,8 +360,9 @@ class Target:
                 (e.g. ``attention_mask``).
 
         Returns:
-            logits ``(S, N, C)`` (or the network's output with every tensor given a leading S,
-            e.g. a ``ModelOutput`` whose ``last_hidden_state`` is ``(S, N, L, H)``);
+            logits ``(S, N, C)`` (the ``logits`` of an output that has them; else the network's
+            output with every tensor given a leading S, e.g. a ``ModelOutput`` whose
+            ``last_hidden_state`` is ``(S, N, L, H)``);
             differentiable with respect to ``params``.
         """
         self.check(params, batched=True)
