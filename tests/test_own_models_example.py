@@ -59,6 +59,8 @@ def test_adapters_are_imported_as_a_zoo_with_the_base_folder_and_the_heldout_tas
     assert spec == {"pretrained": ".", "auto_class": "AutoModelForSequenceClassification"}
     for row in zoo.rows():  # accuracies measured by weightdiff on import (the manifest gives none)
         assert 0.0 <= row["metrics"]["test_acc"] <= 1.0
+    # the base's own accuracy too, scored on the logits of its SequenceClassifierOutput
+    assert 0.0 <= zoo.info()["base"]["test_acc"] <= 1.0
 
 
 @pytest.mark.slow

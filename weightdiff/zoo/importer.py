@@ -25,17 +25,55 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
-from weightdiff.base_networks import BaseSpec, build_base, hf_folder, read_base_spec, record_base_spec
+from weightdiff.base_networks import (
+    BaseSpec,
+    build_base,
+    hf_folder,
+    read_base_spec,
+    record_base_spec,
+)
 from weightdiff.errors import ManifestError, OutputPathError, WeightDiffError
-from weightdiff.io import check_weight_dtypes, check_writable, load_weights, read_json, sha256_file, write_json
-from weightdiff.targets import ADAPTER_CONFIG_FILE, FULL_WEIGHTS_FILE, Target, load_base_network, make_lora_config
+from weightdiff.io import (
+    check_weight_dtypes,
+    check_writable,
+    load_weights,
+    read_json,
+    sha256_file,
+    write_json,
+)
+from weightdiff.targets import (
+    ADAPTER_CONFIG_FILE,
+    FULL_WEIGHTS_FILE,
+    Target,
+    load_base_network,
+    make_lora_config,
+)
 from weightdiff.tasks import get_family, get_task
 from weightdiff.zoo.build import TrainedCheckpoint, publish_network, write_entry
-from weightdiff.zoo.import_manifest import PICKLE_SUFFIXES, ImportRow, Manifest, parse_row, read_manifest
-from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, FORMAT_VERSION, METRIC_FIELDS, ZOO_FILE,
-                                     entry_problem, network_problem, read_zoo_json)
+from weightdiff.zoo.import_manifest import (
+    PICKLE_SUFFIXES,
+    ImportRow,
+    Manifest,
+    parse_row,
+    read_manifest,
+)
+from weightdiff.zoo.manifest import (
+    BASE_DIR,
+    ENTRIES_DIR,
+    ENTRY_FILE,
+    FORMAT_VERSION,
+    METRIC_FIELDS,
+    ZOO_FILE,
+    entry_problem,
+    network_problem,
+    read_zoo_json,
+)
 from weightdiff.zoo.recipe import Recipe
-from weightdiff.zoo.training import FULL_DEFAULTS, base_architecture_task, evaluate_module
+from weightdiff.zoo.training import (
+    FULL_DEFAULTS,
+    base_architecture_task,
+    evaluate_module,
+)
 
 log = logging.getLogger(__name__)
 
@@ -317,10 +355,27 @@ def _measured(plan: ImportPlan, row: ImportRow, tensors: dict[str, torch.Tensor]
     return metrics
 
 
+class _LogitsOf(torch.nn.Module):
+    """``module`` returning the ``logits`` of its output mapping."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.module(*args, **kwargs)["logits"]
+
+
 def _base_metrics(module: torch.nn.Module, data: Any) -> dict[str, float]:
-    """The base network's accuracies on its family's data, or none when its output is not logits (N, C)."""
+    """The base network's accuracies on its family's data, or none when its output is not logits (N, C).
+
+    An output mapping with ``logits`` (a Hugging Face ``...ForSequenceClassification`` model) is
+    scored on them, as :class:`~weightdiff.targets.Target` scores its samples.
+    """
     with torch.no_grad():
         out = module(data.split("val")[0][:1])
+    if isinstance(out, Mapping) and "logits" in out:
+        module, out = _LogitsOf(module), out["logits"]
     if not (torch.is_tensor(out) and out.dim() == 2):
         log.info("base network: its output is a %s, not logits (N, C); no base accuracies recorded",
                  type(out).__name__)
