@@ -249,3 +249,13 @@ def test_a_family_without_a_network_of_its_own_says_to_give_the_zoo_a_base():
 
     with pytest.raises(ZooBuildError, match=r"'dataset' names its tasks by 'name'.*--base-config"):
         base_architecture_task("dataset")
+
+
+def test_training_text_conditions_carry_the_familys_numeric_features_only():
+    from weightdiff.models.conditioning import TEXT_DIM
+    from weightdiff.training.datamodule import TaskConditions
+
+    rot = "rotdigits:angle=40,flip=0"
+    conditions = TaskConditions(["digits", rot], "text")
+    assert conditions.text["digits"].shape[1] == TEXT_DIM  # digits states no numbers
+    assert conditions.text[rot].shape[1] == TEXT_DIM + 4  # angle and mirror, as before

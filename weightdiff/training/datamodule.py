@@ -146,7 +146,7 @@ class TaskConditions:
         if kind == "text":
             for name, desc in self.descriptions.items():
                 try:
-                    self.text[name] = text_condition(desc.train)  # (n_desc, 384 + F)
+                    self.text[name] = text_condition(desc.train, self.tasks[name].family_name)  # (n_desc, 384 + F)
                 except ConditionError as exc:
                     if desc.entry_file is None:
                         raise
