@@ -86,3 +86,20 @@ def test_a_sampled_adapter_loads_in_plain_peft_with_weightdiffs_logits_and_accur
         peft_acc = float((want.argmax(-1) == y).float().mean())
         assert abs(got_acc - peft_acc) <= 1 / len(y), sample  # one near-tie may round the other way
     assert f"dataset:name={kind}" in report.get("task", f"dataset:name={kind}")
+
+
+@pytest.mark.slow
+def test_samples_evaluate_without_base_the_generator_carries_the_bases_record(walkthrough, capsys):
+    """The export's base/ holds the zoo's base_spec.json and config.json, so `evaluate` finds the
+    base architecture from the samples' own record (sample.json -> generator -> base/)."""
+    from weightdiff.cli import main
+
+    zoo_base = walkthrough / "zoos" / "own-minilm" / "base"
+    gen_base = walkthrough / "gen" / "base"
+    for name in ("base_spec.json", "config.json"):
+        assert (gen_base / name).read_bytes() == (zoo_base / name).read_bytes()
+    out = walkthrough / "eval-taste-nobase.json"
+    assert main(["evaluate", "--task", "dataset:name=taste", "--weights", str(walkthrough / "samples" / "taste"),
+                 "--json", str(out)]) == 0
+    with_base = json.loads((walkthrough / "eval-taste.json").read_text())["weights"]
+    assert [w["accuracy"] for w in json.loads(out.read_text())["weights"]] == [w["accuracy"] for w in with_base]

@@ -20,10 +20,12 @@ it back (``None`` for zoos whose base is a task family's network).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,20 @@ def _import_class(class_path: str, source: str) -> type[nn.Module]:
     return cls
 
 
+@contextlib.contextmanager
+def _model_files_only(folder: Path) -> Iterator[Path]:
+    """``folder`` itself, or, when it also holds an ``adapter_config.json`` (a generator's or a
+    sample's ``base/``), a temporary folder linking just its config and weights: transformers would
+    otherwise take the folder for a PEFT adapter and load the base it names."""
+    if not (folder / "adapter_config.json").exists():
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="weightdiff-base-") as tmp:
+        for name in (HF_CONFIG_FILE, HF_WEIGHTS_FILE):
+            os.symlink((folder / name).resolve(), Path(tmp) / name)
+        yield Path(tmp)
+
+
 def _from_pretrained(spec: BaseSpec, source: str) -> nn.Module:
     import transformers
 
@@ -161,8 +177,9 @@ def _from_pretrained(spec: BaseSpec, source: str) -> nn.Module:
         raise TargetMismatchError(f"{source}: auto_class {spec.auto_class!r} is not a transformers auto class "
                                   "(e.g. 'AutoModel', 'AutoModelForSequenceClassification')")
     try:
-        model, info = auto.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                           dtype=torch.float32, output_loading_info=True)
+        with _model_files_only(folder) as view:
+            model, info = auto.from_pretrained(str(view), local_files_only=True, use_safetensors=True,
+                                               dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, KeyError) as exc:
         raise TargetMismatchError(f"{source}: {spec.auto_class}.from_pretrained({str(folder)!r}) failed: "
                                   f"{str(exc).strip().splitlines()[0]}") from None

@@ -37,6 +37,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from weightdiff import __version__
+from weightdiff.base_networks import BASE_SPEC_FILE, HF_CONFIG_FILE
 from weightdiff.errors import ModelDirError, WeightFileError
 from weightdiff.io import atomic_path, load_weights, read_json, sha256_file, write_json
 from weightdiff.models.conditioning import ConditionKind, build_condition
@@ -49,6 +50,7 @@ from weightdiff.weights.tokenizer import WeightTokenizer
 FORMAT_VERSION = 2
 MODEL_INDEX_FILE = "model_index.json"
 GENERATOR_DIR, SCHEDULER_DIR, TOKENIZER_DIR, BASE_DIR = "generator", "scheduler", "tokenizer", "base"
+BASE_RECORD_FILES = (BASE_SPEC_FILE, HF_CONFIG_FILE)  # beside the base weights when the zoo records them
 BASE_WEIGHTS_FILE = "model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 CARD_FILE = "README.md"
@@ -344,6 +346,9 @@ class GeneratorArtefact:
             if lora:
                 (tmp / BASE_DIR).mkdir()
                 shutil.copyfile(self.base_file, tmp / BASE_DIR / BASE_WEIGHTS_FILE)
+                for name in BASE_RECORD_FILES:  # a zoo's record of its base architecture travels with it
+                    if (self.base_file.parent / name).is_file():
+                        shutil.copyfile(self.base_file.parent / name, tmp / BASE_DIR / name)
                 write_json(tmp / BASE_DIR / ADAPTER_CONFIG_FILE,
                            {**self._adapter_config, "base_model_name_or_path": str(path.resolve() / BASE_DIR)})
             # The model id names the weights: the cache of generated tokens is keyed by it.

@@ -14,7 +14,7 @@ the recorded absolute path and checked against the recorded hash. The folder
       generator/             config.json + diffusion_pytorch_model.safetensors (EMA weights)
       scheduler/             scheduler_config.json of the training DDPMScheduler
       tokenizer/             layout.json + layout_stats.safetensors (as fitted at training time)
-      base/                  (LoRA zoos) model.safetensors + adapter_config.json
+      base/                  (LoRA zoos) model.safetensors + adapter_config.json (+ the zoo's base_spec.json, config.json)
       descriptions.json      (text generators) the descriptions trained on and the held-out paraphrases,
                              from the checkpoint (absent for checkpoints that did not save them)
       README.md              model card
