@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from transformers.pytorch_utils import Conv1D
 
+from tests._seeding import seed_parameters
 from tests._tolerance import matmul_tol, network_tol
 from weightdiff.errors import TargetMismatchError
 from weightdiff.targets import PEFT_PREFIX, Target
@@ -104,11 +105,7 @@ def _tol(module: nn.Module, reference: torch.Tensor) -> float:
 
 
 def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
-    return module.eval()
+    return seed_parameters(module, seed=seed, scale=0.4)
 
 
 def _adapters(base: nn.Module, config: dict, s: int = S, seed: int = 5) -> list[dict[str, torch.Tensor]]:

@@ -11,20 +11,16 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from tests._seeding import seed_parameters
+from tests._tolerance import network_tol
 from weightdiff.errors import TargetMismatchError, WeightFileError
 from weightdiff.io import load_weights, save_weights
 from weightdiff.targets import Target
-from weightdiff.tasks.networks import DigitsCNN, DigitsMLP, MNIST1DCNN
-
-from tests._tolerance import network_tol
+from weightdiff.tasks.networks import MNIST1DCNN, DigitsCNN, DigitsMLP
 
 
 def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return module.eval()
+    return seed_parameters(module, seed=seed, scale=0.3)
 
 
 def _x(shape: tuple[int, ...], n: int = 7) -> torch.Tensor:
@@ -72,12 +68,8 @@ def _peft_reference(base: nn.Module, config: dict, seed: int = 3) -> tuple[nn.Mo
     """A PEFT model with random (non-zero) adapter weights and its adapter state dict."""
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model.eval(), {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    seed_parameters(model, seed=seed, scale=0.3, trainable_only=True)
+    return model, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 LORA_CASES = [
