@@ -19,7 +19,7 @@ from weightdiff.errors import ConditionError, ManifestError
 MAX_TASK_LINES = 20  # `zoo info` lists tasks one per line up to this many (all of them with --json)
 # weightdiff.models.schedule.SamplerName, spelled here so that --help imports no torch
 # (tests/test_cli.py checks that the two agree).
-Sampler = Literal["ddim", "dpm", "x0"]
+Sampler = Literal["ddim", "dpm", "euler", "x0"]
 Split = Literal["train", "val", "test"]
 
 
@@ -163,7 +163,8 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
         num: number of samples, at most 100000 (weightdiff.sampling.MAX_SAMPLES); written as they
             are generated, --batch-size at a time.
         steps: sampler steps (null: the generator's).
-        sampler: ddim / dpm (DPM-Solver++) / x0 (one-step clean estimate); null: the generator's.
+        sampler: ddim / dpm (DPM-Solver++) for ddpm generators, euler for flow-matching ones, x0
+            (one-step clean estimate) for both; null: the generator's.
         temperature: scale of the initial noise.
         guidance: classifier-free guidance scale (1 = off).
         seed: sample i starts from the noise of seed + i (0 <= seed, seed + num - 1 < 2**63).
@@ -291,7 +292,7 @@ def benchmark(suite: str, zoo: str, out: str, model: str | None = None, num: int
         model: exported generator directory (null: the baselines alone).
         num: samples per task.
         steps: sampler steps (null: the generator's).
-        sampler: ddim / dpm / x0 (null: the generator's).
+        sampler: ddim / dpm (ddpm generators), euler (flow matching), x0 (null: the generator's).
         guidance: classifier-free guidance scale.
         seed: sampling and baseline seed.
         from_description: condition the generator on a held-out free-text paraphrase of each task.
@@ -334,7 +335,8 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] = ("ddim:10", 
         model: exported generator directory.
         zoo: the zoo it was trained on.
         out: output directory.
-        paths: samplers to follow, as sampler:steps, e.g. '[ddim:10, dpm:20]'.
+        paths: samplers to follow, as sampler:steps, e.g. '[ddim:10, dpm:20]' (a flow-matching
+            generator: '[euler:10, euler:20]').
         task: task the paths sample for (null: the zoo's first training task).
         max_entries: zoo entries per split at each noise level (null: all).
         num: samples per path.
@@ -349,13 +351,20 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] = ("ddim:10", 
     parsed = []
     for spec in paths:
         name, _, steps = spec.partition(":")
-        if name not in ("ddim", "dpm") or not steps.isdigit() or int(steps) < 1:
-            raise ConditionError(f"--paths: {spec!r} is not sampler:steps with sampler ddim or dpm and steps >= 1")
+        if name not in ("ddim", "dpm", "euler") or not steps.isdigit() or int(steps) < 1:
+            raise ConditionError(f"--paths: {spec!r} is not sampler:steps with sampler ddim, dpm or euler and "
+                                 "steps >= 1")
         parsed.append((name, int(steps)))
     if num < 1:
         raise ConditionError(f"--num must be at least 1, got {num}")
-    report = diagnose_generator(load_generator(model), Zoo.open(zoo), paths=parsed, task=task,
-                                max_entries=max_entries, num=num, seed=seed)
+    gen = load_generator(model)
+    for spec, (name, _) in zip(paths, parsed):
+        try:
+            gen.schedule.check_sampler(name)
+        except ConditionError as exc:
+            raise ConditionError(f"--paths {spec!r}: {exc}") from None
+    report = diagnose_generator(gen, Zoo.open(zoo), paths=parsed, task=task, max_entries=max_entries, num=num,
+                                seed=seed)
     json_path, png = write_report(out, report)
     train = report["noise_levels"]["train"]
     t = report["noise_levels"]["timesteps"]

@@ -460,6 +460,7 @@ def sample(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerS
         use_cache, batch_size, progress, generate: as for :func:`generate_tokens`.
     """
     check_request(num, settings, batch_size)
+    gen.schedule.check_sampler(settings.sampler)  # before the output folder is touched
     t0 = time.perf_counter()
     hits = []
     with terminate_as_exit(), output_folder(out, overwrite=overwrite) as folder:
@@ -487,6 +488,7 @@ def select_best(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sam
     if not (_whole(examples) and _whole(candidates)) or examples < 1 or candidates < 1:
         raise ConditionError(f"--select-with and --candidates must be positive, got {examples} and {candidates}")
     check_request(num * candidates, settings, batch_size, option="--num x --candidates")
+    gen.schedule.check_sampler(settings.sampler)
     t0 = time.perf_counter()
     with terminate_as_exit(), output_folder(out, overwrite=overwrite) as folder:
         tokens, cached = generate_tokens(gen, cond, num * candidates, settings, use_cache=use_cache,

@@ -40,6 +40,7 @@ from weightdiff.evaluate.weights import evaluate_params
 from weightdiff.tasks import Task, get_task
 from weightdiff.tasks.suites import load_suite
 from weightdiff.models.generator import load_generator
+from weightdiff.models.schedule import ScheduleConfig
 from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
 from weightdiff.zoo import Zoo
 from weightdiff.zoo.training import few_shot_indices
@@ -65,7 +66,8 @@ def heldout_description(task: Task, descriptions: Mapping[str, Any] | None = Non
 
 
 def model_evaluations(sampler: str, steps: int, guidance: float = 1.0) -> int:
-    """Denoiser evaluations per sample: one per step (one for ``x0``), twice with guidance."""
+    """Denoiser evaluations per sample: one per step of ``ddim`` / ``dpm`` / ``euler`` (one for ``x0``),
+    twice with guidance."""
     per_step = 1 if guidance == 1.0 else 2
     return per_step * (1 if sampler == "x0" else steps)
 
@@ -256,6 +258,8 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         validated = gen.config.get("sampling", {})
         steps = validated.get("steps", SamplerSettings.steps) if steps is None else steps
         sampler = validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler
+        # before the long baselines: ddim / dpm sample ddpm generators, euler flow-matching ones
+        ScheduleConfig(**gen.config.get("schedule", {})).check_sampler(sampler)
     if hypernet_steps is None:
         hypernet_steps = max(2000, int(gen.config.get("global_step", 0)) if gen is not None else 0)
     z = _ZooState(zoo_obj, num=num, seed=seed, progress=progress)

@@ -1,16 +1,17 @@
 """Is the denoiser a denoiser? Diagnostics of a trained generator at every noise level.
 
 A generator is judged by more than its final samples (DESIGN.md, "The denoiser must be a
-denoiser"). For zoo entries noised to level t, x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε (DDPM eq. 4),
-:func:`noise_level_report` compares the model's clean estimate x̂0(x_t, t, c) with two
-references:
+denoiser"). For zoo entries noised to level t, x_t = a_t x0 + s_t ε (DDPM eq. 4: a_t = sqrt(ᾱ_t),
+s_t = sqrt(1 - ᾱ_t); flow matching: a = 1 - σ, s = σ with σ = t / T; see
+:class:`~weightdiff.models.schedule.NoiseLevel`), :func:`noise_level_report` compares the model's
+clean estimate x̂0(x_t, t, c) with two references:
 
-- **identity**: x_t / sqrt(ᾱ_t), what returning the noisy input gives. A model worse than it at
+- **identity**: x_t / a_t, what returning the noisy input gives. A model worse than it at
   low noise has not learnt to denoise there;
 - **oracle**: the exact posterior mean of the training entries of the same task,
-  E[x0 | x_t] = Σ_i w_i x0_i with w ∝ exp(-|x_t - sqrt(ᾱ_t) x0_i|² / (2 (1 - ᾱ_t))). It is the
-  minimiser of the training loss on the empirical data, and it reproduces zoo entries: the
-  memorising oracle.
+  E[x0 | x_t] = Σ_i w_i x0_i with w ∝ N(x_t; a_t x0_i, s_t² I) ∝ exp(-|x_t - a_t x0_i|² / (2 s_t²)).
+  It is the minimiser of the training loss on the empirical data, and it reproduces zoo entries:
+  the memorising oracle.
 
 and measures the accuracy of x̂0 in the target network per level. :func:`path_report` follows a
 sampler from noise to sample and reports, per step, the accuracy of the current x̂0 and its
@@ -23,7 +24,6 @@ Plain torch; no trainer.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import torch
 
 from weightdiff.evaluate.report import _save_figure
 from weightdiff.io import write_json
-from weightdiff.models.schedule import denoise, predicted_x0
+from weightdiff.models.schedule import NoiseLevel, as_noise_level, denoise, predicted_x0
 from weightdiff.sampling import make_condition
 from weightdiff.tasks import get_task
 from weightdiff.weights.canonical import canonicalize
@@ -41,6 +41,7 @@ from weightdiff.weights.canonical import canonicalize
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 175, 250, 400, 550, 700, 850, 999)
+DEFAULT_PATH_STEPS = (10, 20)  # the sampler paths followed unless told otherwise
 
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -49,22 +50,24 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.T
     return diff.flatten(1).sum(1) / valid.sum()
 
 
-def posterior_mean(x_t: torch.Tensor, alpha_bar: float, candidates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def posterior_mean(x_t: torch.Tensor, level: NoiseLevel | float, candidates: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor:
     """Exact posterior mean of x0 given x_t under the empirical distribution ``candidates``.
 
     Args:
-        x_t: (N, L, D) noisy tokens at cumulative alpha ``alpha_bar``.
+        x_t: (N, L, D) noisy tokens at ``level``: a :class:`NoiseLevel` of floats, or a DDPM ᾱ.
         candidates: (M, L, D) clean training tokens (the empirical data distribution).
         valid: (L, D) bool; padded entries take no part in the likelihood.
     Returns:
-        (N, L, D) Σ_i softmax_i(-|x_t - sqrt(ᾱ) x0_i|² / (2 (1 - ᾱ))) x0_i.
+        (N, L, D) Σ_i softmax_i(-|x_t - a x0_i|² / (2 s²)) x0_i.
     """
-    if alpha_bar >= 1.0:
-        raise ValueError("the posterior at alpha_bar = 1 is a point mass; use t > 0")
-    xt = (x_t * valid).flatten(1).double()                              # (N, P)
-    xs = (candidates * valid).flatten(1).double() * math.sqrt(alpha_bar)  # (M, P)
-    d2 = torch.cdist(xt, xs).pow(2)                                       # (N, M)
-    w = torch.softmax(-d2 / (2 * (1 - alpha_bar)), dim=1)
+    level = as_noise_level(level)
+    if level.variance <= 0:
+        raise ValueError("the posterior at s_t = 0 (no noise) is a point mass; use t > 0")
+    xt = (x_t * valid).flatten(1).double()                         # (N, P)
+    xs = (candidates * valid).flatten(1).double() * level.signal   # (M, P)
+    d2 = torch.cdist(xt, xs).pow(2)                                  # (N, M)
+    w = torch.softmax(-d2 / (2 * level.variance), dim=1)
     return (w @ candidates.flatten(1).double()).view_as(x_t).to(x_t.dtype)
 
 
@@ -136,15 +139,14 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
         zoo: the zoo the generator was trained on.
         model_fn: ``(x_t (B, L, D), t (B,), raw condition batch) -> denoiser output (B, L, D)``.
         condition: task name -> raw condition with one row.
-        timesteps: noise levels t in [0, T).
+        timesteps: noise levels t in [0, T) (flow matching: σ = t / T).
         max_entries: entries per split (drawn at random; ``None``: all).
         train_entries: the zoo's training entries, when the caller has encoded them already.
     Returns:
         ``{"timesteps": [...], "train": {...}, "heldout": {...}}`` with, per split, lists over t of
         ``model_mse``, ``identity_mse``, ``oracle_mse`` (train only), ``model_acc``, ``oracle_acc``.
     """
-    alphas = gen.schedule.training_scheduler().alphas_cumprod
-    ptype = gen.schedule.prediction_type
+    schedule, ptype = gen.schedule, gen.schedule.prediction_type
     valid = gen.tokenizer.layout.valid_mask()
     all_train = train_entries if train_entries is not None else _Entries(gen, zoo, "train")
     by_task = {name: all_train.tokens[all_train.of_task(name)] for name in dict.fromkeys(all_train.tasks)}
@@ -152,34 +154,35 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
     if zoo.rows("heldout"):
         splits["heldout"] = _Entries(gen, zoo, "heldout").subset(max_entries, seed + 1)
     score = _Scorer(gen)
-    report: dict[str, Any] = {"timesteps": [int(t) for t in timesteps], "prediction_type": ptype}
+    report: dict[str, Any] = {"timesteps": [int(t) for t in timesteps], "prediction_type": ptype,
+                              "objective": schedule.objective}
     for split, entries in splits.items():
         rows: dict[str, list[float | None]] = {k: [] for k in ("model_mse", "identity_mse", "oracle_mse",
                                                                  "model_acc", "oracle_acc")}
         g = torch.Generator().manual_seed(seed)
         conditions = {name: condition(name) for name in dict.fromkeys(entries.tasks)}
         for t in timesteps:
-            a = float(alphas[t])
+            level = schedule.noise_level(int(t))  # floats a_t, s_t²
             x0 = entries.tokens
             noise = torch.randn(x0.shape, generator=g)
-            x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
-            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+            x_t = level.signal * x0 + level.noise * noise
+            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)  # σ · T = t under flow matching
             x0_hat = torch.empty_like(x0)
             for name, raw in conditions.items():
                 idx = entries.of_task(name)
                 raw_rows = tuple(r.expand(len(idx), *r.shape[1:]) for r in raw) if isinstance(raw, tuple) \
                     else raw.expand(len(idx), *raw.shape[1:])
                 out = model_fn(x_t[idx], tt[idx], raw_rows)
-                x0_hat[idx] = predicted_x0(out, x_t[idx], alphas[tt[idx]], ptype)
+                x0_hat[idx] = predicted_x0(out, x_t[idx], schedule.noise_level(tt[idx]), ptype)
             x0_hat = x0_hat.masked_fill(~valid, 0.0)
             rows["model_mse"].append(float(masked_mse(x0_hat, x0, valid).mean()))
-            rows["identity_mse"].append(float(masked_mse(x_t / math.sqrt(a), x0, valid).mean()))
+            rows["identity_mse"].append(float(masked_mse(x_t / level.signal, x0, valid).mean()))
             oracle = None
             if split == "train" and t > 0:
                 oracle = torch.empty_like(x0)
                 for name in conditions:
                     idx = entries.of_task(name)
-                    oracle[idx] = posterior_mean(x_t[idx], a, by_task[name], valid)
+                    oracle[idx] = posterior_mean(x_t[idx], level, by_task[name], valid)
                 rows["oracle_mse"].append(float(masked_mse(oracle, x0, valid).mean()))
             else:
                 rows["oracle_mse"].append(None)
@@ -206,13 +209,13 @@ def path_report(gen: Any, zoo_tokens: torch.Tensor, task: str, sample_fn: Callab
         "zoo_spacing"}`` (distances in normalised token space; spacing = median nearest-neighbour
         distance inside the zoo).
     """
-    alphas = gen.schedule.training_scheduler().alphas_cumprod
-    ptype = gen.schedule.prediction_type
+    schedule = gen.schedule
     valid = gen.tokenizer.layout.valid_mask()
-    steps: list[tuple[int, torch.Tensor]] = []
+    steps: list[tuple[float, torch.Tensor]] = []
 
     def record(x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> None:
-        steps.append((int(t[0]), predicted_x0(out, x_t, alphas[t], ptype).masked_fill(~valid, 0.0)))
+        x0 = predicted_x0(out, x_t, schedule.noise_level(t), schedule.prediction_type)
+        steps.append((int(t[0]) if schedule.objective == "ddpm" else float(t[0]), x0.masked_fill(~valid, 0.0)))
 
     shape = (num, *zoo_tokens.shape[1:])
     noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + i))
@@ -262,7 +265,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     if positive and model_vals:  # identity explodes at t -> T and the oracle can be exactly 0: keep the model in view
         axes[0].set_ylim(max(min(positive) / 2, 1e-8), 20 * max(model_vals))
     axes[0].set(yscale="log", xlabel="noise level t", ylabel="x̂0 MSE (normalised tokens; 0 not drawn)",
-                title="x̂0 error: model vs identity x_t/√ᾱ vs posterior-mean oracle")
+                title="x̂0 error: model vs identity x_t/a_t vs posterior-mean oracle")
     axes[1].set(xlabel="noise level t", ylabel="accuracy of x̂0 (%)", title="accuracy of the clean estimate")
     twin = axes[2].twinx()
     for name, p in report.get("paths", {}).items():
@@ -302,18 +305,23 @@ def sampler_path_fn(gen: Any, model_fn: Callable[[torch.Tensor, torch.Tensor], t
     return run
 
 
-def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] = (("ddim", 10), ("ddim", 20)),
+def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] | None = None,
                        task: str | None = None, max_entries: int | None = 64, num: int = 16,
                        timesteps: Sequence[int] = DEFAULT_TIMESTEPS, seed: int = 0) -> dict[str, Any]:
     """The whole diagnosis of a loaded generator on its zoo: noise levels, then one path per sampler.
 
     Args:
         gen: a loaded generator (:func:`weightdiff.models.generator.load_generator`).
-        paths: ``(sampler, steps)`` pairs to follow from noise to sample.
+        paths: ``(sampler, steps)`` pairs to follow from noise to sample (None: the objective's
+            default sampler at :data:`DEFAULT_PATH_STEPS`).
         task: the task the paths are sampled for (default: the first training task).
         max_entries, num, timesteps, seed: see :func:`noise_level_report` and :func:`path_report`.
     """
     net = gen.generator
+    if paths is None:
+        paths = [(gen.schedule.default_sampler(), steps) for steps in DEFAULT_PATH_STEPS]
+    for sampler, _ in paths:  # before the noise levels: a wrong sampler fails at once
+        gen.schedule.check_sampler(sampler)
 
     def condition(name: str) -> Any:
         return make_condition(gen, task=name, seed=seed).raw
@@ -331,7 +339,8 @@ def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] =
     task = task or zoo.rows("train")[0]["task"]
     cond = net.encode_condition(condition(task), None).repeat_interleave(num)
     step_fn = net.guided_fn(cond, cond, 1.0)
-    report = {"title": f"{gen.path}: zoo {zoo.name}, {gen.schedule.prediction_type} prediction",
+    report = {"title": f"{gen.path}: zoo {zoo.name}, {gen.schedule.objective}, "
+                       f"{gen.schedule.prediction_type} prediction",
               "noise_levels": levels, "paths": {}}
     for sampler, steps in paths:
         report["paths"][f"{sampler}-{steps}"] = path_report(gen, zoo_tokens, task,

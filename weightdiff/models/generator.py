@@ -9,7 +9,8 @@
       model_index.json        components -> classes, format_version, default sampler and steps,
                               model id, zoo / training provenance
       generator/              WeightGenerator.save_pretrained: config.json + diffusion_pytorch_model.safetensors
-      scheduler/              the training DDPMScheduler's save_pretrained: scheduler_config.json
+      scheduler/              the training scheduler's save_pretrained: scheduler_config.json (a
+                              DDPMScheduler, or a FlowMatchEulerDiscreteScheduler for flow matching)
       tokenizer/              layout.json + layout_stats.safetensors, fitted at training time
       base/                   (LoRA) model.safetensors (the frozen base) + adapter_config.json
       descriptions.json       (text generators) the descriptions trained on, per task, and each task's
@@ -32,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ConfigMixin, DDPMScheduler, ModelMixin
+from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from weightdiff import __version__
@@ -42,7 +44,7 @@ from weightdiff.errors import ModelDirError, WeightFileError
 from weightdiff.io import atomic_path, load_weights, read_json, sha256_file, write_json
 from weightdiff.models.conditioning import ConditionKind, build_condition
 from weightdiff.models.dit import ID_FIELDS, WeightDiT
-from weightdiff.models.schedule import SamplerName, ScheduleConfig, denoise
+from weightdiff.models.schedule import SCHEDULER_CLASSES, SamplerName, ScheduleConfig, denoise
 from weightdiff.targets import Target
 from weightdiff.weights.layout import LAYOUT_FILE
 from weightdiff.weights.tokenizer import WeightTokenizer
@@ -250,10 +252,12 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
 
 
 # ----------------------------------------------------------------------------- the exported folder
-#: model_index.json: component folder -> [library, class], as diffusers writes it.
+#: model_index.json: component folder -> [library, class], as diffusers writes it (the scheduler's
+#: class is the objective's: :data:`_SCHEDULER_COMPONENTS`).
 _COMPONENTS: dict[str, list[str]] = {GENERATOR_DIR: ["weightdiff.models.generator", WeightGenerator.__name__],
-                                     SCHEDULER_DIR: ["diffusers", DDPMScheduler.__name__],
+                                     SCHEDULER_DIR: ["diffusers", SCHEDULER_CLASSES["ddpm"].__name__],
                                      TOKENIZER_DIR: ["weightdiff.weights.tokenizer", WeightTokenizer.__name__]}
+_SCHEDULER_COMPONENTS = [["diffusers", c.__name__] for c in SCHEDULER_CLASSES.values()]
 
 
 class GeneratorArtefact:
@@ -261,7 +265,9 @@ class GeneratorArtefact:
 
     Args:
         generator: the (EMA) :class:`WeightGenerator`.
-        scheduler: the training :class:`~diffusers.DDPMScheduler` (``clip_sample=False``).
+        scheduler: the training scheduler (:meth:`ScheduleConfig.training_scheduler`): a
+            :class:`~diffusers.DDPMScheduler` (``clip_sample=False``) or, for flow matching, a
+            :class:`~diffusers.FlowMatchEulerDiscreteScheduler`.
         tokenizer: the tokenizer fitted at training time.
         info: ``model_index.json`` content beyond the components: ``sampling`` (default
             ``sampler`` and ``steps``), ``zoo``, ``training``, ``data``, ``global_step``, ``base``
@@ -274,14 +280,14 @@ class GeneratorArtefact:
             exports, other conditions).
     """
 
-    def __init__(self, generator: WeightGenerator, scheduler: DDPMScheduler, tokenizer: WeightTokenizer,
+    def __init__(self, generator: WeightGenerator, scheduler: SchedulerMixin, tokenizer: WeightTokenizer,
                  info: dict[str, Any], *, base_file: Path | None = None, adapter_config: dict | None = None,
                  path: Path | None = None, card: str | None = None, descriptions: dict[str, Any] | None = None):
         self.generator, self.scheduler, self.tokenizer = generator, scheduler, tokenizer
         self.info, self.base_file, self.path, self.card = info, base_file, path, card
         self.descriptions = descriptions
         self._adapter_config = adapter_config
-        self.schedule = ScheduleConfig.from_scheduler_config(scheduler.config, "scheduler")
+        self.schedule = ScheduleConfig.from_scheduler(scheduler, "scheduler")
         self._base_state: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------- attributes
@@ -355,7 +361,7 @@ class GeneratorArtefact:
             info = {**self.info, "model_id": sha256_file(tmp / GENERATOR_DIR / SAFETENSORS_WEIGHTS_NAME)[:16]}
             index = {"_class_name": "WeightDiffusionPipeline", "_weightdiff_version": __version__,
                      "_diffusers_version": version("diffusers"), "format_version": FORMAT_VERSION,
-                     **_COMPONENTS, **info}
+                     **_COMPONENTS, SCHEDULER_DIR: ["diffusers", type(self.scheduler).__name__], **info}
             write_json(tmp / MODEL_INDEX_FILE, index)
             if self.descriptions is not None:
                 write_json(tmp / DESCRIPTIONS_FILE, self.descriptions)
@@ -400,8 +406,10 @@ class GeneratorArtefact:
                                 f"{FORMAT_VERSION}; re-export it from its Lightning checkpoint with "
                                 "`weightdiff export --ckpt <last.ckpt> --out <dir>`")
         for name, component in _COMPONENTS.items():
-            if index.get(name) != component:
-                raise ModelDirError(f"{index_file}: component '{name}' is {index.get(name)!r}, expected {component}")
+            allowed = _SCHEDULER_COMPONENTS if name == SCHEDULER_DIR else [component]
+            if index.get(name) not in allowed:
+                expected = f"one of {allowed}" if len(allowed) > 1 else component
+                raise ModelDirError(f"{index_file}: component '{name}' is {index.get(name)!r}, expected {expected}")
         for key in ("model_id", "zoo", "sampling"):
             if key not in index:
                 raise ModelDirError(f"{index_file}: missing key '{key}'")
@@ -410,7 +418,7 @@ class GeneratorArtefact:
         tokenizer = WeightTokenizer.load(path / TOKENIZER_DIR)
         generator = _load_weight_generator(path / GENERATOR_DIR)
         generator.check_layout(tokenizer.layout, path / TOKENIZER_DIR / LAYOUT_FILE, path / GENERATOR_DIR)
-        scheduler = _load_scheduler(path / SCHEDULER_DIR)
+        scheduler = _load_scheduler(path / SCHEDULER_DIR, index[SCHEDULER_DIR][1], index_file)
         base_file = adapter_config = None
         if info["zoo"].get("kind") == "lora":
             base_file = path / BASE_DIR / BASE_WEIGHTS_FILE
@@ -493,17 +501,18 @@ def _load_weight_generator(directory: Path) -> WeightGenerator:
     return net.eval()
 
 
-def _load_scheduler(directory: Path) -> DDPMScheduler:
-    config_file = directory / DDPMScheduler.config_name
+def _load_scheduler(directory: Path, class_name: str, index_file: Path) -> SchedulerMixin:
+    """The scheduler of ``scheduler_config.json``, which must be of the class ``model_index.json`` names;
+    rebuilt from its checked schedule (the same config, key for key)."""
+    config_file = directory / SchedulerMixin.config_name
     config = read_json(config_file, "scheduler config")
-    if config.get("_class_name") != DDPMScheduler.__name__:
-        raise ModelDirError(f"{config_file}: _class_name is {config.get('_class_name')!r}, "
-                            f"expected {DDPMScheduler.__name__!r}")
+    if config.get("_class_name") != class_name:
+        raise ModelDirError(f"{config_file}: _class_name is {config.get('_class_name')!r}, expected {class_name!r} "
+                            f"(key '{SCHEDULER_DIR}' of {index_file})")
     try:
-        ScheduleConfig.from_scheduler_config(config, str(config_file))
+        return ScheduleConfig.from_scheduler_config(config, str(config_file)).training_scheduler()
     except ValueError as exc:
         raise ModelDirError(str(exc)) from None
-    return DDPMScheduler.from_config(config)
 
 
 def load_generator(path: str | Path) -> GeneratorArtefact:

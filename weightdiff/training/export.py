@@ -12,7 +12,8 @@ the recorded absolute path and checked against the recorded hash. The folder
     <out>/
       model_index.json       components, format_version, default sampler + steps, model id, provenance
       generator/             config.json + diffusion_pytorch_model.safetensors (EMA weights)
-      scheduler/             scheduler_config.json of the training DDPMScheduler
+      scheduler/             scheduler_config.json of the training scheduler (DDPMScheduler, or
+                             FlowMatchEulerDiscreteScheduler for flow matching)
       tokenizer/             layout.json + layout_stats.safetensors (as fitted at training time)
       base/                  (LoRA zoos) model.safetensors + adapter_config.json (+ the zoo's base_spec.json, config.json)
       descriptions.json      (text generators) the descriptions trained on and the held-out paraphrases,
@@ -32,9 +33,8 @@ import torch
 from weightdiff.errors import WeightFileError
 from weightdiff.io import check_writable, read_json
 from weightdiff.models.generator import GeneratorArtefact, WeightGenerator, check_descriptions
-from weightdiff.models.schedule import ScheduleConfig
 from weightdiff.training.datamodule import ZooDataModule, tokenizer_from_state
-from weightdiff.training.module import build_generator
+from weightdiff.training.module import build_generator, schedule_of
 
 _EMA_PREFIX = "ema.module."
 _TRAINING_KEYS = ("functional_loss_weight", "functional_weighting", "cond_dropout", "text_dropout", "lr",
@@ -105,9 +105,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, results: str | Path 
     except RuntimeError as exc:
         raise WeightFileError(f"{ckpt}: the EMA weights do not match the model's hyper-parameters: {exc}") from None
     generator.eval()
-    schedule = ScheduleConfig(hp["num_train_timesteps"], hp["beta_schedule"], hp["prediction_type"])
+    schedule = schedule_of(hp)
     info: dict[str, Any] = {
-        "sampling": {"sampler": hp["sampler"], "steps": hp["num_inference_steps"]},
+        "sampling": {"sampler": schedule.default_sampler(hp.get("sampler")), "steps": hp["num_inference_steps"]},
         "zoo": {k: v for k, v in zoo.items() if k not in ("base", "adapter_config")},
         "training": {k: hp.get(k) for k in _TRAINING_KEYS},
         "data": data_hp,

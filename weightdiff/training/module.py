@@ -3,10 +3,13 @@
 Per step (DDPM, Ho et al. 2020): draw t ~ U{0..T-1} and ε ~ N(0, I), form
 x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε with diffusers' ``DDPMScheduler.add_noise``, and regress the
 denoiser output on ε, x0 or v (``prediction_type``) with an MSE masked to valid token entries.
+With ``objective="flow_matching"`` (rectified flow, Liu et al. 2023) σ ~ U[0, 1) instead,
+x_σ = (1 - σ) x0 + σ ε, the denoiser sees the timestep σ · T and regresses the velocity ε - x0
+(``flow_prediction``) or x0.
 An optional *functional loss* decodes the clean-weight estimate x̂0 differentiably, runs it in
 the task's target network on a small batch of that task's training data and adds the task's
-cross-entropy, weighted by ᾱ_t (the estimate is meaningless at high noise), so the generator is
-rewarded for weights that work and not only for weights that look close.
+cross-entropy, weighted by the signal share (ᾱ_t under DDPM; the estimate is meaningless at high
+noise), so the generator is rewarded for weights that work and not only for weights that look close.
 
 EMA weights come from ``torch.optim.swa_utils.AveragedModel`` (a library EMA); they are a
 submodule, so Lightning checkpoints and resumes them with the rest of the state. The learning rate
@@ -32,9 +35,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from weightdiff.kernels import masked_mse
 from weightdiff.models.conditioning import ConditionKind
 from weightdiff.models.generator import TOKENIZER_DIR, WeightGenerator, sample_tokens
-from weightdiff.training.objectives import LossWeighting, loss_weight, sample_timesteps, sampler_states
-from weightdiff.models.schedule import (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, BetaSchedule, PredictionType,
-                                        SamplerName, ScheduleConfig, predicted_x0)
+from weightdiff.errors import WeightDiffError
+from weightdiff.training.objectives import LossWeighting, loss_weight, sample_sigmas, sample_timesteps, sampler_states
+from weightdiff.models.schedule import (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLERS, BetaSchedule, NoiseLevel,
+                                        Objective, PredictionType, SamplerName, ScheduleConfig, predicted_x0)
 
 #: The learning rate decays to this fraction of its peak.
 MIN_LR_FACTOR = 0.1
@@ -73,6 +77,21 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def schedule_of(hparams: Any) -> ScheduleConfig:
+    """The :class:`ScheduleConfig` of a module's hyper-parameters (``objective`` and ``flow_shift``
+    default to DDPM's for checkpoints saved without them).
+
+    Raises:
+        WeightDiffError: an option that does not apply to the objective, naming it.
+    """
+    objective = hparams.get("objective", "ddpm")
+    try:
+        return ScheduleConfig(hparams["num_train_timesteps"], hparams["beta_schedule"], hparams["prediction_type"],
+                              objective, hparams.get("flow_shift", 1.0))
+    except ValueError as exc:
+        raise WeightDiffError(f"model options (--model.objective {objective}): {exc}") from None
+
+
 class WeightDiffusion(L.LightningModule):
     """Conditional diffusion over weight tokens.
 
@@ -85,21 +104,27 @@ class WeightDiffusion(L.LightningModule):
             (classifier-free guidance training).
         text_dropout: (text condition) probability of hiding the sentence embedding of a row so
             the parsed numbers must carry the task alone.
-        prediction_type, num_train_timesteps, beta_schedule: the diffusers noise schedule.
+        prediction_type, num_train_timesteps, beta_schedule: the diffusers noise schedule
+            (``prediction_type`` ``flow_prediction`` or ``sample`` for flow matching).
+        objective: ``"ddpm"`` or ``"flow_matching"`` (rectified flow; see
+            :mod:`weightdiff.models.schedule`).
+        flow_shift: (flow_matching) the Euler sampler's σ shift (FlowMatchEulerDiscreteScheduler's ``shift``).
         functional_loss_weight: weight of the task cross-entropy of the decoded x̂0 (0 = off).
-        functional_weighting: per-sample weight of that loss over timesteps: ``"signal"`` = ᾱ_t
-            (trust x̂0 in proportion to the signal it carries), ``"uniform"`` = 1 at every t (the
-            estimate from pure noise must work too, which is what one-step sampling uses).
+        functional_weighting: per-sample weight of that loss over timesteps: ``"signal"`` = ᾱ_t, in
+            general the signal share a_t² / (a_t² + s_t²) (trust x̂0 in proportion to the signal it
+            carries), ``"uniform"`` = 1 at every t (the estimate from pure noise must work too, which
+            is what one-step sampling uses).
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 10 %. The
             module is the one owner of its optimizer and schedule: ``weightdiff fit`` has no
             ``--optimizer`` / ``--lr_scheduler`` options that would replace them.
         ema_decay: EMA decay of the generator weights.
-        sampler, num_inference_steps: the generator's sampler: used by the validation callback and
-            exported as the default of ``weightdiff sample`` and the pipeline.
+        sampler, num_inference_steps: the generator's sampler (None: the objective's default, ``ddim``
+            or ``euler``): used by the validation callback and exported as the default of
+            ``weightdiff sample`` and the pipeline.
         loss_weighting, min_snr_gamma: weight of the denoising loss over noise levels (``"min_snr"``:
             Min-SNR-γ; see :mod:`weightdiff.training.objectives`).
-        timestep_shift: training noise levels drawn after the shift u' = s·u / (1 + (s − 1)·u)
-            (s > 1: more high-noise steps; 1: uniform).
+        timestep_shift: training noise levels (t, or σ for flow matching) drawn after the shift
+            u' = s·u / (1 + (s − 1)·u) (s > 1: more high-noise steps; 1: uniform).
         path_functional_weight, path_rows: weight of the task cross-entropy of x̂0 on states the
             generator's own sampler (``sampler``, ``num_inference_steps``) visits from noise, computed
             on the first ``path_rows`` rows of each batch at a random step of the path (0 = off).
@@ -111,23 +136,25 @@ class WeightDiffusion(L.LightningModule):
                  num_train_timesteps: int = 1000, beta_schedule: BetaSchedule = "squaredcos_cap_v2",
                  functional_loss_weight: float = 1.0,
                  functional_weighting: Literal["signal", "uniform"] = "signal", lr: float = 3e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 100, ema_decay: float = 0.995, sampler: SamplerName = DEFAULT_SAMPLER,
+                 warmup_steps: int = 100, ema_decay: float = 0.995, sampler: SamplerName | None = None,
                  num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS, loss_weighting: LossWeighting = "none",
                  min_snr_gamma: float = 5.0, timestep_shift: float = 1.0, path_functional_weight: float = 0.0,
-                 path_rows: int = 16):
+                 path_rows: int = 16, objective: Objective = "ddpm", flow_shift: float = 1.0):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
         self.save_hyperparameters()
-        self.schedule = ScheduleConfig(num_train_timesteps, beta_schedule, prediction_type)
-        self.noise_scheduler = self.schedule.training_scheduler()  # forward process: add_noise, get_velocity
+        self.schedule = schedule_of(self.hparams)
+        self.sampler = self.schedule.default_sampler(sampler)
         self.generator = build_generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition,
                                          text_dropout)
         # Buffers are the layout's integer token ids and lengths: copied from the model at every
         # update, never averaged (an average of equal integers in float32 can round down).
         self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
         self.ema.requires_grad_(False)
-        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.float(), persistent=False)
+        if objective == "ddpm":  # the forward process (add_noise, get_velocity) and its ᾱ_t on the module's device
+            self.noise_scheduler = self.schedule.training_scheduler()
+            self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.float(), persistent=False)
         self.register_buffer("token_length", torch.as_tensor(spec["token_length"], dtype=torch.long),
                              persistent=False)
 
@@ -171,9 +198,17 @@ class WeightDiffusion(L.LightningModule):
     def _losses(self, batch: dict[str, Any], cond_dropout: float) -> dict[str, torch.Tensor]:
         x0 = batch["tokens"]  # (B, L, D)
         b, length, d = x0.shape
-        t = sample_timesteps(b, self.schedule.num_train_timesteps, self.hparams.timestep_shift, device=x0.device)
-        noise = torch.randn_like(x0)
-        x_t = self.noise_scheduler.add_noise(x0, noise, t)  # sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM eq. 4
+        if self.schedule.objective == "flow_matching":
+            sigma = sample_sigmas(b, self.hparams.timestep_shift, device=x0.device)
+            level = NoiseLevel.from_sigma(sigma)
+            t = sigma * self.schedule.num_train_timesteps  # the denoiser's timestep σ · T
+            noise = torch.randn_like(x0)
+            x_t = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * noise  # the straight path x0 -> ε
+        else:
+            t = sample_timesteps(b, self.schedule.num_train_timesteps, self.hparams.timestep_shift, device=x0.device)
+            level = NoiseLevel.from_alpha_bar(self.alphas_cumprod[t])
+            noise = torch.randn_like(x0)
+            x_t = self.noise_scheduler.add_noise(x0, noise, t)  # sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM eq. 4
         drop = torch.rand(b, device=x0.device) < cond_dropout
         cond = self.generator.encode_condition(batch["cond"], drop)
         out = self.generator(x_t, t, cond.vector, cond.context, cond.context_mask)
@@ -182,23 +217,25 @@ class WeightDiffusion(L.LightningModule):
             target = x0
         elif ptype == "epsilon":
             target = noise
+        elif ptype == "flow_prediction":  # v = dx_σ/dσ = ε - x0
+            target = noise - x0
         else:  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0 (Salimans & Ho 2022)
             target = self.noise_scheduler.get_velocity(x0, noise, t)
         lengths = self.token_length.repeat(b)
         row_weight = None
         if self.hparams.loss_weighting != "none":  # normalised to mean 1: the loss keeps its scale
-            w = loss_weight(self.alphas_cumprod[t], self.hparams.loss_weighting, ptype, self.hparams.min_snr_gamma)
+            w = loss_weight(level.share, self.hparams.loss_weighting, ptype, self.hparams.min_snr_gamma)
             row_weight = (w / w.mean()).repeat_interleave(length)
         losses = {"weight": masked_mse(out.reshape(b * length, d), target.reshape(b * length, d), lengths,
                                        row_weight)}
         functional = self._functional_parts()
         if functional is not None and "fx" in batch and self.hparams.functional_loss_weight > 0:
             tokenizer, target_net = functional
-            x0_hat = predicted_x0(out, x_t, self.alphas_cumprod[t], ptype)
+            x0_hat = predicted_x0(out, x_t, level, ptype)
             params = tokenizer.decode_float(x0_hat)  # name -> (B, *shape), differentiable
             logits = target_net.forward_each(params, batch["fx"])  # (B, n, C)
             ce = F.cross_entropy(logits.flatten(0, 1), batch["fy"].flatten(), reduction="none").view(b, -1)
-            w = self.alphas_cumprod[t] if self.hparams.functional_weighting == "signal" else torch.ones_like(ce[:, 0])
+            w = level.share if self.hparams.functional_weighting == "signal" else torch.ones_like(ce[:, 0])
             losses["functional"] = (w * ce.mean(1)).sum() / w.sum().clamp_min(1e-8)
         if functional is not None and "fx" in batch and self.hparams.path_functional_weight > 0:
             losses["path_functional"] = self._path_functional(batch, cond, functional)
@@ -212,8 +249,8 @@ class WeightDiffusion(L.LightningModule):
         """
         tokenizer, target_net = functional
         n = min(self.hparams.path_rows, batch["tokens"].shape[0])
-        steps = self.hparams.num_inference_steps if self.hparams.sampler != "x0" else 1
-        sampler = self.hparams.sampler if self.hparams.sampler != "x0" else "ddim"
+        steps = self.hparams.num_inference_steps if self.sampler != "x0" else 1
+        sampler = self.sampler if self.sampler != "x0" else DEFAULT_SAMPLERS[self.schedule.objective]
         stop = int(torch.randint(0, steps, ()).item())
         rows = cond.rows(slice(0, n))
         frozen = rows.detach()
@@ -222,7 +259,8 @@ class WeightDiffusion(L.LightningModule):
                                   noise, self.schedule, steps=steps, stop=stop, sampler=sampler,
                                   valid=self.generator.valid)
         out = self.generator(x_k, t_k, rows.vector, rows.context, rows.context_mask)
-        x0_hat = predicted_x0(out, x_k, self.alphas_cumprod[t_k], self.schedule.prediction_type)
+        table = self.alphas_cumprod if self.schedule.objective == "ddpm" else None
+        x0_hat = predicted_x0(out, x_k, self.schedule.noise_level(t_k, table), self.schedule.prediction_type)
         logits = target_net.forward_each(tokenizer.decode_float(x0_hat), batch["fx"][:n])  # (n, m, C)
         return F.cross_entropy(logits.flatten(0, 1), batch["fy"][:n].flatten())
 
@@ -249,4 +287,4 @@ class WeightDiffusion(L.LightningModule):
         """Sample ``num`` token sets per condition row. Returns (num_conditions * num, L, D)."""
         net = self.ema.module if use_ema else self.generator
         return sample_tokens(net, raw_cond, num, self.schedule, steps=steps or self.hparams.num_inference_steps,
-                             sampler=sampler or self.hparams.sampler, guidance=guidance, generator=generator)
+                             sampler=sampler or self.sampler, guidance=guidance, generator=generator)
