@@ -348,7 +348,7 @@ def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sampl
     net = gen.generator
     device = next(net.parameters()).device
     raw = _to_device(cond.raw, device)
-    shape = (net.config.num_tokens, net.config.token_size)
+    shape = net.sample_shape
     out = []
     for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress, leave=False):
         seeds = range(settings.seed + start, settings.seed + min(num, start + batch_size))

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from weightdiff.errors import WeightDiffError
 from weightdiff.evaluate.report import _save_figure
 from weightdiff.io import write_json
 from weightdiff.models.schedule import NoiseLevel, as_noise_level, denoise, predicted_x0
@@ -318,6 +319,10 @@ def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] |
         max_entries, num, timesteps, seed: see :func:`noise_level_report` and :func:`path_report`.
     """
     net = gen.generator
+    if net.autoencoder is not None:
+        raise WeightDiffError(f"{gen.path}: diagnose measures denoisers of weight tokens against the zoo's "
+                              "tokens; this generator diffuses in its autoencoder's latent, which it does not "
+                              "measure yet (judge it with `weightdiff benchmark`)")
     if paths is None:
         paths = [(gen.schedule.default_sampler(), steps) for steps in DEFAULT_PATH_STEPS]
     for sampler, _ in paths:  # before the noise levels: a wrong sampler fails at once

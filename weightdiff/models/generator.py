@@ -42,6 +42,7 @@ from weightdiff import __version__
 from weightdiff.base_networks import BASE_SPEC_FILE, HF_CONFIG_FILE
 from weightdiff.errors import ModelDirError, WeightFileError
 from weightdiff.io import atomic_path, load_weights, read_json, sha256_file, write_json
+from weightdiff.models.autoencoder import WeightAutoencoder
 from weightdiff.models.conditioning import ConditionKind, build_condition
 from weightdiff.models.dit import ID_FIELDS, WeightDiT
 from weightdiff.models.schedule import SCHEDULER_CLASSES, SamplerName, ScheduleConfig, denoise
@@ -119,6 +120,9 @@ class WeightGenerator(ModelMixin, ConfigMixin):
             (:meth:`~weightdiff.models.conditioning.ConditionProvider.embed_with_sequence`): the
             per-example features for labelled examples, the condition vector itself otherwise.
         text_dropout: (text condition) training-time dropout of the sentence embedding.
+        latent: keyword arguments of a :class:`~weightdiff.models.autoencoder.WeightAutoencoder`
+            (``num_params`` included): the DiT then diffuses its latent tokens, and samples are
+            decoded to weight tokens (latent diffusion). None: the DiT diffuses weight tokens.
         token_layout: the layout's per-token ``tensor_index``, ``chunk_index``, ``depth``,
             ``kind`` and ``length`` (each ``(L,)``); not part of the config: the buffers are
             saved with the weights. Omitted when the weights are loaded afterwards.
@@ -130,15 +134,23 @@ class WeightGenerator(ModelMixin, ConfigMixin):
     def __init__(self, token_size: int, num_tokens: int, num_tensors: int, max_chunks: int, max_depth: int,
                  num_kinds: int, condition: ConditionKind = "text", condition_dims: dict[str, int] | None = None,
                  hidden: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
-                 cross_attention: bool = False, text_dropout: float = 0.0,
+                 cross_attention: bool = False, text_dropout: float = 0.0, latent: dict[str, Any] | None = None,
                  token_layout: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
         extra = {"text_dropout": text_dropout} if condition == "text" else {}
         # The provider is built before the denoiser: initial weights follow from the seed in this order.
         self.cond = build_condition(condition, hidden, **(condition_dims or {}), **extra)
-        self.denoiser = WeightDiT(token_size=token_size, num_tensors=num_tensors, max_chunks=max_chunks,
-                                  max_depth=max_depth, num_kinds=num_kinds, hidden=hidden, depth=depth, heads=heads,
-                                  mlp_ratio=mlp_ratio, cross_attention=cross_attention)
+        self.autoencoder: WeightAutoencoder | None = None
+        if latent is not None:  # the DiT diffuses K latent tokens of d entries, each its own "tensor"
+            self.autoencoder = WeightAutoencoder(**latent)
+            k, d = self.autoencoder.latent_shape
+            self.denoiser = WeightDiT(token_size=d, num_tensors=k, max_chunks=1, max_depth=1, num_kinds=1,
+                                      hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+                                      cross_attention=cross_attention)
+        else:
+            self.denoiser = WeightDiT(token_size=token_size, num_tensors=num_tensors, max_chunks=max_chunks,
+                                      max_depth=max_depth, num_kinds=num_kinds, hidden=hidden, depth=depth,
+                                      heads=heads, mlp_ratio=mlp_ratio, cross_attention=cross_attention)
         for key in ID_FIELDS:
             self.register_buffer(f"ids_{key}", torch.zeros(num_tokens, dtype=torch.long))
         self.register_buffer("token_length", torch.zeros(num_tokens, dtype=torch.long))
@@ -158,8 +170,46 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         return torch.arange(d, device=self.token_length.device)[None, :] < self.token_length[:, None]
 
     def token_ids(self) -> dict[str, torch.Tensor]:
-        """The per-token ids ``{field: (L,)}`` the denoiser embeds."""
+        """The per-token ids ``{field: (L,)}`` of the weight tokens."""
         return {key: getattr(self, f"ids_{key}") for key in ID_FIELDS}
+
+    def denoiser_ids(self) -> dict[str, torch.Tensor]:
+        """The ids the denoiser embeds: the weight tokens', or (latent) latent token k is tensor k."""
+        if self.autoencoder is None:
+            return self.token_ids()
+        k = self.autoencoder.latent_shape[0]
+        zeros = torch.zeros(k, dtype=torch.long, device=self.token_length.device)
+        return {"tensor_index": torch.arange(k, device=zeros.device), "chunk_index": zeros, "depth": zeros,
+                "kind": zeros}
+
+    @property
+    def sample_shape(self) -> tuple[int, int]:
+        """The shape of one diffused sample: ``(L, D)`` weight tokens, or ``(K, d)`` latent tokens."""
+        if self.autoencoder is not None:
+            return self.autoencoder.latent_shape
+        return self.config.num_tokens, self.config.token_size
+
+    @property
+    def sample_valid(self) -> torch.Tensor | None:
+        """The padding mask of a diffused sample (:attr:`valid`); None for latents, which have no padding."""
+        return self.valid if self.autoencoder is None else None
+
+    def flat(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Weight tokens ``(B, L, D)`` → their valid entries ``(B, P)``."""
+        return tokens[:, self.valid]
+
+    def encode_latent(self, tokens: torch.Tensor, noise: bool = False) -> torch.Tensor:
+        """(latent) Weight tokens ``(B, L, D)`` → the diffused latent ``(B, K, d)``."""
+        return self.autoencoder.encode(self.flat(tokens), noise=noise)
+
+    def tokens_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """Valid entries ``(B, P)`` → weight tokens ``(B, L, D)``, 0 on padding (differentiable)."""
+        valid = self.valid
+        return flat.new_zeros(flat.shape[0], *valid.shape).masked_scatter(valid, flat)
+
+    def to_tokens(self, sample: torch.Tensor) -> torch.Tensor:
+        """A diffused sample → weight tokens ``(B, L, D)`` (latent: decoded, 0 on padding; else itself)."""
+        return sample if self.autoencoder is None else self.tokens_of(self.autoencoder.decode(sample))
 
     def embed_condition(self, raw: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Raw condition batch (see :mod:`weightdiff.models.conditioning`) -> (B, hidden)."""
@@ -177,7 +227,7 @@ class WeightGenerator(ModelMixin, ConfigMixin):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x_t: (B, L, D), t: (B,), c: (B, hidden), context: (B, S, hidden), context_mask: (B, S) -> (B, L, D)."""
-        return self.denoiser(x_t, t, c, **self.token_ids(), cond_seq=context, cond_seq_mask=context_mask)
+        return self.denoiser(x_t, t, c, **self.denoiser_ids(), cond_seq=context, cond_seq_mask=context_mask)
 
     def guided_fn(self, cond: ConditionEmbedding, null: ConditionEmbedding, guidance: float):
         """Model closure for :func:`weightdiff.models.schedule.denoise` with classifier-free guidance.
@@ -233,7 +283,7 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
 
     Args:
         raw_cond: raw condition batch with R rows (see :mod:`weightdiff.models.conditioning`).
-        noise: optional initial noise (R * num, L, D); otherwise drawn from ``generator``.
+        noise: optional initial noise (R * num, *net.sample_shape); otherwise drawn from ``generator``.
     Returns:
         tokens (R * num, L, D), ordered condition-major (all samples of row 0 first).
     """
@@ -244,9 +294,10 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
     rows = cond.vector.shape[0]
     null = net.encode_condition(raw_cond, torch.ones(rows, dtype=torch.bool, device=device))
     cond, null = cond.repeat_interleave(num), null.repeat_interleave(num)  # (R * num, H)
-    shape = (rows * num, net.config.num_tokens, net.config.token_size)
-    tokens = denoise(net.guided_fn(cond, null, guidance), shape, schedule, steps=steps, sampler=sampler,
-                     generator=generator, device=device, noise=noise, valid=net.valid)
+    shape = (rows * num, *net.sample_shape)
+    sample = denoise(net.guided_fn(cond, null, guidance), shape, schedule, steps=steps, sampler=sampler,
+                     generator=generator, device=device, noise=noise, valid=net.sample_valid)
+    tokens = net.to_tokens(sample)
     net.train(was_training)
     return tokens
 

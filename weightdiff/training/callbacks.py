@@ -69,6 +69,8 @@ class SampleEvalCallback(Callback):
             return
         if not trainer.is_global_zero:  # sampling is cheap and logged from rank 0 only
             return
+        if getattr(pl_module, "in_autoencoder_phase", False):  # nothing to sample before the diffusion trains
+            return
         dm = trainer.datamodule
         for group, rows in (("seen", dm.train_rows), ("unseen", dm.heldout_rows)):
             names = self._pick(rows)

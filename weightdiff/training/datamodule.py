@@ -375,6 +375,12 @@ class ZooDataModule(L.LightningDataModule):
                     "family": self.zoo.family},
         }
 
+    def train_tokens(self) -> torch.Tensor:
+        """Tokens ``(N, L, D)`` of every training entry, in zoo order (cached ones when ``cache_tokens``)."""
+        if self._train is not None and self._train.tokens is not None:
+            return self._train.tokens
+        return torch.stack([self.tokenizer.encode(self.prepared(r))[0] for r in self.train_rows])
+
     def functional_parts(self):
         """(tokenizer, target network) for the functional loss."""
         return self.tokenizer, self.zoo.target()

@@ -34,7 +34,7 @@ from weightdiff.errors import WeightFileError
 from weightdiff.io import check_writable, read_json
 from weightdiff.models.generator import GeneratorArtefact, WeightGenerator, check_descriptions
 from weightdiff.training.datamodule import ZooDataModule, tokenizer_from_state
-from weightdiff.training.module import build_generator, schedule_of
+from weightdiff.training.module import build_generator, latent_config, schedule_of
 
 _EMA_PREFIX = "ema.module."
 _TRAINING_KEYS = ("functional_loss_weight", "functional_weighting", "cond_dropout", "text_dropout", "lr",
@@ -99,11 +99,15 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, results: str | Path 
         descriptions = check_descriptions(_plain(descriptions), f"{ckpt}: '{dm_key}.descriptions'")
 
     generator = build_generator(hp["spec"], hp["hidden"], hp["depth"], hp["heads"], hp["mlp_ratio"],
-                                hp["cross_attention"], hp["condition"], hp.get("text_dropout", 0.0))
+                                hp["cross_attention"], hp["condition"], hp.get("text_dropout", 0.0), latent_config(hp))
     try:
         generator.load_state_dict(ema, strict=True)
     except RuntimeError as exc:
         raise WeightFileError(f"{ckpt}: the EMA weights do not match the model's hyper-parameters: {exc}") from None
+    if generator.autoencoder is not None and not bool(generator.autoencoder.ready):
+        raise WeightFileError(f"{ckpt}: a latent generator saved at step {int(state.get('global_step', 0))}, before "
+                              f"its autoencoder finished ({hp['autoencoder_steps']} steps): its diffusion is untrained; "
+                              "train on and export a later checkpoint")
     generator.eval()
     schedule = schedule_of(hp)
     info: dict[str, Any] = {

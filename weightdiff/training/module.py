@@ -22,6 +22,7 @@ At fit start the datamodule's fitted tokenizer is also written to the run folder
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weightdiff.kernels import masked_mse
@@ -44,15 +45,28 @@ from weightdiff.models.schedule import (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAM
 MIN_LR_FACTOR = 0.1
 
 
+def latent_config(hparams: Any) -> dict[str, Any] | None:
+    """The :class:`~weightdiff.models.autoencoder.WeightAutoencoder` arguments of a module's
+    hyper-parameters, or None when it diffuses weight tokens (``latent_tokens`` 0 or absent)."""
+    if not hparams.get("latent_tokens", 0):
+        return None
+    return {"num_params": int(sum(hparams["spec"]["token_length"])), "latent_tokens": hparams["latent_tokens"],
+            "latent_dim": hparams["latent_dim"], "width": hparams["autoencoder_width"],
+            "basis": hparams["autoencoder_basis"], "input_noise": hparams["autoencoder_input_noise"],
+            "latent_noise": hparams["autoencoder_latent_noise"]}
+
+
 def build_generator(spec: dict[str, Any], hidden: int, depth: int, heads: int, mlp_ratio: float,
-                    cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0) -> WeightGenerator:
-    """The :class:`WeightGenerator` for a datamodule ``spec`` (sizes and the layout's per-token ids)."""
+                    cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0,
+                    latent: dict[str, Any] | None = None) -> WeightGenerator:
+    """The :class:`WeightGenerator` for a datamodule ``spec`` (sizes and the layout's per-token ids);
+    ``latent``: its autoencoder's arguments (:func:`latent_config`)."""
     ids = spec["token_ids"]
     return WeightGenerator(
         token_size=spec["token_size"], num_tokens=len(spec["token_length"]), num_tensors=spec["num_tensors"],
         max_chunks=spec["max_chunks"], max_depth=spec["max_depth"], num_kinds=spec["num_kinds"],
         condition=condition, condition_dims=dict(spec["condition_dims"]), hidden=hidden, depth=depth, heads=heads,
-        mlp_ratio=mlp_ratio, cross_attention=cross_attention, text_dropout=text_dropout,
+        mlp_ratio=mlp_ratio, cross_attention=cross_attention, text_dropout=text_dropout, latent=latent,
         token_layout={**ids, "length": spec["token_length"]})
 
 
@@ -67,6 +81,25 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return cosine
     linear = LinearLR(optimizer, start_factor=1.0 / warm, end_factor=1.0, total_iters=max(warm - 1, 1))
     return SequentialLR(optimizer, [linear, cosine], milestones=[warm])
+
+
+def two_phase_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, first_steps: int, total_steps: int,
+                       first_factor: float = 1.0, min_factor: float = MIN_LR_FACTOR) -> LRScheduler:
+    """Warm-up then cosine (as :func:`warmup_cosine`) over the first ``first_steps`` steps at
+    ``first_factor`` · lr, then again over the rest at lr: one schedule per training phase."""
+    def cosine(step: int, steps: int) -> float:
+        warm = min(warmup_steps, steps)
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(steps - warm, 1)
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def factor(step: int) -> float:
+        if step < first_steps:
+            return first_factor * cosine(step, first_steps)
+        return cosine(step - first_steps, max(total_steps - first_steps, 1))
+
+    return LambdaLR(optimizer, factor)
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -128,6 +161,17 @@ class WeightDiffusion(L.LightningModule):
         path_functional_weight, path_rows: weight of the task cross-entropy of x̂0 on states the
             generator's own sampler (``sampler``, ``num_inference_steps``) visits from noise, computed
             on the first ``path_rows`` rows of each batch at a random step of the path (0 = off).
+        latent_tokens, latent_dim: latent diffusion (:mod:`weightdiff.models.autoencoder`): the DiT
+            diffuses ``latent_tokens`` tokens of ``latent_dim`` entries, decoded to weights by a
+            weight autoencoder trained first, in the same run (0 = off: the DiT diffuses weight tokens).
+        autoencoder_steps: the autoencoder's training steps, at the start of the run; the diffusion
+            gets the remaining ``max_steps - autoencoder_steps``, with the autoencoder frozen.
+        autoencoder_mse_steps: of those, the first steps train on the weight MSE alone; the rest add
+            the functional loss of weights decoded from noised latents, weighted by
+            ``autoencoder_functional_weight`` (``functional_loss_weight`` weights the diffusion's).
+        autoencoder_lr: the autoencoder's peak learning rate (warm-up and cosine of its own).
+        autoencoder_width, autoencoder_basis, autoencoder_input_noise, autoencoder_latent_noise:
+            the autoencoder's MLP width, number of principal directions and training noise stds.
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -139,15 +183,26 @@ class WeightDiffusion(L.LightningModule):
                  warmup_steps: int = 100, ema_decay: float = 0.995, sampler: SamplerName | None = None,
                  num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS, loss_weighting: LossWeighting = "none",
                  min_snr_gamma: float = 5.0, timestep_shift: float = 1.0, path_functional_weight: float = 0.0,
-                 path_rows: int = 16, objective: Objective = "ddpm", flow_shift: float = 1.0):
+                 path_rows: int = 16, objective: Objective = "ddpm", flow_shift: float = 1.0,
+                 latent_tokens: int = 0, latent_dim: int = 16, autoencoder_steps: int = 2000,
+                 autoencoder_mse_steps: int = 1500, autoencoder_lr: float = 1e-3, autoencoder_width: int = 256,
+                 autoencoder_basis: int = 256, autoencoder_input_noise: float = 0.001,
+                 autoencoder_latent_noise: float = 0.1, autoencoder_functional_weight: float = 1.0):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
+        if latent_tokens < 0 or (latent_tokens and not 0 <= autoencoder_mse_steps <= autoencoder_steps):
+            raise WeightDiffError(f"model options: latent_tokens must be >= 0 and 0 <= autoencoder_mse_steps <= "
+                                  f"autoencoder_steps, got {latent_tokens}, {autoencoder_mse_steps}, "
+                                  f"{autoencoder_steps}")
+        if latent_tokens and path_functional_weight > 0:
+            raise WeightDiffError("model options: path_functional_weight applies to weight-token diffusion; "
+                                  "set it to 0 with latent_tokens > 0")
         self.save_hyperparameters()
         self.schedule = schedule_of(self.hparams)
         self.sampler = self.schedule.default_sampler(sampler)
         self.generator = build_generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition,
-                                         text_dropout)
+                                         text_dropout, latent_config(self.hparams))
         # Buffers are the layout's integer token ids and lengths: copied from the model at every
         # update, never averaged (an average of equal integers in float32 can round down).
         self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
@@ -163,11 +218,41 @@ class WeightDiffusion(L.LightningModule):
         # The target network of the functional loss is built (and cached by the datamodule) now,
         # before any step: building it draws from the global random stream training continues from.
         self._functional_parts()
+        ae = self.generator.autoencoder
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if ae is not None and not bool(ae.fitted) and dm is not None:
+            # On resume the checkpoint's buffers replace these right after.
+            ae.fit_basis(self.generator.flat(dm.train_tokens()).to(self.device))
+            self._sync_autoencoder()
+
+    def _sync_autoencoder(self) -> None:
+        """Copy the autoencoder (weights and buffers) into the EMA model, which does not average it."""
+        self.ema.module.autoencoder.load_state_dict(self.generator.autoencoder.state_dict())
+
+    @property
+    def in_autoencoder_phase(self) -> bool:
+        """(latent) True until the autoencoder is trained and frozen."""
+        ae = self.generator.autoencoder
+        return ae is not None and not bool(ae.ready)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        ae = self.generator.autoencoder
+        if ae is None:
+            return
+        if not bool(ae.ready) and self.global_step >= self.hparams.autoencoder_steps:
+            ae.finish(self.generator.flat(self.trainer.datamodule.train_tokens()).to(self.device))
+            self._sync_autoencoder()
+            rank_zero_info(f"autoencoder trained ({self.global_step} steps; latent std {float(ae.latent_std):.4f}); "
+                           "diffusion in its latent from here")
+        if bool(ae.ready):  # frozen from here on (also after a resume): no gradient, no optimizer update
+            ae.requires_grad_(False)
 
     def _functional_parts(self):
         """(tokenizer, target network) for the functional loss, or None. Read from the datamodule on
         every use: on resume it restores the checkpoint's tokenizer after ``setup``."""
-        if max(self.hparams.functional_loss_weight, self.hparams.path_functional_weight) <= 0 or self._trainer is None:
+        weights = (self.hparams.functional_loss_weight, self.hparams.path_functional_weight,
+                   self.hparams.autoencoder_functional_weight if self.hparams.latent_tokens else 0.0)
+        if max(weights) <= 0 or self._trainer is None:
             return None
         dm = getattr(self.trainer, "datamodule", None)
         return dm.functional_parts() if dm is not None else None
@@ -185,7 +270,11 @@ class WeightDiffusion(L.LightningModule):
         opt = torch.optim.AdamW(self.generator.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = warmup_cosine(opt, self.hparams.warmup_steps, total)
+        if self.generator.autoencoder is not None:
+            sched = two_phase_schedule(opt, self.hparams.warmup_steps, self.hparams.autoencoder_steps, total,
+                                       first_factor=self.hparams.autoencoder_lr / self.hparams.lr)
+        else:
+            sched = warmup_cosine(opt, self.hparams.warmup_steps, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -195,8 +284,30 @@ class WeightDiffusion(L.LightningModule):
         self.ema.update_parameters(self.generator)
 
     # ------------------------------------------------------------------------------------ loss
+    def _autoencoder_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """(latent, first phase) Reconstruction MSE of noised inputs through noised latents, and the
+        task cross-entropy of the reconstruction once past ``autoencoder_mse_steps``."""
+        net = self.generator
+        flat = net.flat(batch["tokens"])  # (B, P)
+        ae = net.autoencoder
+        rec = ae.decode(ae.encode(flat, noise=True, scaled=False), noise=True, scaled=False)
+        losses = {"autoencoder": F.mse_loss(rec, flat)}
+        functional = self._functional_parts()
+        if (functional is not None and "fx" in batch and self.hparams.autoencoder_functional_weight > 0
+                and self.global_step >= self.hparams.autoencoder_mse_steps):
+            tokenizer, target_net = functional
+            logits = target_net.forward_each(tokenizer.decode_float(net.tokens_of(rec)), batch["fx"])
+            losses["autoencoder_functional"] = F.cross_entropy(logits.flatten(0, 1), batch["fy"].flatten())
+        return losses
+
     def _losses(self, batch: dict[str, Any], cond_dropout: float) -> dict[str, torch.Tensor]:
+        if self.in_autoencoder_phase:
+            return self._autoencoder_losses(batch)
         x0 = batch["tokens"]  # (B, L, D)
+        latent = self.generator.autoencoder is not None
+        if latent:  # the frozen autoencoder's latent (B, K, d) is the diffused sample
+            with torch.no_grad():
+                x0 = self.generator.encode_latent(x0)
         b, length, d = x0.shape
         if self.schedule.objective == "flow_matching":
             sigma = sample_sigmas(b, self.hparams.timestep_shift, device=x0.device)
@@ -221,7 +332,7 @@ class WeightDiffusion(L.LightningModule):
             target = noise - x0
         else:  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0 (Salimans & Ho 2022)
             target = self.noise_scheduler.get_velocity(x0, noise, t)
-        lengths = self.token_length.repeat(b)
+        lengths = (torch.full((length,), d, device=x0.device) if latent else self.token_length).repeat(b)
         row_weight = None
         if self.hparams.loss_weighting != "none":  # normalised to mean 1: the loss keeps its scale
             w = loss_weight(level.share, self.hparams.loss_weighting, ptype, self.hparams.min_snr_gamma)
@@ -231,7 +342,7 @@ class WeightDiffusion(L.LightningModule):
         functional = self._functional_parts()
         if functional is not None and "fx" in batch and self.hparams.functional_loss_weight > 0:
             tokenizer, target_net = functional
-            x0_hat = predicted_x0(out, x_t, level, ptype)
+            x0_hat = self.generator.to_tokens(predicted_x0(out, x_t, level, ptype))
             params = tokenizer.decode_float(x0_hat)  # name -> (B, *shape), differentiable
             logits = target_net.forward_each(params, batch["fx"])  # (B, n, C)
             ce = F.cross_entropy(logits.flatten(0, 1), batch["fy"].flatten(), reduction="none").view(b, -1)
@@ -266,8 +377,10 @@ class WeightDiffusion(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch, self.hparams.cond_dropout)
-        loss = (losses["weight"] + self.hparams.functional_loss_weight * losses.get("functional", 0.0)
-                + self.hparams.path_functional_weight * losses.get("path_functional", 0.0))
+        weights = {"functional": self.hparams.functional_loss_weight,
+                   "path_functional": self.hparams.path_functional_weight,
+                   "autoencoder_functional": self.hparams.autoencoder_functional_weight}
+        loss = sum(weights.get(k, 1.0) * v for k, v in losses.items())
         bs = batch["tokens"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in losses.items():

@@ -46,8 +46,8 @@ class TokenPredictor(L.LightningModule):
         return DataLoader(indices, batch_size=self.batch_size, shuffle=False, collate_fn=torch.tensor)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s, cfg = self.settings, self.net.config
-        noise = seeded_noise([s.seed + int(i) for i in batch], (cfg.num_tokens, cfg.token_size), s.temperature)
+        s = self.settings
+        noise = seeded_noise([s.seed + int(i) for i in batch], self.net.sample_shape, s.temperature)
         raw = tuple(r.to(self.device) for r in self.raw) if isinstance(self.raw, tuple) else self.raw.to(self.device)
         tokens = sample_tokens(self.net, raw, len(batch), self.schedule, steps=s.steps, sampler=s.sampler,
                                guidance=s.guidance, noise=noise.to(self.device))

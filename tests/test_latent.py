@@ -1,0 +1,173 @@
+"""Latent diffusion: the weight autoencoder, the two-phase fit, export, sampling and refusals."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._tolerance import matmul_tol
+from tests.conftest import fit_args
+from weightdiff.cli import main
+from weightdiff.errors import WeightDiffError, WeightFileError
+from weightdiff.models.autoencoder import WeightAutoencoder
+from weightdiff.models.generator import load_generator
+from weightdiff.sampling import WeightDiffusionPipeline
+from weightdiff.training.export import export_checkpoint, read_lightning_checkpoint
+
+AE_STEPS, MSE_STEPS, FIT_STEPS = 30, 15, 50
+LATENT = ["--model.latent_tokens", "2", "--model.latent_dim", "8", "--model.autoencoder_steps", str(AE_STEPS),
+          "--model.autoencoder_mse_steps", str(MSE_STEPS), "--model.autoencoder_basis", "64"]
+TASK = "rotdigits:angle=30,flip=0"
+
+
+# ------------------------------------------------------------------------------- the autoencoder
+def test_principal_coordinates_are_exact_on_the_zoo_and_latents_have_unit_rms():
+    torch.manual_seed(0)
+    n, p = 12, 40
+    flat = torch.randn(n, p) * 3 + torch.linspace(-2, 2, p)
+    ae = WeightAutoencoder(p, latent_tokens=3, latent_dim=4, width=16, basis=n)
+    ae.fit_basis(flat)
+    assert bool(ae.fitted) and ae.basis.shape == (p, n)
+    basis = ae.basis
+    assert torch.allclose(basis.T @ basis, torch.eye(n), atol=matmul_tol(reduction=p, scale=1.0))
+    # n entries span n - 1 directions around their mean: projecting on the basis loses nothing.
+    back = ae.mean + ((flat - ae.mean) @ basis) @ basis.T
+    scale = float((flat - ae.mean).abs().max())
+    assert torch.allclose(back, flat, atol=matmul_tol(reduction=p, scale=scale, depth=2) + matmul_tol(reduction=n, scale=scale))
+    z = ae.encode(flat, scaled=False)
+    assert z.shape == (n, 3, 4)
+    rms = z.flatten(1).pow(2).mean(1).sqrt()
+    assert torch.allclose(rms, torch.ones(n), atol=1e-3)  # layer-normalised (eps 1e-5 inside the root)
+    ae.finish(flat)
+    assert bool(ae.ready)
+    expected = z.flatten(1).std(0).mean()
+    assert torch.allclose(ae.latent_std, expected) and float(ae.latent_std) < 1.0
+    assert torch.allclose(ae.encode(flat), z / expected)
+    assert ae.decode(ae.encode(flat)).shape == (n, p)
+
+
+def test_a_basis_wider_than_the_zoo_keeps_zero_columns():
+    flat = torch.randn(5, 30)
+    ae = WeightAutoencoder(30, basis=12)
+    ae.fit_basis(flat)
+    norms = ae.basis.norm(dim=0)
+    # min(N, P) = 5 directions from the SVD, the other 7 columns zero
+    assert torch.allclose(norms[:5], torch.ones(5), atol=matmul_tol(reduction=30, scale=1.0))
+    assert torch.equal(norms[5:], torch.zeros(7))
+
+
+def test_bad_autoencoder_sizes_are_refused():
+    with pytest.raises(ValueError, match="latent_tokens"):
+        WeightAutoencoder(10, latent_tokens=0)
+    with pytest.raises(ValueError, match="latent_noise"):
+        WeightAutoencoder(10, latent_noise=-1.0)
+
+
+# ------------------------------------------------------------------------------------- fitting
+def _metric(run: Path, key: str) -> list[tuple[int, float]]:
+    rows = csv.DictReader(open(next(run.glob("**/metrics.csv"))))
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def latent_run(tiny_lora_zoo, tmp_path_factory) -> Path:
+    from weightdiff.training.lightning_cli import run_lightning_cli
+
+    out = tmp_path_factory.mktemp("latent_fit")
+    run_lightning_cli(fit_args(tiny_lora_zoo, out, *LATENT, "--trainer.max_steps", str(FIT_STEPS),
+                               "--trainer.log_every_n_steps", "1"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def latent_generator(latent_run, tmp_path_factory) -> Path:
+    return export_checkpoint(next(latent_run.glob("**/checkpoints/last.ckpt")),
+                             tmp_path_factory.mktemp("latent_gen") / "generator")
+
+
+def test_the_fit_trains_the_autoencoder_first_then_diffuses_with_it_frozen(latent_run):
+    ae_loss = _metric(latent_run, "train/autoencoder_loss")
+    weight_loss = _metric(latent_run, "train/weight_loss")
+    ae_functional = _metric(latent_run, "train/autoencoder_functional_loss")
+    functional = _metric(latent_run, "train/functional_loss")
+    assert [s for s, _ in ae_loss] == list(range(AE_STEPS))
+    assert [s for s, _ in weight_loss] == list(range(AE_STEPS, FIT_STEPS))
+    # The functional loss joins the autoencoder after its MSE-only steps; the diffusion has its own.
+    assert [s for s, _ in ae_functional] == list(range(MSE_STEPS, AE_STEPS))
+    assert [s for s, _ in functional] == list(range(AE_STEPS, FIT_STEPS))
+    assert ae_loss[-1][1] < ae_loss[0][1]
+    ckpt = read_lightning_checkpoint(next(latent_run.glob("**/checkpoints/last.ckpt")))
+    state = ckpt["state_dict"]
+    online = {k[len("generator.autoencoder."):]: v for k, v in state.items() if k.startswith("generator.autoencoder.")}
+    ema = {k[len("ema.module.autoencoder."):]: v for k, v in state.items()
+           if k.startswith("ema.module.autoencoder.")}
+    assert online.keys() == ema.keys() and "basis" in online
+    # Frozen at the switch and copied into the EMA model: the sampler decodes with what the DiT learnt on.
+    assert all(torch.equal(online[k], ema[k]) for k in online)
+    assert bool(online["ready"]) and bool(online["fitted"])
+
+
+def test_the_autoencoder_does_not_change_after_its_phase(tiny_lora_zoo, tmp_path):
+    from weightdiff.training.lightning_cli import run_lightning_cli
+
+    pinned = ["--trainer.logger.init_args.version", "0"]
+    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, *LATENT, "--trainer.max_steps", str(AE_STEPS + 5), *pinned))
+    ckpt = next(tmp_path.glob("**/checkpoints/last.ckpt"))
+    first = read_lightning_checkpoint(ckpt)["state_dict"]
+    # A resume past the switch keeps the autoencoder frozen (requires_grad is not saved in a checkpoint).
+    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, *LATENT, "--trainer.max_steps", str(AE_STEPS + 10),
+                               "--ckpt_path", "last", *pinned))
+    second = read_lightning_checkpoint(ckpt)
+    assert second["global_step"] == AE_STEPS + 10  # checkpoints every 5 steps (configs/tiny.yaml)
+    keys = [k for k in first if k.startswith("generator.autoencoder.")]
+    assert keys and all(torch.equal(first[k], second["state_dict"][k]) for k in keys)
+    moved = [k for k in first if k.startswith("generator.denoiser.")
+             and not torch.equal(first[k], second["state_dict"][k])]
+    assert moved  # while the DiT trains on
+
+
+def test_a_checkpoint_from_before_the_switch_is_refused_by_export(tiny_lora_zoo, tmp_path):
+    from weightdiff.training.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, *LATENT, "--trainer.max_steps", "10"))
+    ckpt = next(tmp_path.glob("**/checkpoints/last.ckpt"))
+    with pytest.raises(WeightFileError, match="before its autoencoder finished"):
+        export_checkpoint(ckpt, tmp_path / "gen")
+    assert not (tmp_path / "gen").exists()
+
+
+def test_latent_options_that_do_not_fit_are_refused(tiny_lora_zoo, tmp_path, capsys):
+    bad = fit_args(tiny_lora_zoo, tmp_path, *LATENT, "--model.autoencoder_mse_steps", str(AE_STEPS + 1))
+    assert main(bad) == 2
+    assert "autoencoder_mse_steps" in capsys.readouterr().err
+    bad = fit_args(tiny_lora_zoo, tmp_path, *LATENT, "--model.path_functional_weight", "1")
+    assert main(bad) == 2
+    assert "path_functional_weight" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the exported model
+def test_a_latent_generator_samples_decoded_weights_deterministically(latent_generator, tmp_path):
+    gen = load_generator(latent_generator)
+    net = gen.generator
+    assert net.autoencoder is not None and net.sample_shape == (2, 8) and net.sample_valid is None
+    pipe = WeightDiffusionPipeline.from_pretrained(latent_generator)
+    first = pipe(task=TASK, num_samples=3, seed=5)
+    again = pipe(task=TASK, num_samples=3, seed=5)
+    assert all(torch.equal(first.params[k], again.params[k]) for k in first.params)
+    tokens = net.to_tokens(torch.randn(4, 2, 8))
+    assert tokens.shape == (4, net.config.num_tokens, net.config.token_size)
+    assert torch.equal(tokens[:, ~net.valid], torch.zeros_like(tokens[:, ~net.valid]))  # padding stays 0
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(latent_generator), "--task", TASK, "--num", "2", "--out", str(out)]) == 0
+    assert main(["evaluate", "--task", TASK, "--weights", str(out)]) == 0
+
+
+def test_diagnose_refuses_a_latent_generator(latent_generator, tiny_lora_zoo, tmp_path, capsys):
+    from weightdiff.evaluate.diagnose import diagnose_generator
+    from weightdiff.zoo import Zoo
+
+    with pytest.raises(WeightDiffError, match="latent"):
+        diagnose_generator(load_generator(latent_generator), Zoo.open(tiny_lora_zoo))
