@@ -19,7 +19,7 @@ from weightdiff.training.export import export_checkpoint, read_lightning_checkpo
 
 AE_STEPS, MSE_STEPS, FIT_STEPS = 30, 15, 50
 LATENT = ["--model.latent_tokens", "2", "--model.latent_dim", "8", "--model.autoencoder_steps", str(AE_STEPS),
-          "--model.autoencoder_mse_steps", str(MSE_STEPS), "--model.autoencoder_basis", "64"]
+          "--model.autoencoder_mse_steps", str(MSE_STEPS), "--model.autoencoder_basis", "64", "--model.noise_draws", "3"]
 TASK = "rotdigits:angle=30,flip=0"
 
 
@@ -146,6 +146,8 @@ def test_latent_options_that_do_not_fit_are_refused(tiny_lora_zoo, tmp_path, cap
     bad = fit_args(tiny_lora_zoo, tmp_path, *LATENT, "--model.path_functional_weight", "1")
     assert main(bad) == 2
     assert "path_functional_weight" in capsys.readouterr().err
+    assert main(fit_args(tiny_lora_zoo, tmp_path, *LATENT, "--model.noise_draws", "0")) == 2
+    assert "noise_draws" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the exported model
@@ -171,3 +173,28 @@ def test_diagnose_refuses_a_latent_generator(latent_generator, tiny_lora_zoo, tm
 
     with pytest.raises(WeightDiffError, match="latent"):
         diagnose_generator(load_generator(latent_generator), Zoo.open(tiny_lora_zoo))
+
+
+def test_noise_draws_repeat_each_entry_with_its_own_condition_and_task_batch(tiny_lora_zoo):
+    """With r draws the loss sees every entry r times, each beside its own condition and examples."""
+    from weightdiff.training.datamodule import ZooDataModule
+    from weightdiff.training.module import WeightDiffusion
+
+    dm = ZooDataModule(str(tiny_lora_zoo), token_size=32, condition="code", functional_batch=4, batch_size=3)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = WeightDiffusion(spec=dm.spec, hidden=32, depth=1, heads=2, condition="code", noise_draws=3,
+                             functional_loss_weight=0.0)
+    seen = {}
+
+    def spy(x_t, t, c, context=None, context_mask=None):
+        seen["x_t"], seen["c"] = x_t, c
+        return torch.zeros_like(x_t)
+
+    module.generator.forward = spy
+    torch.manual_seed(0)
+    module._losses(batch, cond_dropout=0.0)
+    b = batch["tokens"].shape[0]
+    assert seen["x_t"].shape[0] == 3 * b
+    cond = module.generator.encode_condition(batch["cond"], None).vector
+    assert torch.equal(seen["c"], cond.repeat_interleave(3, 0))

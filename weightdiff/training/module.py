@@ -172,6 +172,8 @@ class WeightDiffusion(L.LightningModule):
         autoencoder_lr: the autoencoder's peak learning rate (warm-up and cosine of its own).
         autoencoder_width, autoencoder_basis, autoencoder_input_noise, autoencoder_latent_noise:
             the autoencoder's MLP width, number of principal directions and training noise stds.
+        noise_draws: noise levels and noises drawn per entry and step (the batch is each entry
+            repeated this many times): cheap in a latent, where the DiT sees a few tokens.
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -187,7 +189,8 @@ class WeightDiffusion(L.LightningModule):
                  latent_tokens: int = 0, latent_dim: int = 16, autoencoder_steps: int = 2000,
                  autoencoder_mse_steps: int = 1500, autoencoder_lr: float = 1e-3, autoencoder_width: int = 256,
                  autoencoder_basis: int = 256, autoencoder_input_noise: float = 0.001,
-                 autoencoder_latent_noise: float = 0.1, autoencoder_functional_weight: float = 1.0):
+                 autoencoder_latent_noise: float = 0.1, autoencoder_functional_weight: float = 1.0,
+                 noise_draws: int = 1):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
@@ -195,6 +198,8 @@ class WeightDiffusion(L.LightningModule):
             raise WeightDiffError(f"model options: latent_tokens must be >= 0 and 0 <= autoencoder_mse_steps <= "
                                   f"autoencoder_steps, got {latent_tokens}, {autoencoder_mse_steps}, "
                                   f"{autoencoder_steps}")
+        if noise_draws < 1:
+            raise WeightDiffError(f"model options: noise_draws must be >= 1, got {noise_draws}")
         if latent_tokens and path_functional_weight > 0:
             raise WeightDiffError("model options: path_functional_weight applies to weight-token diffusion; "
                                   "set it to 0 with latent_tokens > 0")
@@ -308,6 +313,9 @@ class WeightDiffusion(L.LightningModule):
         if latent:  # the frozen autoencoder's latent (B, K, d) is the diffused sample
             with torch.no_grad():
                 x0 = self.generator.encode_latent(x0)
+        draws = self.hparams.noise_draws
+        rows = x0.shape[0]
+        x0 = x0.repeat_interleave(draws, 0)  # each entry noised `draws` times: (B · draws, L, D)
         b, length, d = x0.shape
         if self.schedule.objective == "flow_matching":
             sigma = sample_sigmas(b, self.hparams.timestep_shift, device=x0.device)
@@ -320,9 +328,10 @@ class WeightDiffusion(L.LightningModule):
             level = NoiseLevel.from_alpha_bar(self.alphas_cumprod[t])
             noise = torch.randn_like(x0)
             x_t = self.noise_scheduler.add_noise(x0, noise, t)  # sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM eq. 4
-        drop = torch.rand(b, device=x0.device) < cond_dropout
+        drop = torch.rand(rows, device=x0.device) < cond_dropout
         cond = self.generator.encode_condition(batch["cond"], drop)
-        out = self.generator(x_t, t, cond.vector, cond.context, cond.context_mask)
+        rows_cond = cond.repeat_interleave(draws) if draws > 1 else cond
+        out = self.generator(x_t, t, rows_cond.vector, rows_cond.context, rows_cond.context_mask)
         ptype = self.schedule.prediction_type
         if ptype == "sample":
             target = x0
@@ -344,8 +353,9 @@ class WeightDiffusion(L.LightningModule):
             tokenizer, target_net = functional
             x0_hat = self.generator.to_tokens(predicted_x0(out, x_t, level, ptype))
             params = tokenizer.decode_float(x0_hat)  # name -> (B, *shape), differentiable
-            logits = target_net.forward_each(params, batch["fx"])  # (B, n, C)
-            ce = F.cross_entropy(logits.flatten(0, 1), batch["fy"].flatten(), reduction="none").view(b, -1)
+            fx, fy = batch["fx"].repeat_interleave(draws, 0), batch["fy"].repeat_interleave(draws, 0)
+            logits = target_net.forward_each(params, fx)  # (B, n, C)
+            ce = F.cross_entropy(logits.flatten(0, 1), fy.flatten(), reduction="none").view(b, -1)
             w = level.share if self.hparams.functional_weighting == "signal" else torch.ones_like(ce[:, 0])
             losses["functional"] = (w * ce.mean(1)).sum() / w.sum().clamp_min(1e-8)
         if functional is not None and "fx" in batch and self.hparams.path_functional_weight > 0:
