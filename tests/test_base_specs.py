@@ -206,7 +206,7 @@ def test_entries_of_a_hugging_face_base_load_in_plain_peft(minilm_import):
     for row in zoo.rows():
         entry = zoo.entry_dir(row["id"])
         config = json.loads((entry / "adapter_config.json").read_text())
-        assert config["base_model_name_or_path"] == str(base_dir)
+        assert (entry / config["base_model_name_or_path"]).resolve() == base_dir
         loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(str(base_dir), local_files_only=True),
                                            str(entry)).eval()
         source = PeftModel.from_pretrained(copy.deepcopy(minilm_import["base"]), row["source"]).eval()

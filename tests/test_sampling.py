@@ -121,7 +121,7 @@ def test_pipeline_call_gives_peft_adapters_of_the_generators_default_sampler(pip
         meta = json.loads((d / "sample.json").read_text())
         assert meta["seed"] == 5 + i and meta["model_id"] == pipe.model_id
         config = json.loads((d / "adapter_config.json").read_text())
-        assert config["base_model_name_or_path"] == str((pipe.path / "base").resolve())
+        assert (d / config["base_model_name_or_path"]).resolve() == (pipe.path / "base").resolve()
         with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
             assert f.metadata() == {"format": "pt"}
         base = task.build_network()

@@ -52,8 +52,11 @@ from weightdiff.models.conditioning import check_description, examples_condition
 from weightdiff.models.generator import GeneratorArtefact, sample_tokens, seeded_noise
 from weightdiff.models.schedule import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, SamplerName
 from weightdiff.outputs import output_folder, terminate_as_exit
+from weightdiff.targets import (
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_PATH_FIELD, FULL_WEIGHTS_FILE, base_path_for,
+)
 from weightdiff.tasks import get_family, get_task
-from weightdiff.tasks.numeric import NUMERIC_DIM, parse_description
+from weightdiff.tasks.numeric import numeric_reader
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +159,10 @@ class WeightSamples:
 
         LoRA samples are PEFT adapter folders (``adapter_model.safetensors`` +
         ``adapter_config.json``) loadable with ``PeftModel.from_pretrained`` on the base network;
-        whole networks are ``model.safetensors``. Each folder also holds ``sample.json``.
+        ``base_model_name_or_path`` names the generator's ``base/`` relative to the sample folder
+        when both are on one tree (:func:`~weightdiff.targets.base_path_for`), so a folder tree
+        holding both can be moved. Whole networks are ``model.safetensors``. Each folder also
+        holds ``sample.json``.
         ``first`` is the index of the first sample (a batch of a longer request).
         """
         out = Path(out_dir)
@@ -165,10 +171,12 @@ class WeightSamples:
             dest = out / f"{prefix}_{first + i:04d}"
             with atomic_path(dest, directory=True) as tmp:
                 if self.kind == "lora":
-                    save_weights(tmp / "adapter_model.safetensors", state, metadata=WEIGHTS_METADATA)
-                    write_json(tmp / "adapter_config.json", self.adapter_config)
+                    assert self.adapter_config is not None
+                    save_weights(tmp / ADAPTER_WEIGHTS_FILE, state, metadata=WEIGHTS_METADATA)
+                    base = base_path_for(self.adapter_config.get(BASE_PATH_FIELD), dest)  # tmp is dest's sibling
+                    write_json(tmp / ADAPTER_CONFIG_FILE, {**self.adapter_config, BASE_PATH_FIELD: base})
                 else:
-                    save_weights(tmp / "model.safetensors", state, metadata=WEIGHTS_METADATA)
+                    save_weights(tmp / FULL_WEIGHTS_FILE, state, metadata=WEIGHTS_METADATA)
                 write_json(tmp / SAMPLE_FILE, {
                     "condition": self.condition, "seed": self.seeds[i], "index": first + i,
                     "sampler": asdict(self.settings), "model_id": self.model_id, "model_dir": self.model_dir,
@@ -299,13 +307,14 @@ def _rounded(values: torch.Tensor) -> list[float]:
 def _text(gen: GeneratorArtefact, description: str, info: dict[str, Any], family: str) -> Condition:
     """The text condition of one description, recording what was read from it and what reaches the model.
 
-    The family reads the numbers of the description (``Task.description_features``) and says
+    The family reads the numbers of the description (``Task.description_features``, named by
+    ``Task.NUMERIC_FIELDS``; what it read, ``Task.description_numbers``, is recorded) and says
     why it cannot condition its tasks (``Task.description_problem``, e.g. ``rotdigits``: no
     readable angle, which would reach the model as ``has_angle = 0``, never seen in training):
     refused when the model reads the numbers, a warning when it reads the text alone.
     """
-    parsed = parse_description(description)
     numeric_dim = gen.generator.cond.numeric_dim
+    reader = numeric_reader(family, numeric_dim)  # the family's own, or the angle/mirror one it was trained with
     numeric = getattr(gen.generator.cond, "numeric_mlp", None) is not None
     problem = get_family(family).description_problem(description)
     if problem is not None:
@@ -314,11 +323,9 @@ def _text(gen: GeneratorArtefact, description: str, info: dict[str, Any], family
         log.warning("--%s; this generator reads the text embedding alone, which carries no numbers reliably", problem)
     raw = text_condition([description], family, numeric_dim)
     features = raw[0, raw.shape[1] - numeric_dim:] if numeric else None
-    names = "[cos A, sin A, has_angle, mirror_sign]" if numeric_dim == NUMERIC_DIM else f"({numeric_dim})"
-    model_input = (f"text embedding + numeric features {names} = {_rounded(features)}"
+    model_input = (f"text embedding + numeric features [{', '.join(reader.fields)}] = {_rounded(features)}"
                    if numeric else "text embedding only (this generator does not read numeric features)")
-    return Condition(raw, {**info, "parsed": {"angle": parsed.angle, "mirrored": parsed.mirrored},
-                           "model_input": model_input})
+    return Condition(raw, {**info, "parsed": reader.numbers(description), "model_input": model_input})
 
 
 # ------------------------------------------------------------------------------- the sampling core

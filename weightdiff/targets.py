@@ -37,6 +37,7 @@ FULL_WEIGHTS_FILE = "model.safetensors"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT's prefix of base-module names in adapter keys
+BASE_PATH_FIELD = "base_model_name_or_path"  # the adapter config's (informational) reference to its base
 
 
 # LoraConfig fields whose function substituted A/B tensors do not give (variants, changed architectures)
@@ -101,6 +102,44 @@ def _shared_copy(module: nn.Module) -> nn.Module:
     """A structural copy of ``module`` whose parameters and buffers are the same tensors as its own."""
     memo: dict[int, Any] = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return copy.deepcopy(module, memo)
+
+
+def base_path_for(base: str | None, folder: str | os.PathLike) -> str | None:
+    """``base_model_name_or_path`` as an adapter folder records it: relative to ``folder`` when local.
+
+    An absolute path to a base folder on the same tree as ``folder`` (below a common folder other
+    than the file-system root) is written relative to ``folder``, e.g. ``"../generator/base"``,
+    so that the two can be moved or copied together. Anything else (``None``, a Hugging Face Hub
+    id, a relative path, a base on another tree) is kept as given.
+
+    The field is informational: ``PeftModel.from_pretrained(base_model, folder)`` ignores it (the
+    caller passes the base). ``AutoPeftModel`` reads it as a path from the working directory, so a
+    relative one loads from inside the adapter folder; elsewhere, load the base and use
+    ``PeftModel``. weightdiff reads it against the adapter folder (:func:`resolve_base_path`).
+    """
+    if base is None or not os.path.isabs(base):
+        return base
+    here, there = Path(folder).resolve(), Path(base).resolve()
+    try:
+        common = Path(os.path.commonpath([here, there]))
+    except ValueError:  # different drives
+        return base
+    if common == Path(common.anchor):
+        return base
+    return os.path.relpath(there, here)
+
+
+def resolve_base_path(base: str | None, folder: str | os.PathLike) -> Path | None:
+    """The local folder an adapter config's ``base_model_name_or_path`` names, or None.
+
+    Relative paths are read against the adapter ``folder`` (as :func:`base_path_for` writes
+    them), absolute ones as they are (as older files hold them); a value naming no existing
+    folder (a Hub id, a folder since moved) gives None.
+    """
+    if not isinstance(base, str) or not base:
+        return None
+    path = Path(base) if os.path.isabs(base) else Path(folder) / base
+    return path if path.is_dir() else None
 
 
 def _json_config(config: LoraConfig) -> dict[str, Any]:
@@ -398,7 +437,10 @@ class Target:
         """Write one weight set into ``directory`` in the zoo's format (each file atomically).
 
         Full: ``model.safetensors``. LoRA: ``adapter_model.safetensors`` + ``adapter_config.json``
-        (PEFT format, loadable with ``PeftModel.from_pretrained``). Returns the weight file path.
+        (PEFT format, loadable with ``PeftModel.from_pretrained``), whose ``base_model_name_or_path``
+        is written relative to ``directory`` (:func:`base_path_for`; a temporary folder renamed into
+        place must be a sibling of its destination, as :func:`weightdiff.io.atomic_path` makes it).
+        Returns the weight file path.
         """
         self.check(params, "params to save")
         directory = Path(directory)
@@ -407,7 +449,9 @@ class Target:
             path = directory / FULL_WEIGHTS_FILE
         else:
             assert self.lora_config is not None
-            write_json(directory / ADAPTER_CONFIG_FILE, _json_config(self.lora_config))
+            config = _json_config(self.lora_config)
+            config[BASE_PATH_FIELD] = base_path_for(config.get(BASE_PATH_FIELD), directory)
+            write_json(directory / ADAPTER_CONFIG_FILE, config)
             path = directory / ADAPTER_WEIGHTS_FILE
         ordered = {k: params[k] for k in self._shapes}
         save_weights(path, ordered, metadata={"format": "pt"})  # as PEFT/transformers write it

@@ -8,8 +8,18 @@ tasks of the zoo) and unseen tasks (the zoo's held-out tasks, also split by near
 are reported apart. Full-network suites have a single task, which the generator saw: it is the
 "seen" section, and there is no unseen section.
 
+Every row is scored with the tasks' own metric (:attr:`weightdiff.tasks.Task.metric`, as
+:func:`~weightdiff.evaluate.weights.score_params` computes it; top-1 accuracy unless the tasks name
+another), named in ``results.json`` (``metric``); "best" is the lowest score when lower is better,
+and all tasks of a run must share one metric. Wrong-set IoU and few-shot SGD compare and train
+class predictions in accuracy: for any other metric they are not applicable (``null`` / ``–``);
+the floor is then one constant output fitted to the training targets, and the MLP
+hypernetwork's functional (cross-entropy) loss is dropped for targets that are not classes.
+
 Outputs under ``out``: ``results.json``, ``results.md``, ``predictions/*.npz`` (every model's
-test predictions) and the plots ``accuracy_distributions.png`` and ``accuracy_vs_iou.png``.
+test predictions; for a metric other than accuracy ``scores/*.npz``, every model's score) and the
+plots ``accuracy_distributions.png`` (the metric's distributions) and, for accuracy,
+``accuracy_vs_iou.png``.
 """
 
 from __future__ import annotations
@@ -34,10 +44,11 @@ from weightdiff.evaluate.fewshot import DEFAULT_KS, few_shot_sgd
 from weightdiff.evaluate.hypernet import HypernetTrainConfig, ParamCodec, RidgeHypernet, train_mlp_hypernet
 from weightdiff.evaluate.novelty import ComparisonSpace, wrong_set_iou
 from weightdiff.evaluate.report import (
-    aggregate, plot_accuracy_distributions, plot_accuracy_vs_iou, save_predictions, task_stats, write_results,
+    aggregate, plot_accuracy_distributions, plot_accuracy_vs_iou, save_predictions, save_scores, task_stats,
+    write_results,
 )
-from weightdiff.evaluate.weights import evaluate_params
-from weightdiff.tasks import Task, get_task
+from weightdiff.evaluate.weights import evaluate_params, score_params
+from weightdiff.tasks import Metric, Task, get_task
 from weightdiff.tasks.suites import load_suite
 from weightdiff.models.generator import load_generator
 from weightdiff.models.schedule import ScheduleConfig
@@ -84,12 +95,50 @@ def _spread(items: Sequence[Any], k: int | None) -> list[Any]:
 
 @dataclass
 class _Models:
-    """One row's models on one task: params (or fixed predictions), ids, zoo indices to exclude."""
+    """One row's models on one task: params (or fixed predictions ``(S, N)`` / outputs ``(S, N, ...)``),
+    ids, zoo indices to exclude."""
 
     ids: list[str]
     params: dict[str, torch.Tensor] | None = None
     preds: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
     exclude: list[int | None] | None = None
+
+
+def suite_metric(tasks: Sequence[str]) -> Metric:
+    """The one metric of ``tasks`` (:attr:`Task.metric`), which a benchmark averages over.
+
+    Raises:
+        BenchmarkError: the tasks have different metrics (naming each metric's tasks).
+    """
+    by_name: dict[str, list[str]] = defaultdict(list)
+    metrics: dict[str, Metric] = {}
+    for name in tasks:
+        metric = get_task(name).metric
+        by_name[metric.name].append(name)
+        metrics[metric.name] = metric
+    if len(by_name) > 1:
+        listed = "; ".join(f"{m}: {', '.join(ts)}" for m, ts in sorted(by_name.items()))
+        raise BenchmarkError(f"the benchmark's tasks are scored with different metrics ({listed}); one table "
+                             "averages one metric: benchmark the tasks of each metric apart")
+    return next(iter(metrics.values()))
+
+
+def _constant_outputs(task: Task, split: str = "test") -> torch.Tensor:
+    """Outputs ``(1, N, ...)`` of the trivial predictor for a metric other than accuracy: one constant for every input.
+
+    Class targets: the log of the training class frequencies, add-one smoothed so that a class
+    missing from the training split costs a finite loss (its argmax is the majority class).
+    Other targets: the mean training target (the constant of least squared error).
+    """
+    data = task.data()
+    n = data.split(split)[0].shape[0]
+    if task.metric.classification:
+        counts = torch.bincount(data.y_train, minlength=task.num_classes).double() + 1.0
+        constant = (counts / counts.sum()).log().float()                    # (C,)
+    else:
+        constant = data.y_train.float().mean(0)                              # target shape
+    return constant.expand(1, n, *constant.shape)
 
 
 class _ZooState:
@@ -152,11 +201,16 @@ class _ZooState:
 
 
 def _best_of(z: _ZooState, task: Task, generated: dict[str, torch.Tensor], per_class: int, seed: int) -> int:
-    """Index of the generated sample most accurate on ``per_class`` labelled training examples per class."""
+    """Index of the generated sample that scores best (the task's metric, a classification one) on
+    ``per_class`` labelled training examples per class."""
     x, y = task.data().split("train")
     idx = few_shot_indices(y, per_class, seed)
-    acc = z.target.accuracy(generated, x[idx], y[idx])
-    return int(torch.argmax(acc))  # first of the best on ties: deterministic
+    metric = task.metric
+    if metric.name == "accuracy":
+        scores = z.target.accuracy(generated, x[idx], y[idx])
+    else:
+        scores = metric.score(z.target.forward_batched(generated, x[idx]), y[idx])
+    return metric.argbest(scores)  # first of the best on ties: deterministic
 
 
 def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.Tensor] | None,
@@ -194,7 +248,10 @@ def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.
     for scale in noise_scales:
         rows[f"noise-added {scale:g}"] = _Models([f"{z.rows[i]['id']}+noise{scale:g}" for i in src],
                                                  noise_added_params(select(z.params, src), scale, z.seed))
-    rows["floor"] = _Models(["majority-class"], preds=floor_predictions(task))
+    if task.metric.name == "accuracy":
+        rows["floor"] = _Models(["majority-class"], preds=floor_predictions(task))
+    else:
+        rows["floor"] = _Models(["constant-output"], outputs=_constant_outputs(task))
     return rows
 
 
@@ -229,12 +286,18 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
             loss weight, so the baseline gets the same losses and the same step budget (1.0 and
             2000 without a generator).
         noise_scales: noise-added scales (fractions of each tensor's std).
-        select_per_class: adds the row "generated best-of-N": the one sample (of N) most accurate
-            on this many labelled training examples per class — compare it with few-shot SGD at
-            the same k, not with zero-shot rows (``None`` or 0: no such row).
+        select_per_class: adds the row "generated best-of-N": the one sample (of N) that scores
+            best on this many labelled training examples per class — compare it with few-shot SGD
+            at the same k, not with zero-shot rows (``None`` or 0: no such row; none either for
+            targets that are not classes).
 
     Returns:
-        The results dict written to ``results.json`` (keys listed in ``report.RESULT_KEYS``).
+        The results dict written to ``results.json`` (keys listed in ``report.RESULT_KEYS``, and
+        ``metric``: ``{name, higher_is_better}``).
+
+    Raises:
+        BenchmarkError: the suite does not fit the zoo, or the benchmarked tasks have different
+            metrics (:func:`suite_metric`).
     """
     spec = load_suite(suite)
     suite, kind, family = spec.name, spec.kind, spec.family
@@ -263,15 +326,18 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
     if hypernet_steps is None:
         hypernet_steps = max(2000, int(gen.config.get("global_step", 0)) if gen is not None else 0)
     z = _ZooState(zoo_obj, num=num, seed=seed, progress=progress)
-    log.info("fitting hypernetworks (%d steps)", hypernet_steps)
-    hyper = z.fit_hypernets(hypernet_steps, functional_loss_weight)
-
     seen_tasks = _spread(sorted(z.index, key=lambda t: (z.codes[t].tolist(), t)), max_seen_tasks)
     kinds: dict[str, str] = {}
     for r in z.heldout:
         kinds.setdefault(r["task"], r.get("heldout_kind") or "heldout")
     unseen_tasks = _spread(sorted(kinds), max_unseen_tasks) if kind == "lora" else []
     sections = [("seen", t) for t in seen_tasks] + [("unseen", t) for t in unseen_tasks]
+    metric = suite_metric([t for _, t in sections])  # before the long fits: a mixed suite fails at once
+    accuracy = metric.name == "accuracy"
+    if not metric.classification:
+        functional_loss_weight = 0.0  # the MLP hypernetwork's functional loss is a cross-entropy over classes
+    log.info("fitting hypernetworks (%d steps)", hypernet_steps)
+    hyper = z.fit_hypernets(hypernet_steps, functional_loss_weight)
 
     gen_seconds, gen_calls, gen_total, nonfinite = 0.0, 0, 0, 0
     one_step_settings = None
@@ -317,32 +383,39 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
                 _, nearest_index = z.space.nearest(generated)
                 generated_runs += [z.rows[int(i)]["run_id"] for i in nearest_index if int(i) >= 0]
         _, y_test = task.data().split("test")
-        _, zoo_preds = evaluate_params(z.target, task, z.params)                  # (Z, N)
+        if accuracy:
+            _, zoo_preds = evaluate_params(z.target, task, z.params)              # (Z, N)
         stats = per_task[section].setdefault(name, {})
         best_of = None
-        if generated is not None and select_per_class:
+        if generated is not None and select_per_class and metric.classification:
             best_of = (f"generated best-of-{num} ({select_per_class}/class labelled)",
                        _best_of(z, task, generated, select_per_class, seed))
         for row, m in _task_rows(z, task, section == "seen", generated, noise_scales, best_of, one_step).items():
-            if m.params is not None:
-                acc, preds = evaluate_params(z.target, task, m.params)
-                distance = z.space.nearest_distance(m.params, m.exclude)
+            distance = z.space.nearest_distance(m.params, m.exclude) if m.params is not None else None
+            if accuracy:
+                if m.params is not None:
+                    scores, preds = evaluate_params(z.target, task, m.params)
+                else:
+                    preds = m.preds
+                    scores = (preds == y_test[None]).float().mean(1)
+                iou = wrong_set_iou(preds, y_test, zoo_preds, m.exclude)
+                pa, pi = points[section].setdefault(row, ([], []))
+                pa += scores.tolist()
+                pi += iou.tolist()
+                save_predictions(out, section, name, row, m.ids, preds, y_test)
             else:
-                preds = m.preds
-                acc = (preds == y_test[None]).float().mean(1)
-                distance = None
-            iou = wrong_set_iou(preds, y_test, zoo_preds, m.exclude)
-            stats[row] = task_stats(acc, iou, distance)
-            dist_accs[section][row] += acc.tolist()
-            pa, pi = points[section].setdefault(row, ([], []))
-            pa += acc.tolist()
-            pi += iou.tolist()
-            save_predictions(out, section, name, row, m.ids, preds, y_test)
+                scores = (score_params(z.target, task, m.params) if m.params is not None
+                          else metric.score(m.outputs, y_test))
+                iou = None  # wrong-set IoU compares wrong class predictions: not applicable
+                save_scores(out, section, name, row, m.ids, scores, metric.name)
+            stats[row] = task_stats(scores, iou, distance, metric.higher_is_better)
+            dist_accs[section][row] += scores.tolist()
         if "generated" in stats:
             generated_mean[name] = stats["generated"]["mean"]
 
     results: dict[str, Any] = {
         "suite": suite,
+        "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
         "seen": aggregate(per_task["seen"], seen_tasks, z.spacing),
         "unseen": aggregate(per_task["unseen"], unseen_tasks, z.spacing) if unseen_tasks else {},
         "unseen_by_kind": {k: aggregate(per_task["unseen"], [t for t in unseen_tasks if kinds[t] == k], z.spacing)
@@ -366,7 +439,7 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
     sgd_list = _by_kind_round_robin(unseen_tasks, kinds)[:sgd_tasks] if unseen_tasks else seen_tasks[:sgd_tasks]
     sgd: dict[str, dict[str, float]] = {}
     sgd_per_task: dict[str, dict[str, dict[str, float]]] = {}
-    if sgd_list and (sgd_tasks is None or sgd_tasks > 0):
+    if accuracy and sgd_list and (sgd_tasks is None or sgd_tasks > 0):
         base = zoo_obj.base_module() if kind == "lora" else None
         per_k: dict[str, list[dict[str, float]]] = defaultdict(list)
         fits = len(sgd_list) * len(sgd_ks) * len(sgd_seeds)  # one bar over every (task, k, seed) fit
@@ -385,10 +458,10 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
     match: int | str | None = next((k for k in sgd if gen_ref is not None and sgd[k]["accuracy"] >= gen_ref), None)
     if match is not None and match != "all":
         match = int(match)
-    results.update({
-        "sgd": sgd,
+    results.update({  # few-shot SGD trains and scores class predictions: null for another metric
+        "sgd": sgd if accuracy else None,
         "sgd_examples_to_match": match,
-        "sgd_per_task": sgd_per_task,
+        "sgd_per_task": sgd_per_task if accuracy else None,
         "generated_mean_on_sgd_tasks": gen_ref,
         "settings": {
             "model": str(model) if model is not None else None, "zoo": str(zoo), "num": num, "steps": steps,
@@ -406,14 +479,15 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         "zoo": {"train_checkpoints": len(z.rows), "train_tasks": len(z.index), "heldout_checkpoints": len(z.heldout),
                 "nn_spacing": z.spacing},
         "hypernetworks": hyper,
-        "notes": _notes(kind, gen, from_description, num),
+        "notes": _notes(kind, gen, from_description, num, metric),
         "per_task": per_task,
         "seconds": time.perf_counter() - t_start,
     })
     write_results(out, results)
     plot_accuracy_distributions({s: dict(v) for s, v in dist_accs.items()}, out / "accuracy_distributions.png",
                                 results=results)
-    plot_accuracy_vs_iou(results, out / "accuracy_vs_iou.png", points)
+    if accuracy:  # its x axis is the wrong-set IoU
+        plot_accuracy_vs_iou(results, out / "accuracy_vs_iou.png", points)
     log.info("benchmark written to %s (%.0f s)", out, results["seconds"])
     return results
 
@@ -444,7 +518,7 @@ def _by_kind_round_robin(tasks: Sequence[str], kinds: dict[str, str]) -> list[st
     return out
 
 
-def _notes(kind: str, gen: Any, from_description: bool, num: int) -> list[str]:
+def _notes(kind: str, gen: Any, from_description: bool, num: int, metric: Metric) -> list[str]:
     notes = []
     if kind == "full":
         notes.append("Full-network suite: the zoo has a single task, which the generator was trained on; it is "
@@ -460,16 +534,28 @@ def _notes(kind: str, gen: Any, from_description: bool, num: int) -> list[str]:
         cond = gen.config["model"]["condition"]
         how = "a held-out free-text paraphrase of each task" if from_description else f"the task ({cond} condition)"
         notes.append(f"Generated: {num} samples per task, conditioned on {how}.")
+    mlp_loss = ("the weight MSE plus the functional (cross-entropy) loss" if metric.classification else
+                "the weight MSE alone (its functional loss is a cross-entropy over classes, and these targets are "
+                "not classes)")
     notes += [
         "Retrieval: checkpoints of the training task nearest by L2 distance between task codes (on seen tasks, the "
         "task's own checkpoints).",
         "Linear (ridge, alpha by leave-tasks-out CV) and MLP hypernetworks map the task code to canonicalised "
-        "weights; the MLP is trained with the weight MSE plus the functional (cross-entropy) loss.",
+        f"weights; the MLP is trained with {mlp_loss}.",
         "Average and gaussian use canonicalised checkpoints (LoRA SVD gauge / hidden units aligned to a reference); "
         "average is per task on seen tasks and over all training checkpoints on unseen tasks.",
         f"Noise-added: up to {num} checkpoints of the own (seen) or nearest (unseen) training task, plus Gaussian "
         "noise at the given fraction of each tensor's std.",
     ]
+    if metric.name != "accuracy":
+        way = "higher" if metric.higher_is_better else "lower"
+        notes.append(f"Metric: {metric.name} ({metric.axis}), the tasks' own; {way} is better, and 'best' is the "
+                     f"{'highest' if metric.higher_is_better else 'lowest'} score. Wrong-set IoU and few-shot SGD "
+                     "compare and train class predictions in accuracy: not applicable (–).")
+        notes.append("Floor: one constant output for every input, fitted to the training targets: "
+                     + ("the log of their class frequencies, add-one smoothed." if metric.classification
+                        else "their mean (the constant of least squared error)."))
+        return notes
     notes.append("Few-shot SGD: " + ("an adapter trained on the frozen base with the zoo's adapter recipe"
                                      if kind == "lora" else "a network trained from random initialisation with the "
                                      "zoo's optimiser settings and the step budget of one zoo run")

@@ -1,10 +1,14 @@
 """Benchmark outputs: ``results.json``, ``results.md``, per-model predictions and PNG plots.
 
 Numbers are aggregated in two steps: per task over the models of a row (best / mean / median
-accuracy, mean wrong-set IoU, mean nearest-zoo distance), then the per-task numbers are averaged
+score, mean wrong-set IoU, mean nearest-zoo distance), then the per-task numbers are averaged
 over the tasks of a section (seen / unseen / a held-out kind). ``distance_ratio`` divides the
 distance by the zoo's median nearest-neighbour spacing. Missing values (e.g. the distance of the
 floor predictor, which has no weights) are ``null`` in JSON and ``–`` in Markdown.
+
+Scores are the suite's metric (``results["metric"]``: top-1 accuracy unless its tasks name
+another, :mod:`weightdiff.tasks.metrics`); tables and axes name it with its unit, and "best" is
+the lowest score when lower is better. A results dict without ``metric`` is one of accuracy.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from weightdiff.io import atomic_path, write_json
+from weightdiff.tasks.metrics import Metric, get_metric
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,10 +37,18 @@ def _nanmean(values: Sequence[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def task_stats(acc: torch.Tensor, iou: torch.Tensor | None, distance: torch.Tensor | None) -> dict[str, Any]:
-    """Per-task numbers of one row from per-model ``acc (S,)``, ``iou (S,)``, ``distance (S,)``."""
-    a = acc.double()
-    return {"num": int(a.numel()), "best": float(a.max()), "mean": float(a.mean()), "median": float(a.quantile(0.5)),
+def result_metric(results: Mapping[str, Any]) -> Metric:
+    """The metric a results dict reports (``results["metric"]["name"]``; accuracy when it names none)."""
+    return get_metric((results.get("metric") or {}).get("name", "accuracy"))
+
+
+def task_stats(scores: torch.Tensor, iou: torch.Tensor | None, distance: torch.Tensor | None,
+               higher_is_better: bool = True) -> dict[str, Any]:
+    """Per-task numbers of one row from per-model ``scores (S,)``, ``iou (S,)``, ``distance (S,)``
+    (``best``: the lowest score when lower is better)."""
+    a = scores.double()
+    best = a.max() if higher_is_better else a.min()
+    return {"num": int(a.numel()), "best": float(best), "mean": float(a.mean()), "median": float(a.quantile(0.5)),
             "iou": _nanmean(iou.tolist()) if iou is not None else None,
             "distance": _nanmean(distance.tolist()) if distance is not None else None}
 
@@ -100,19 +113,48 @@ def save_predictions(out_dir: str | Path, section: str, task: str, row: str, ids
     return path
 
 
+def save_scores(out_dir: str | Path, section: str, task: str, row: str, ids: Sequence[str], scores: torch.Tensor,
+                metric: str) -> Path:
+    """Write ``scores/<section>__<task>__<row>.npz``: ``scores (S,)`` float64 of ``metric``, ``ids (S,)``.
+
+    The record of a row scored by a metric other than accuracy, whose outputs are no class
+    predictions: its best / mean / median can be recomputed from these files.
+    """
+    path = Path(out_dir) / "scores" / f"{section}__{slug(task)}__{slug(row)}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, scores=scores.double().numpy(), ids=np.array(list(ids)), metric=np.array(metric),
+                            section=np.array(section), task=np.array(task), row=np.array(row))
+    return path
+
+
 def _fmt(v: Any, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return f"{100 * v:.1f}" if pct else f"{v:.3f}"
 
 
-def table_markdown(rows: Mapping[str, Mapping[str, Any]]) -> str:
-    """One Markdown table: accuracy (%) best / mean / median, IoU, distance, distance ratio."""
-    lines = ["| row | best acc % | mean acc % | median acc % | wrong-set IoU ↓ | nearest-zoo distance | "
-             "distance / zoo spacing |", "|---|---:|---:|---:|---:|---:|---:|"]
+def _fmt_score(v: Any, metric: Metric) -> str:
+    """A score as tables show it: accuracy in percent with one decimal, others with four digits."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{metric.scale * v:.1f}" if metric.scale != 1.0 else f"{v:.4g}"
+
+
+def _score_header(metric: Metric, stat: str) -> str:
+    return f"{stat} {metric.label}" + ("" if metric.higher_is_better else " ↓")
+
+
+def table_markdown(rows: Mapping[str, Mapping[str, Any]], metric: Metric | None = None) -> str:
+    """One Markdown table: the metric's best / mean / median (accuracy by default, in %), IoU, distance,
+    distance ratio."""
+    metric = metric or get_metric("accuracy")
+    scores = " | ".join(_score_header(metric, stat) for stat in ("best", "mean", "median"))
+    lines = [f"| row | {scores} | wrong-set IoU ↓ | nearest-zoo distance | distance / zoo spacing |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {_fmt(r.get('best'), True)} | {_fmt(r.get('mean'), True)} | "
-                     f"{_fmt(r.get('median'), True)} | {_fmt(r.get('iou'))} | {_fmt(r.get('distance'))} | "
+        lines.append(f"| {name} | {_fmt_score(r.get('best'), metric)} | {_fmt_score(r.get('mean'), metric)} | "
+                     f"{_fmt_score(r.get('median'), metric)} | {_fmt(r.get('iou'))} | {_fmt(r.get('distance'))} | "
                      f"{_fmt(r.get('distance_ratio'))} |")
     return "\n".join(lines)
 
@@ -120,6 +162,7 @@ def table_markdown(rows: Mapping[str, Mapping[str, Any]]) -> str:
 def results_markdown(results: Mapping[str, Any]) -> str:
     """The Markdown report of a benchmark's results dict."""
     s = results.get("settings", {})
+    metric = result_metric(results)
     parts = [f"# Benchmark `{results['suite']}`", ""]
     for note in results.get("notes", []):
         parts.append(f"- {note}")
@@ -128,12 +171,15 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         rows = results.get(section) or {}
         tasks = s.get(f"{section}_tasks", [])
         parts += [f"## {title} ({len(tasks)} tasks)", ""]
-        parts += [table_markdown(rows) if rows else "_none in this suite_", ""]
+        parts += [table_markdown(rows, metric) if rows else "_none in this suite_", ""]
     for kind, rows in (results.get("unseen_by_kind") or {}).items():
         n = len(s.get("unseen_tasks_by_kind", {}).get(kind, []))
-        parts += [f"### Unseen tasks: {kind} ({n} tasks)", "", table_markdown(rows), ""]
+        parts += [f"### Unseen tasks: {kind} ({n} tasks)", "", table_markdown(rows, metric), ""]
     sgd = results.get("sgd") or {}
-    if sgd:
+    if metric.name != "accuracy":
+        parts += ["## Few-shot SGD", "", f"– (not applicable: few-shot SGD is measured in accuracy on k labelled "
+                                         f"examples per class; this suite's metric is {metric.name})", ""]
+    elif sgd:
         parts += [f"## Few-shot SGD ({len(s.get('sgd_tasks', []))} tasks: {', '.join(s.get('sgd_tasks', []))})", "",
                   "| k per class | accuracy % | seconds per model |", "|---|---:|---:|"]
         for k, v in sgd.items():
@@ -158,12 +204,18 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                      f"{results.get('basins_covered', '–')} of the zoo's {results['runs_in_zoo']} independent runs; "
                      f"within-run spacing {_fmt(results.get('within_run_spacing'))}")
     parts.append("")
-    parts += ["Accuracies are on each task's test split. *Wrong-set IoU*: largest IoU between a model's set of "
-              "wrong test predictions and that of any training-zoo checkpoint (a checkpoint is not compared with "
-              "itself; two empty sets count as IoU 0); lower is more novel. *Distance*: RMS distance to the nearest "
-              "training checkpoint in the zoo's per-tensor z-scored space, after hidden-unit alignment (full "
-              "networks) or on merged ΔW = scaling·B·A (LoRA); *spacing* is the median nearest-neighbour distance "
-              "among training checkpoints.", ""]
+    distance = ("*Distance*: RMS distance to the nearest training checkpoint in the zoo's per-tensor z-scored "
+                "space, after hidden-unit alignment (full networks) or on merged ΔW = scaling·B·A (LoRA); *spacing* "
+                "is the median nearest-neighbour distance among training checkpoints.")
+    if metric.name == "accuracy":
+        parts += ["Accuracies are on each task's test split. *Wrong-set IoU*: largest IoU between a model's set of "
+                  "wrong test predictions and that of any training-zoo checkpoint (a checkpoint is not compared "
+                  "with itself; two empty sets count as IoU 0); lower is more novel. " + distance, ""]
+    else:
+        way = "higher" if metric.higher_is_better else "lower"
+        parts += [f"Scores are the tasks' metric, {metric.name} ({metric.axis}; {way} is better; *best* is the "
+                  f"{'highest' if metric.higher_is_better else 'lowest'}), on each task's test split. *Wrong-set "
+                  "IoU* compares sets of wrong class predictions: not applicable (–) to this metric. " + distance, ""]
     return "\n".join(parts)
 
 
@@ -233,13 +285,14 @@ def fewshot_accuracies(results: Mapping[str, Any]) -> dict[str, dict[str, list[f
 
 def build_accuracy_distributions_figure(accs: Mapping[str, Mapping[str, Sequence[float]]], *,
                                         fewshot: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
-                                        title: str | None = None) -> Figure:
-    """Box plots of per-model test accuracies, one panel per section, rows on one shared y axis.
+                                        title: str | None = None, metric: Metric | None = None) -> Figure:
+    """Box plots of per-model test scores, one panel per section, rows on one shared y axis.
 
     Args:
-        accs: ``{section: {row: per-model accuracies in [0, 1]}}``.
+        accs: ``{section: {row: per-model scores}}`` (accuracies in [0, 1] by default).
         fewshot: extra rows ``{section: {row: accuracies}}`` appended below (few-shot SGD, one value per task).
         title: the figure's title (see :func:`figure_title`).
+        metric: what the scores are (default accuracy, drawn in percent on a fixed 0-100 axis).
 
     Returns:
         The figure; the right-hand axis of each panel gives ``n=`` (values in the box) per row.
@@ -249,6 +302,7 @@ def build_accuracy_distributions_figure(accs: Mapping[str, Mapping[str, Sequence
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = metric or get_metric("accuracy")
     data = {s: {**dict(accs.get(s) or {}), **dict((fewshot or {}).get(s) or {})} for s in (*accs, *(fewshot or {}))}
     sections = [s for s in data if data[s]] or ["seen"]
     names = list(dict.fromkeys(n for s in sections for n in data.get(s, {})))
@@ -257,7 +311,7 @@ def build_accuracy_distributions_figure(accs: Mapping[str, Mapping[str, Sequence
     for ax, section in zip(axes[0], sections):
         rows = data.get(section, {})
         present = [i for i, n in enumerate(names) if len(rows.get(n, ())) > 0]
-        values = [np.asarray(rows[names[i]], dtype=float) * 100 for i in present]
+        values = [np.asarray(rows[names[i]], dtype=float) * metric.scale for i in present]
         positions = [i + 1 for i in present]
         if values:
             try:
@@ -269,8 +323,9 @@ def build_accuracy_distributions_figure(accs: Mapping[str, Mapping[str, Sequence
         counts = ax.twinx()
         counts.set_ylim(ax.get_ylim())
         counts.set_yticks(positions, [f"n={len(v)}" for v in values], fontsize=7)
-        ax.set_xlim(-2, 102)
-        ax.set_xlabel("test accuracy (%)")
+        if metric.name == "accuracy":
+            ax.set_xlim(-2, 102)
+        ax.set_xlabel(f"test {metric.axis}" + ("" if metric.higher_is_better else " (lower is better)"))
         ax.set_title(f"{section} tasks")
         ax.grid(axis="x", alpha=0.3)
     if title:
@@ -283,12 +338,13 @@ def plot_accuracy_distributions(accs: Mapping[str, Mapping[str, Sequence[float]]
     """Write :func:`build_accuracy_distributions_figure` as PNG to ``path``.
 
     Args:
-        accs: ``{section: {row: per-model accuracies}}``.
+        accs: ``{section: {row: per-model scores}}``.
         path: the PNG to write.
-        results: the benchmark's results dict: supplies the title and the few-shot SGD rows.
+        results: the benchmark's results dict: supplies the title, the metric and the few-shot SGD rows.
     """
     fig = build_accuracy_distributions_figure(accs, fewshot=fewshot_accuracies(results) if results else None,
-                                              title=figure_title(results) if results else None)
+                                              title=figure_title(results) if results else None,
+                                              metric=result_metric(results) if results else None)
     return _save_figure(fig, path)
 
 

@@ -34,7 +34,9 @@ from weightdiff.io import check_weight_dtypes, load_weights, read_json, sha256_f
 from weightdiff.models.generator import BASE_DIR as GENERATOR_BASE_DIR
 from weightdiff.models.generator import MODEL_INDEX_FILE
 from weightdiff.sampling import SAMPLE_FILE as SAMPLE_INFO_FILE
-from weightdiff.targets import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FULL_WEIGHTS_FILE, Target
+from weightdiff.targets import (
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_PATH_FIELD, FULL_WEIGHTS_FILE, Target, resolve_base_path,
+)
 from weightdiff.tasks import Task, get_task
 from weightdiff.zoo.manifest import BASE_DIR as ZOO_BASE_DIR
 from weightdiff.zoo.manifest import ENTRIES_DIR, ENTRY_FILE, ZOO_FILE
@@ -307,8 +309,18 @@ def load_weight_sets(paths: Sequence[str | os.PathLike]) -> WeightSet:
 
 
 def find_base(source: Path) -> Path | None:
-    """The base network beside a LoRA checkpoint: from ``sample.json`` → ``model_dir/base``, or a zoo's ``base/``."""
+    """The base network of a LoRA checkpoint (its ``model.safetensors``), or None when none is found.
+
+    Looked for, in order: the folder its ``adapter_config.json`` names in ``base_model_name_or_path``
+    (relative to the checkpoint folder, as weightdiff writes it, or absolute, as older files hold
+    it: :func:`~weightdiff.targets.resolve_base_path`); ``sample.json`` → ``model_dir/base``; the
+    ``base/`` of the zoo it is an entry of. A moved folder tree is found by the first.
+    """
     directory = source if source.is_dir() else source.parent
+    config = _optional_json(directory / ADAPTER_CONFIG_FILE)
+    named = resolve_base_path(config.get(BASE_PATH_FIELD), directory)
+    if named is not None and (named / FULL_WEIGHTS_FILE).is_file():
+        return named / FULL_WEIGHTS_FILE
     info_path = directory / SAMPLE_INFO_FILE
     if info_path.is_file():
         model_dir = _record(info_path, "sample info").get("model_dir")
@@ -390,9 +402,9 @@ def target_for(weights: WeightSet, task: Task, base: str | os.PathLike | None = 
     else:
         base_path = Path(base) if base is not None else find_base(weights.sources[0])
         if base_path is None:
-            raise WeightFileError(f"LoRA weights {weights.sources[0]}: no base network found (no {SAMPLE_INFO_FILE} "
-                                  "with a model_dir holding base/model.safetensors, no zoo base/ above it); "
-                                  "pass --base PATH")
+            raise WeightFileError(f"LoRA weights {weights.sources[0]}: no base network found (no "
+                                  f"{ADAPTER_CONFIG_FILE} base_model_name_or_path or {SAMPLE_INFO_FILE} model_dir "
+                                  "naming a folder with model.safetensors, no zoo base/ above it); pass --base PATH")
         assert weights.adapter_config is not None
         file = base_path / FULL_WEIGHTS_FILE if base_path.is_dir() else base_path
         base_state = load_weights(file)

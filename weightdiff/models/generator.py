@@ -46,7 +46,7 @@ from weightdiff.models.autoencoder import WeightAutoencoder
 from weightdiff.models.conditioning import ConditionKind, build_condition
 from weightdiff.models.dit import ID_FIELDS, WeightDiT
 from weightdiff.models.schedule import SCHEDULER_CLASSES, SamplerName, ScheduleConfig, denoise
-from weightdiff.targets import Target
+from weightdiff.targets import BASE_PATH_FIELD, Target
 from weightdiff.weights.layout import LAYOUT_FILE
 from weightdiff.weights.tokenizer import WeightTokenizer
 
@@ -376,11 +376,13 @@ class GeneratorArtefact:
         return self._base_state
 
     def adapter_config(self) -> dict[str, Any]:
-        """The PEFT adapter config of generated adapters (``base_model_name_or_path``: the base folder)."""
+        """The PEFT adapter config of generated adapters (``base_model_name_or_path``: the base folder,
+        absolute; the files written with it record it relative to their folder,
+        :func:`~weightdiff.targets.base_path_for`)."""
         if self._adapter_config is None:
             raise ModelDirError(f"the generator at {self.path} makes {self.kind} weights, not LoRA adapters")
         base = str(self.base_file.parent.resolve()) if self.base_file is not None else None
-        return {**self._adapter_config, "base_model_name_or_path": base}
+        return {**self._adapter_config, BASE_PATH_FIELD: base}
 
     def target(self, task):
         """The :class:`~weightdiff.targets.Target` that runs this generator's samples on ``task``."""
@@ -406,8 +408,8 @@ class GeneratorArtefact:
                 for name in BASE_RECORD_FILES:  # a zoo's record of its base architecture travels with it
                     if (self.base_file.parent / name).is_file():
                         shutil.copyfile(self.base_file.parent / name, tmp / BASE_DIR / name)
-                write_json(tmp / BASE_DIR / ADAPTER_CONFIG_FILE,
-                           {**self._adapter_config, "base_model_name_or_path": str(path.resolve() / BASE_DIR)})
+                # base/ is the base itself: "." relative to its own folder, wherever the export moves
+                write_json(tmp / BASE_DIR / ADAPTER_CONFIG_FILE, {**self._adapter_config, BASE_PATH_FIELD: "."})
             # The model id names the weights: the cache of generated tokens is keyed by it.
             info = {**self.info, "model_id": sha256_file(tmp / GENERATOR_DIR / SAFETENSORS_WEIGHTS_NAME)[:16]}
             index = {"_class_name": "WeightDiffusionPipeline", "_weightdiff_version": __version__,

@@ -158,8 +158,9 @@ class Task:
     * evaluation: :attr:`metric` (default top-1 accuracy; :mod:`weightdiff.tasks.metrics`);
     * numbers in descriptions (optional): ``NUMERIC_DIM`` and :meth:`description_features`, the
       ``(NUMERIC_DIM,)`` features a text-conditioned generator reads beside the sentence
-      embedding (default: none), and :meth:`description_problem`, why a free-text description
-      cannot condition the family's tasks;
+      embedding (default: none), ``NUMERIC_FIELDS``, their names, :meth:`description_numbers`,
+      what was read as ``sample.json`` records it, and :meth:`description_problem`, why a
+      free-text description cannot condition the family's tasks;
     * registration: decorate it with :func:`register_family` in a module that is imported, or,
       from another installed package, name it (or a function registering it) as an entry point
       of group :data:`ENTRY_POINT_GROUP` whose name is the family name::
@@ -186,6 +187,7 @@ class Task:
     NUM_CLASSES: ClassVar[int] = 0
     INPUT_SHAPE: ClassVar[tuple[int, ...]] = ()
     NUMERIC_DIM: ClassVar[int] = 0  # width of description_features
+    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = ()  # names of the NUMERIC_DIM features, in order
 
     name: str
     family: str
@@ -226,6 +228,15 @@ class Task:
     def description_features(cls, text: str) -> torch.Tensor:
         """Numbers a description states, as ``(NUMERIC_DIM,)`` float32 (the family's own parser; default: none)."""
         return torch.zeros(cls.NUMERIC_DIM, dtype=torch.float32)
+
+    @classmethod
+    def description_numbers(cls, text: str) -> dict[str, Any]:
+        """What the family's parser read from a description, by name (JSON values; default: nothing).
+
+        ``sample.json`` records it as ``condition.parsed``, beside the features that reached the
+        model (``NUMERIC_FIELDS``), e.g. ``{"angle": -65.0, "mirrored": False}`` for ``rotdigits``.
+        """
+        return {}
 
     @classmethod
     def description_problem(cls, text: str) -> str | None:

@@ -4,13 +4,13 @@ A :class:`Metric` scores every example, ``(outputs (S, N, ...), targets (N, ...)
 and a network's score is the mean over the N examples, so evaluating the inputs in chunks gives
 exactly the score of one pass. Each task names its metric (:attr:`weightdiff.tasks.Task.metric`):
 
-==========  =========================================  =================================
-name        per-example score                           better
-==========  =========================================  =================================
-accuracy    1 if ``argmax(outputs) == y`` else 0         higher (the default)
-neg_loss    ``-cross_entropy(outputs, y)`` (nats)        higher
-mse         mean squared error over the output dims      lower
-==========  =========================================  =================================
+==========  =========================================  ======================  ===================
+name        per-example score                           better                  reports show
+==========  =========================================  ======================  ===================
+accuracy    1 if ``argmax(outputs) == y`` else 0         higher (the default)    ``acc %``
+neg_loss    ``-cross_entropy(outputs, y)`` (nats)        higher                  ``neg_loss (nats)``
+mse         mean squared error over the output dims      lower                   ``mse``
+==========  =========================================  ======================  ===================
 
     >>> get_metric("accuracy").score(torch.tensor([[[2.0, 0.0], [0.0, 1.0]]]), torch.tensor([0, 0]))
     tensor([0.5000])
@@ -36,12 +36,24 @@ class Metric:
         per_example: ``(outputs (S, N, ...), targets (N, ...)) -> (S, N)`` float.
         higher_is_better: False for errors such as ``mse`` (the best network has the lowest score).
         classification: the targets are class indices ``(N,)`` int64 (else float, the outputs' shape).
+        label: how tables head a column of scores, name and unit (``"acc %"``); default: the name.
+        axis: how plots label an axis of scores (``"accuracy (%)"``); default: the label.
+        scale: reports show ``scale × score`` (100: a fraction shown in percent).
     """
 
     name: str
     per_example: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     higher_is_better: bool = True
     classification: bool = True
+    label: str = ""
+    axis: str = ""
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+        if not self.axis:
+            object.__setattr__(self, "axis", self.label)
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean per-example score ``(S,)`` of ``outputs (S, N, ...)`` against ``targets (N, ...)``."""
@@ -50,6 +62,10 @@ class Metric:
     def best(self, scores: torch.Tensor) -> float:
         """The best of ``scores (S,)``: the maximum, or the minimum when lower is better."""
         return float(scores.max() if self.higher_is_better else scores.min())
+
+    def argbest(self, scores: torch.Tensor) -> int:
+        """Index of the best of ``scores (S,)``, the first one on ties."""
+        return int(torch.argmax(scores) if self.higher_is_better else torch.argmin(scores))
 
 
 def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -68,9 +84,9 @@ def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 METRICS: dict[str, Metric] = {
-    "accuracy": Metric("accuracy", _accuracy),
-    "neg_loss": Metric("neg_loss", _neg_loss),
-    "mse": Metric("mse", _mse, higher_is_better=False, classification=False),
+    "accuracy": Metric("accuracy", _accuracy, label="acc %", axis="accuracy (%)", scale=100.0),
+    "neg_loss": Metric("neg_loss", _neg_loss, label="neg_loss (nats)", axis="negative cross-entropy (nats)"),
+    "mse": Metric("mse", _mse, higher_is_better=False, classification=False, axis="mean squared error"),
 }
 
 

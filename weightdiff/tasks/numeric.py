@@ -1,7 +1,9 @@
 """Numbers in task descriptions: the angle and mirror flag a ``rotdigits`` description names.
 
 :func:`numeric_features` gives the features of any family: its ``description_features``
-(``rotdigits``: the angle and mirror flag read here; the other built-in families: none).
+(``rotdigits``: the angle and mirror flag read here; the other built-in families: none), and
+:func:`numeric_reader` the family's whole reading (features, their names, what was parsed), as
+``sample`` records it.
 
 A frozen sentence embedding carries meaning but not numeric geometry (measured: adapters
 generated from "rotated by N degrees" descriptions did not generalise to unseen N), so the
@@ -13,15 +15,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from weightdiff.errors import ConditionError
+from weightdiff.errors import ConditionError, TaskFamilyError
 from weightdiff.tasks.base import get_family
 
-NUMERIC_DIM = 4  # [cos A, sin A, has_angle, mirror_sign]
+NUMERIC_FIELDS = ("cos A", "sin A", "has_angle", "mirror_sign")  # the angle/mirror features, in order
+NUMERIC_DIM = len(NUMERIC_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,10 @@ class NumericCondition:
 
     angle: float | None
     mirrored: bool
+
+    def record(self) -> dict[str, Any]:
+        """``{"angle": degrees or None, "mirrored": bool}``: what was read, as ``sample.json`` records it."""
+        return {"angle": self.angle, "mirrored": self.mirrored}
 
     def features(self) -> torch.Tensor:
         """(4,) float32 ``[cos A, sin A, has_angle, mirror_sign]``; A = 0 when no angle was found."""
@@ -187,30 +195,72 @@ def parse_numeric_features(text: str) -> torch.Tensor:
     return parse_description(text).features()
 
 
+def _angle_mirror_numbers(text: str) -> dict[str, Any]:
+    return parse_description(text).record()
+
+
+@dataclass(frozen=True)
+class NumericReader:
+    """How the numbers of a description reach a text-conditioned generator.
+
+    Attributes:
+        fields: the names of the F features, in order (e.g. :data:`NUMERIC_FIELDS`).
+        features: text -> ``(F,)`` float32.
+        numbers: text -> what was read, by name (``sample.json``'s ``condition.parsed``).
+    """
+
+    fields: tuple[str, ...]
+    features: Callable[[str], torch.Tensor]
+    numbers: Callable[[str], dict[str, Any]]
+
+    @property
+    def dim(self) -> int:
+        """F, the number of features."""
+        return len(self.fields)
+
+
+#: The angle/mirror reading of this module, which every family's descriptions got before families
+#: supplied their own (and which generators trained with it keep getting).
+ANGLE_MIRROR = NumericReader(NUMERIC_FIELDS, parse_numeric_features, _angle_mirror_numbers)
+
+
+def numeric_reader(family: str | None = None, numeric_dim: int | None = None) -> NumericReader:
+    """The reading of a family's descriptions for a generator that reads ``numeric_dim`` features.
+
+    Args:
+        family: the task family, whose ``description_features``, ``NUMERIC_FIELDS`` and
+            ``description_numbers`` are used; None: :data:`ANGLE_MIRROR`.
+        numeric_dim: the width a trained generator reads. When it differs from the family's
+            ``NUMERIC_DIM`` and is 4, :data:`ANGLE_MIRROR` is used (a generator trained with
+            those features keeps sampling from the inputs it was trained on).
+
+    Raises:
+        ConditionError: ``numeric_dim`` is neither the family's width nor 4.
+        TaskFamilyError: the family names a number of ``NUMERIC_FIELDS`` other than ``NUMERIC_DIM``.
+    """
+    if family is None:
+        return ANGLE_MIRROR
+    cls = get_family(family)
+    if numeric_dim is not None and numeric_dim != cls.NUMERIC_DIM:
+        if numeric_dim != NUMERIC_DIM:
+            raise ConditionError(f"the generator reads {numeric_dim} numeric description features, but family "
+                                 f"'{family}' supplies {cls.NUMERIC_DIM} (and the angle/mirror features are "
+                                 f"{NUMERIC_DIM})")
+        return ANGLE_MIRROR
+    fields = cls.NUMERIC_FIELDS or tuple(f"feature {i}" for i in range(cls.NUMERIC_DIM))  # unnamed: by position
+    if len(fields) != cls.NUMERIC_DIM:
+        raise TaskFamilyError(f"task family '{family}' ({cls.__module__}.{cls.__qualname__}) names "
+                              f"{len(fields)} NUMERIC_FIELDS {list(fields)} for NUMERIC_DIM = {cls.NUMERIC_DIM} "
+                              "features")
+    return NumericReader(tuple(fields), cls.description_features, cls.description_numbers)
+
+
 def numeric_features(descriptions: Sequence[str], family: str | None = None,
                      numeric_dim: int | None = None) -> torch.Tensor:
     """Descriptions -> (R, F): the numbers they state, as the task family reads them.
 
-    Args:
-        descriptions: R task descriptions.
-        family: the task family, whose ``description_features`` (``F = NUMERIC_DIM``) are used;
-            None: the angle/mirror features (``F = 4``) of :mod:`weightdiff.tasks.numeric`, which
-            every family's descriptions got before families supplied their own.
-        numeric_dim: the width a trained generator reads. When it differs from the family's
-            ``NUMERIC_DIM`` and is 4, the angle/mirror features are used (a generator trained
-            with them keeps sampling from the inputs it was trained on).
-
-    Raises:
-        ConditionError: ``numeric_dim`` is neither the family's width nor 4.
+    :func:`numeric_reader` chooses the reading (the same arguments; the same errors).
     """
-    features, width = parse_numeric_features, NUMERIC_DIM
-    if family is not None:
-        cls = get_family(family)
-        if numeric_dim is None or numeric_dim == cls.NUMERIC_DIM:
-            features, width = cls.description_features, cls.NUMERIC_DIM
-        elif numeric_dim != NUMERIC_DIM:
-            raise ConditionError(f"the generator reads {numeric_dim} numeric description features, but family "
-                                 f"'{family}' supplies {cls.NUMERIC_DIM} (and the angle/mirror features are "
-                                 f"{NUMERIC_DIM})")
-    rows = [features(d).float().reshape(width) for d in descriptions]
-    return torch.stack(rows) if rows else torch.zeros(0, width)
+    reader = numeric_reader(family, numeric_dim)
+    rows = [reader.features(d).float().reshape(reader.dim) for d in descriptions]
+    return torch.stack(rows) if rows else torch.zeros(0, reader.dim)

@@ -41,7 +41,7 @@ from weightdiff.errors import RecipeError, TaskStringError
 from weightdiff.tasks.base import Factor, Task, TaskData, make_task, register_family
 from weightdiff.tasks.digits import digits_arrays
 from weightdiff.tasks.networks import DigitsMLP
-from weightdiff.tasks.numeric import NUMERIC_DIM, parse_description, parse_numeric_features
+from weightdiff.tasks.numeric import NUMERIC_DIM, NUMERIC_FIELDS, parse_description, parse_numeric_features
 
 ANGLE_RANGE = (-180.0, 180.0)
 
@@ -109,7 +109,8 @@ class RotDigitsTask(Task):
     base_family: ClassVar[str] = "digits"
     NUM_CLASSES: ClassVar[int] = 10
     INPUT_SHAPE: ClassVar[tuple[int, ...]] = (1, 8, 8)
-    NUMERIC_DIM: ClassVar[int] = NUMERIC_DIM  # [cos A, sin A, has_angle, mirror_sign]
+    NUMERIC_DIM: ClassVar[int] = NUMERIC_DIM
+    NUMERIC_FIELDS: ClassVar[tuple[str, ...]] = NUMERIC_FIELDS  # cos A, sin A, has_angle, mirror_sign
 
     @property
     def angle(self) -> float:
@@ -161,6 +162,11 @@ class RotDigitsTask(Task):
     def description_features(cls, text: str) -> torch.Tensor:
         """``[cos A, sin A, has_angle, mirror_sign]`` (4,) read from the text (:mod:`weightdiff.tasks.numeric`)."""
         return parse_numeric_features(text)
+
+    @classmethod
+    def description_numbers(cls, text: str) -> dict[str, Any]:
+        """``{"angle": degrees or None, "mirrored": bool}`` read from the text (:func:`parse_description`)."""
+        return parse_description(text).record()
 
     @classmethod
     def description_problem(cls, text: str) -> str | None:

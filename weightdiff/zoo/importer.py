@@ -366,21 +366,30 @@ class _LogitsOf(torch.nn.Module):
         return self.module(*args, **kwargs)["logits"]
 
 
-def _base_metrics(module: torch.nn.Module, data: Any) -> dict[str, float]:
-    """The base network's accuracies on its family's data, or none when its output is not logits (N, C).
+def _base_metrics(module: torch.nn.Module, data: Any, metric: Any) -> dict[str, float]:
+    """The base network's scores on its family's data, or none when its output is not a tensor.
 
-    An output mapping with ``logits`` (a Hugging Face ``...ForSequenceClassification`` model) is
-    scored on them, as :class:`~weightdiff.targets.Target` scores its samples.
+    Accuracy tasks record ``{split}_acc`` on logits (N, C); other metrics record
+    ``{split}_{metric.name}``, the mean of the metric's per-example scores. An output mapping with
+    ``logits`` (a Hugging Face ``...ForSequenceClassification`` model) is scored on them, as
+    :class:`~weightdiff.targets.Target` scores its samples.
     """
     with torch.no_grad():
         out = module(data.split("val")[0][:1])
     if isinstance(out, Mapping) and "logits" in out:
         module, out = _LogitsOf(module), out["logits"]
-    if not (torch.is_tensor(out) and out.dim() == 2):
+    if not torch.is_tensor(out) or (metric.name == "accuracy" and out.dim() != 2):
         log.info("base network: its output is a %s, not logits (N, C); no base accuracies recorded",
                  type(out).__name__)
         return {}
-    return evaluate_module(module, data)
+    if metric.name == "accuracy":
+        return evaluate_module(module, data)
+    scores = {}
+    with torch.no_grad():
+        for split in ("train", "val", "test"):
+            x, y = data.split(split)
+            scores[f"{split}_{metric.name}"] = float(metric.per_example(module(x)[None], y).mean())
+    return scores
 
 
 def import_zoo(manifest: str | os.PathLike, base: str | os.PathLike | None = None, *, name: str | None = None,
@@ -423,7 +432,8 @@ def import_zoo(manifest: str | os.PathLike, base: str | os.PathLike | None = Non
         if network_problem(zoo_dir / BASE_DIR) is not None:
             data_family = get_family(plan.family).base_family or plan.recipe.tasks[0]  # the base's own data
             row = {"id": "base", "task": data_family,
-                   "metrics": _base_metrics(plan.target.module, get_task(data_family).data()),
+                   "metrics": _base_metrics(plan.target.module, get_task(data_family).data(),
+                                            get_task(data_family).metric),
                    "source": str(plan.base_file.resolve()), "source_sha256": meta["imported"]["base"]["sha256"]}
             publish_network(zoo_dir / BASE_DIR, row, plan.base_state)
         if plan.base_spec is not None:  # rewritten on resume: a kill may fall between the two
