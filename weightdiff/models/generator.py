@@ -39,7 +39,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from weightdiff import __version__
-from weightdiff.base_networks import BASE_SPEC_FILE, HF_CONFIG_FILE
+from weightdiff.base_networks import BASE_SPEC_FILE, HF_CONFIG_FILE, recorded_base_spec
 from weightdiff.errors import ModelDirError, WeightFileError
 from weightdiff.io import atomic_path, load_weights, read_json, sha256_file, write_json
 from weightdiff.models.autoencoder import WeightAutoencoder
@@ -388,7 +388,8 @@ class GeneratorArtefact:
         """The :class:`~weightdiff.targets.Target` that runs this generator's samples on ``task``."""
         if self.kind != "lora":
             return Target.build("full", task.build_network())
-        return Target.build("lora", task.build_network(), base_state=self.base_state(),
+        spec = recorded_base_spec(self.base_file.parent)  # the zoo's record of its base; else the family's
+        return Target.build("lora", spec if spec is not None else task.build_network(), base_state=self.base_state(),
                             lora_config=self.adapter_config(), source=self.base_file)
 
     # ---------------------------------------------------------------------------------- on disk

@@ -8,6 +8,12 @@ one zoo without overlap. ``workers=K`` trains K runs at a time in K single-threa
 
 Training itself is delegated to a :class:`ZooTrainer` (:class:`LoopTrainer` unless another is
 passed in), so the orchestration can be tested with a fake trainer.
+
+A LoRA recipe that names its base (``base``: a ``class_path`` or a ``pretrained`` Hugging Face
+folder, see :class:`~weightdiff.zoo.recipe.Recipe`) has it built and run on one input of its first
+task before anything is written; the zoo's ``base/`` then records the spec exactly as an imported
+zoo's does (``base_spec.json``, and ``config.json`` for a Hugging Face base), written in the same
+atomic step as the base's weights.
 """
 
 from __future__ import annotations
@@ -25,15 +31,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from weightdiff.errors import OutputPathError, RecipeError, ZooBuildError
+from weightdiff.base_networks import HF_WEIGHTS_FILE, BaseSpec, build_base, record_base_spec, recorded_base_spec
+from weightdiff.errors import OutputPathError, RecipeError, TargetMismatchError, WeightDiffError, ZooBuildError
 from weightdiff.io import (atomic_path, check_finite, check_writable, load_weights, read_json, save_weights,
                            sha256_file, write_json)
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, FORMAT_VERSION, METRIC_FIELDS, PARENTS_DIR,
                                      ZOO_FILE, entry_problem, network_problem, read_zoo_json)
 from weightdiff.zoo.recipe import Recipe, RunSpec
 from weightdiff.targets import Target, load_base_network
-from weightdiff.tasks import get_task
-from weightdiff.zoo.training import evaluate_module, train_base, train_full_run, train_lora_adapter
+from weightdiff.tasks import get_family, get_task
+from weightdiff.zoo.training import FULL_DEFAULTS, evaluate_module, train_base, train_full_run, train_lora_adapter
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +77,81 @@ def _network_from(recipe: Recipe, state: Mapping[str, torch.Tensor]) -> nn.Modul
     return net
 
 
+class LogitsOf(nn.Module):
+    """``net`` returning the ``logits`` of its output mapping: a Hugging Face model's ``ModelOutput``
+    becomes logits ``(N, C)``, which the zoo's loops train with cross-entropy and score by accuracy.
+
+    PEFT names the adapter tensors of ``LogitsOf(net)`` ``base_model.model.net.<name>``;
+    :func:`unwrapped_adapter_keys` maps them to ``base_model.model.<name>``, the names of an
+    adapter of ``net`` itself (the zoo's target network).
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if not (isinstance(out, Mapping) and "logits" in out):
+            raise TargetMismatchError(f"{type(self.net).__name__} returns a {type(out).__name__} without 'logits'; "
+                                      "name an auto class with a head, e.g. AutoModelForSequenceClassification")
+        return out["logits"]  # (N, C)
+
+
+_PEFT_PREFIX = "base_model.model."  # get_peft_model_state_dict keys of a PeftModel start so
+
+
+def unwrapped_adapter_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter tensors trained on ``LogitsOf(net)``, renamed as adapter tensors of ``net``."""
+    inner = _PEFT_PREFIX + "net."
+    stray = [k for k in state if not k.startswith(inner)]
+    if stray:
+        raise ZooBuildError(f"adapter key '{stray[0]}' of a wrapped base does not start with '{inner}'")
+    return {_PEFT_PREFIX + k.removeprefix(inner): v for k, v in state.items()}
+
+
+def base_view(spec: BaseSpec | None, module: nn.Module) -> nn.Module:
+    """The base as the zoo's loops run it: a Hugging Face (``pretrained``) model gives its logits."""
+    return LogitsOf(module) if spec is not None and spec.pretrained is not None else module
+
+
+def base_data_task(recipe: Recipe) -> str:
+    """The task whose data the base is trained and scored on: the base family's, or for a
+    ``pretrained`` base of a family without one, the first training task."""
+    spec = recipe.base_spec()
+    if spec is not None and spec.pretrained is not None and not get_family(recipe.family).base_family:
+        return recipe.task_lists()[0][0]
+    return recipe.base_family()
+
+
+def _trainable_base(spec: BaseSpec) -> nn.Module:
+    """An untrained ``class_path`` base with gradients on (``build_base`` returns it frozen)."""
+    return build_base(spec, "recipe field 'base'").train().requires_grad_(True)
+
+
 class LoopTrainer:
     """The default trainer of both kinds, on ``weightdiff.zoo.training``."""
 
     def train_base(self, recipe: Recipe) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-
-        module = train_base(recipe.family, seed=recipe.base_seed)  # the adapter family's base architecture
-        return dict(module.state_dict()), evaluate_module(module, get_task(recipe.base_family()).data())
+        spec = recipe.base_spec()
+        if spec is None:
+            module = train_base(recipe.family, seed=recipe.base_seed)  # the adapter family's base architecture
+            return dict(module.state_dict()), evaluate_module(module, get_task(recipe.base_family()).data())
+        if spec.pretrained is not None:  # the folder's weights are the base: nothing to train
+            module = build_base(spec, f"recipe '{recipe.name}': field 'base'")
+            state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+            return state, evaluate_module(base_view(spec, module), get_task(base_data_task(recipe)).data())
+        # A class_path base is trained as the family's own base network is (train_base).
+        data_family = recipe.base_family()
+        if data_family not in FULL_DEFAULTS:
+            raise ZooBuildError(f"recipe '{recipe.name}': field 'base': a class_path base is trained on family "
+                                f"'{data_family}', which has no training settings in FULL_DEFAULTS "
+                                f"({sorted(FULL_DEFAULTS)})")
+        hp = {k: FULL_DEFAULTS[data_family][k] for k in ("epochs", "lr", "batch_size")}
+        (_, state, metrics), = train_full_run(get_task(data_family), recipe.base_seed, checkpoint_epochs=[hp["epochs"]],
+                                              late_lr_schedule="cosine",
+                                              network=functools.partial(_trainable_base, spec), **hp)
+        return state, metrics
 
     def train_parent(self, recipe: Recipe, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         # One cosine decay to a converged parent; the children then explore around it.
@@ -96,10 +171,14 @@ class LoopTrainer:
                                  late_lr_schedule=recipe.late_lr_schedule, late_lr_peak=recipe.late_lr_peak,
                                  late_lr_min=recipe.late_lr_min, weight_decay=recipe.weight_decay, network=network)
             return [TrainedCheckpoint(epoch, state, metrics) for epoch, state, metrics in out]
+        assert base is not None
+        view = base_view(recipe.base_spec(), base)
         state, metrics = train_lora_adapter(
-            run.task, base, rank=recipe.rank, alpha=recipe.alpha, target_modules=recipe.target_modules,
+            run.task, view, rank=recipe.rank, alpha=recipe.alpha, target_modules=recipe.target_modules,
             steps=recipe.steps, lr=recipe.lr, seed=run.seed, examples_per_class=recipe.examples_per_class,
             batch_size=recipe.lora_batch_size)
+        if view is not base:
+            state = unwrapped_adapter_keys(state)
         return [TrainedCheckpoint(recipe.steps, state, metrics)]
 
 
@@ -131,13 +210,16 @@ class _Exists(Exception):
     """Another shard published the folder first; keep theirs (raised to abort our temp folder)."""
 
 
-def publish_network(folder: Path, row: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+def publish_network(folder: Path, row: dict[str, Any], state: Mapping[str, torch.Tensor],
+                    spec: BaseSpec | None = None) -> None:
     """Write a base/parent network (weights + row) atomically, unless another process already did.
 
     Args:
         folder: ``<zoo>/base`` or ``<zoo>/parents/p<k>``.
         row: its ``entry.json`` fields; ``file``, ``sha256`` and ``num_params`` are added.
         state: the network's state dict, written to :data:`WEIGHTS_FILE`.
+        spec: the base's architecture, recorded beside its weights in the same atomic step
+            (:func:`~weightdiff.base_networks.record_base_spec`); ``None``: the family's network.
     """
     check_finite(state, str(folder))
     try:
@@ -146,6 +228,8 @@ def publish_network(folder: Path, row: dict[str, Any], state: Mapping[str, torch
             row = dict(row, file=WEIGHTS_FILE, sha256=sha256_file(tmp / WEIGHTS_FILE),
                        num_params=sum(int(t.numel()) for t in state.values()))
             write_json(tmp / ENTRY_FILE, row)
+            if spec is not None:
+                record_base_spec(spec, tmp)
             # Shards on other machines may train the same network concurrently; the first one to
             # publish wins, so every entry of the zoo is trained against the same weights.
             if folder.exists() and network_problem(folder) is None:
@@ -171,9 +255,15 @@ class _Builder:
     def base_file(self) -> Path:
         return self.zoo_dir / BASE_DIR / WEIGHTS_FILE
 
+    def base_network(self) -> nn.Module:
+        """A network of the base architecture: the spec ``base/`` records (a ``pretrained`` one is
+        read from ``base/`` itself), else the family's."""
+        spec = recorded_base_spec(self.zoo_dir / BASE_DIR)
+        return build_base(spec, str(self.zoo_dir / BASE_DIR)) if spec is not None else self.recipe.build_network()
+
     def base_module(self) -> nn.Module:
         if self._base is None:
-            self._base = load_base_network(self.recipe.build_network(), load_weights(self.base_file), self.base_file)
+            self._base = load_base_network(self.base_network(), load_weights(self.base_file), self.base_file)
         return self._base
 
     def target(self) -> Any:
@@ -181,9 +271,12 @@ class _Builder:
             if self.recipe.kind == "full":
                 self._target = Target.build("full", self.recipe.family)
             else:
-                self._target = Target.build("lora", self.recipe.build_network(),
-                                            base_state=load_weights(self.base_file),
-                                            lora_config=self.recipe.lora_config(), source=self.base_file)
+                config = self.recipe.lora_config()
+                spec = self.recipe.base_spec()
+                if spec is not None and spec.pretrained is not None:  # AutoPeftModel finds the base from here
+                    config["base_model_name_or_path"] = str((self.zoo_dir / BASE_DIR).resolve())
+                self._target = Target.build("lora", self.base_network(), base_state=load_weights(self.base_file),
+                                            lora_config=config, source=self.base_file)
         return self._target
 
     def parent(self, index: int | None) -> dict[str, torch.Tensor] | None:
@@ -328,14 +421,67 @@ def _ensure_zoo_json(zoo_dir: Path, recipe: Recipe) -> None:
                                     "format_version": FORMAT_VERSION, "recipe": recipe.to_dict()})
 
 
+def _check_base(recipe: Recipe) -> None:
+    """Build the recipe's named ``base`` and run it on one input of its first task (nothing is written).
+
+    Raises:
+        RecipeError: naming the recipe and the field ``base``: the base cannot be built (class,
+            ``init_args``, Hugging Face folder), fails on the task's inputs, or returns no logits
+            ``(N, C)`` covering the task's classes (the zoo's loops train and score on them).
+    """
+    spec = recipe.base_spec()
+    if spec is None:
+        return
+    where = f"recipe '{recipe.name}': field 'base'"
+    try:
+        module = build_base(spec, where)
+    except WeightDiffError as exc:
+        raise RecipeError(str(exc)) from None
+    task = get_task(recipe.task_lists()[0][0])
+    x = task.data().x_train[:1]
+    try:
+        with torch.no_grad():
+            out = base_view(spec, module)(x)
+    except Exception as exc:  # the user's network: any failure is a recipe error, named
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise RecipeError(f"{where}: the base fails on an input {tuple(x.shape)} of task '{task.name}': "
+                          f"{type(exc).__name__}: {first_line}") from None
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[1] < task.num_classes:
+        got = f"a tensor of shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
+        raise RecipeError(f"{where}: the base returns {got} on an input of task '{task.name}'; expected logits "
+                          f"(N, C) with C >= {task.num_classes} classes")
+
+
+def _check_base_source(recipe: Recipe, zoo_dir: Path) -> None:
+    """A resumed zoo's ``pretrained`` base must still be the folder's weights it was built from."""
+    spec = recipe.base_spec()
+    if spec is None or spec.pretrained is None:
+        return
+    row = read_json(zoo_dir / BASE_DIR / ENTRY_FILE, "base network row")
+    now = sha256_file(Path(spec.pretrained) / HF_WEIGHTS_FILE)
+    if row.get("source_sha256") != now:
+        raise RecipeError(f"{zoo_dir / BASE_DIR / ENTRY_FILE}: the base was copied from {row.get('source')} with "
+                          f"sha256 {row.get('source_sha256')}; the recipe's field 'base' names "
+                          f"{Path(spec.pretrained) / HF_WEIGHTS_FILE} with sha256 {now}; use another zoo name or root")
+
+
 def _prepare_networks(recipe: Recipe, zoo_dir: Path, trainer: ZooTrainer) -> None:
     """Train and publish the base (LoRA) or the parents (full with parents) unless present."""
-    if recipe.kind == "lora" and network_problem(zoo_dir / BASE_DIR) is not None:
-        log.info("training the base network (seed %d)", recipe.base_seed)
+    if recipe.kind == "lora" and network_problem(zoo_dir / BASE_DIR) is None:
+        _check_base_source(recipe, zoo_dir)
+    elif recipe.kind == "lora":
+        spec = recipe.base_spec()
+        if spec is not None and spec.pretrained is not None:
+            log.info("copying the base network from %s", spec.pretrained)
+        else:
+            log.info("training the base network (seed %d)", recipe.base_seed)
         state, metrics = trainer.train_base(recipe)
-        row = {"id": "base", "task": recipe.base_family(), "seed": recipe.base_seed,
+        row = {"id": "base", "task": base_data_task(recipe), "seed": recipe.base_seed,
                "metrics": _clean_metrics(metrics, "base network")}
-        publish_network(zoo_dir / BASE_DIR, row, state)
+        if spec is not None and spec.pretrained is not None:
+            source = Path(spec.pretrained) / HF_WEIGHTS_FILE
+            row.update(source=str(source.resolve()), source_sha256=sha256_file(source))
+        publish_network(zoo_dir / BASE_DIR, row, state, spec)
     for p in range(recipe.parents):
         folder = zoo_dir / PARENTS_DIR / f"p{p}"
         if network_problem(folder) is None:
@@ -360,7 +506,8 @@ def run_build(recipe: Recipe, root: str | os.PathLike = "checkpoints_zoo", *, sh
         trainer: trains the networks; a :class:`LoopTrainer` (both kinds) by default.
 
     Raises:
-        RecipeError: the zoo folder holds a zoo built from a different recipe.
+        RecipeError: the zoo folder holds a zoo built from a different recipe, or the recipe's
+            ``base`` cannot be built or run (found before anything is written).
         ZooBuildError: a bad shard/worker count, or a trainer that broke its contract.
         OutputPathError: the zoo folder cannot be written (checked before any training; a disk
             filling up later stops the build with this error, leaving no half-written entry).
@@ -375,6 +522,7 @@ def run_build(recipe: Recipe, root: str | os.PathLike = "checkpoints_zoo", *, sh
     start = time.perf_counter()
     trainer = trainer if trainer is not None else LoopTrainer()
     zoo_dir = check_writable(Path(root) / recipe.name, "zoo folder")
+    _check_base(recipe)
     try:
         zoo_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
