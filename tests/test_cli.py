@@ -159,14 +159,21 @@ class _Stop(Exception):
     """Raised by a stub to end a run once it has seen what the test checks."""
 
 
-def test_benchmark_takes_sampler_and_hypernet_loss_weight_from_the_generator(tiny_lora_zoo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("training, expected", [
+    ({"functional_loss_weight": 0.0}, 0.0),
+    # a latent generator's task loss is its autoencoder's: the hypernetwork gets it too
+    ({"functional_loss_weight": 0.0, "latent_tokens": 1, "autoencoder_functional_weight": 2.5}, 2.5),
+    ({"functional_loss_weight": 0.0, "latent_tokens": 0, "autoencoder_functional_weight": 2.5}, 0.0),
+])
+def test_benchmark_takes_sampler_and_hypernet_loss_weight_from_the_generator(tiny_lora_zoo, tmp_path, monkeypatch,
+                                                                             training, expected):
     """A generator trained with functional loss weight 0 gets a hypernetwork baseline at 0, not 1."""
     import weightdiff.evaluate.benchmark as bench
 
     class Stub:
         kind = "lora"
         config = {"zoo": {"family": "rotdigits"}, "model": {"condition": "code"},
-                  "training": {"functional_loss_weight": 0.0}, "sampling": {"sampler": "x0", "steps": 3}}
+                  "training": training, "sampling": {"sampler": "x0", "steps": 3}}
 
     seen = {}
 
@@ -185,7 +192,7 @@ def test_benchmark_takes_sampler_and_hypernet_loss_weight_from_the_generator(tin
     with pytest.raises(_Stop):
         main(["benchmark", "--suite", "adapt-lora", "--model", "stub", "--zoo", str(tiny_lora_zoo),
               "--out", str(tmp_path / "bench"), "--hypernet-steps", "1"])
-    assert seen["functional_loss_weight"] == 0.0
+    assert seen["functional_loss_weight"] == expected
     assert (seen["settings"].sampler, seen["settings"].steps) == ("x0", 3)
 
 

@@ -283,8 +283,8 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         sgd_ks, sgd_seeds: examples per class and seeds of few-shot SGD.
         hypernet_steps, functional_loss_weight: MLP hypernetwork training. By default both follow
             the generator: as many steps as it was trained for (at least 2000) and its functional
-            loss weight, so the baseline gets the same losses and the same step budget (1.0 and
-            2000 without a generator).
+            loss weight (a latent generator: the larger of it and its autoencoder's), so the
+            baseline gets the same losses and the same step budget (1.0 and 2000 without a generator).
         noise_scales: noise-added scales (fractions of each tensor's std).
         select_per_class: adds the row "generated best-of-N": the one sample (of N) that scores
             best on this many labelled training examples per class — compare it with few-shot SGD
@@ -315,8 +315,11 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
             raise ModelDirError(f"generator {model} was trained on a {gen.kind} zoo of family "
                                 f"'{gen.config['zoo'].get('family')}', but suite '{suite}' is {kind}/{family}")
     trained = gen.config.get("training", {}) if gen is not None else {}
-    if functional_loss_weight is None:
-        functional_loss_weight = float(trained.get("functional_loss_weight", 1.0))  # a trained weight of 0 stays 0
+    if functional_loss_weight is None:  # a trained weight of 0 stays 0
+        weights = [float(trained.get("functional_loss_weight", 1.0))]
+        if trained.get("latent_tokens"):  # a latent generator's task loss is its autoencoder's
+            weights.append(float(trained.get("autoencoder_functional_weight") or 0.0))
+        functional_loss_weight = max(weights)
     if gen is not None:
         validated = gen.config.get("sampling", {})
         steps = validated.get("steps", SamplerSettings.steps) if steps is None else steps

@@ -38,7 +38,8 @@ from weightdiff.training.module import build_generator, latent_config, schedule_
 
 _EMA_PREFIX = "ema.module."
 _TRAINING_KEYS = ("functional_loss_weight", "functional_weighting", "cond_dropout", "text_dropout", "lr",
-                  "weight_decay", "warmup_steps", "ema_decay", "prediction_type")
+                  "weight_decay", "warmup_steps", "ema_decay", "prediction_type", "latent_tokens",
+                  "autoencoder_functional_weight")
 _CARD_ROWS = ("zoo (original)", "generated", "retrieval", "average", "base without adapter", "floor")
 
 
