@@ -25,18 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from weightdiff.evaluate.novelty import ComparisonSpace
+from weightdiff.models.autoencoder import mlp_layers
 from weightdiff.models.schedule import ScheduleConfig, predicted_x0, reverse_process
 from weightdiff.tasks import get_task
 from weightdiff.training.datamodule import ZooDataModule
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers += [nn.LayerNorm(b), nn.SiLU()]
-    return nn.Sequential(*layers)
 
 
 class AE(nn.Module):
@@ -47,8 +39,8 @@ class AE(nn.Module):
         super().__init__()
         self.latent = latent
         d = p if basis is None else basis.shape[1]
-        self.enc = mlp([d, width, width, latent])
-        self.dec = mlp([latent, width, 2 * width, d])
+        self.enc = mlp_layers([d, width, width, latent])
+        self.dec = mlp_layers([latent, width, 2 * width, d])
         if basis is not None:
             self.register_buffer("basis", basis)
             self.register_buffer("mean", mean)

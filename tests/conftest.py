@@ -48,20 +48,28 @@ def fit_args(zoo: Path, out: Path, *extra: str) -> list[str]:
             "--trainer.enable_progress_bar", "false", *extra]
 
 
+def fit_tiny(zoo: Path, out: Path, *extra: str) -> Path:
+    """Run the tiny `fit` (configs/tiny.yaml plus ``extra`` options) into ``out``; returns ``out``."""
+    from weightdiff.training.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(fit_args(zoo, out, *extra))
+    return out
+
+
+def export_last(run: Path, out: Path) -> Path:
+    """Export the last checkpoint of the fit run in ``run`` to the generator folder ``out``."""
+    from weightdiff.training.export import export_checkpoint
+
+    return export_checkpoint(next(run.glob("**/checkpoints/last.ckpt")), out)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_lora_zoo, tmp_path_factory) -> Path:
     """A finished tiny `fit` run (its folder holds metrics.csv and checkpoints/last.ckpt)."""
-    from weightdiff.training.lightning_cli import run_lightning_cli
-
-    out = tmp_path_factory.mktemp("fit")
-    run_lightning_cli(fit_args(tiny_lora_zoo, out))
-    return out
+    return fit_tiny(tiny_lora_zoo, tmp_path_factory.mktemp("fit"))
 
 
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_run, tmp_path_factory) -> Path:
     """The tiny run exported (the artefact `sample` loads)."""
-    from weightdiff.training.export import export_checkpoint
-
-    ckpt = next(tiny_run.glob("**/checkpoints/last.ckpt"))
-    return export_checkpoint(ckpt, tmp_path_factory.mktemp("gen") / "generator")
+    return export_last(tiny_run, tmp_path_factory.mktemp("gen") / "generator")

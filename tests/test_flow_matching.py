@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import fit_args
+from tests.conftest import export_last, fit_args, fit_tiny
 from weightdiff.errors import ConditionError, ModelDirError
 from weightdiff.io import read_json, write_json
 from weightdiff.models.generator import load_generator
 from weightdiff.models.schedule import ScheduleConfig, denoise, mask_padding, output_from_x0, predicted_x0
 from weightdiff.sampling import WeightDiffusionPipeline
 from weightdiff.tasks import get_task
-from weightdiff.training.export import export_checkpoint, read_lightning_checkpoint
+from weightdiff.training.export import read_lightning_checkpoint
 from weightdiff.training.objectives import loss_weight
 
 EPS = torch.finfo(torch.float32).eps
@@ -151,19 +151,14 @@ FIT_STEPS = 300
 
 @pytest.fixture(scope="module")
 def flow_run(tiny_lora_zoo, tmp_path_factory) -> Path:
-    from weightdiff.training.lightning_cli import run_lightning_cli
-
-    out = tmp_path_factory.mktemp("flow_fit")
-    run_lightning_cli(fit_args(tiny_lora_zoo, out, "--model.objective", "flow_matching", "--model.prediction_type",
-                               "flow_prediction", "--trainer.max_steps", str(FIT_STEPS),
-                               "--trainer.log_every_n_steps", "1"))
-    return out
+    return fit_tiny(tiny_lora_zoo, tmp_path_factory.mktemp("flow_fit"), "--model.objective", "flow_matching",
+                    "--model.prediction_type", "flow_prediction", "--trainer.max_steps", str(FIT_STEPS),
+                    "--trainer.log_every_n_steps", "1")
 
 
 @pytest.fixture(scope="module")
 def flow_generator(flow_run, tmp_path_factory) -> Path:
-    return export_checkpoint(next(flow_run.glob("**/checkpoints/last.ckpt")),
-                             tmp_path_factory.mktemp("flow_gen") / "generator")
+    return export_last(flow_run, tmp_path_factory.mktemp("flow_gen") / "generator")
 
 
 def _metric(run: Path, key: str) -> list[float]:

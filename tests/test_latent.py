@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests._tolerance import matmul_tol
-from tests.conftest import fit_args
+from tests.conftest import export_last, fit_args, fit_tiny
 from weightdiff.cli import main
 from weightdiff.errors import WeightDiffError, WeightFileError
 from weightdiff.models.autoencoder import WeightAutoencoder
@@ -74,18 +74,13 @@ def _metric(run: Path, key: str) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def latent_run(tiny_lora_zoo, tmp_path_factory) -> Path:
-    from weightdiff.training.lightning_cli import run_lightning_cli
-
-    out = tmp_path_factory.mktemp("latent_fit")
-    run_lightning_cli(fit_args(tiny_lora_zoo, out, *LATENT, "--trainer.max_steps", str(FIT_STEPS),
-                               "--trainer.log_every_n_steps", "1"))
-    return out
+    return fit_tiny(tiny_lora_zoo, tmp_path_factory.mktemp("latent_fit"), *LATENT, "--trainer.max_steps",
+                    str(FIT_STEPS), "--trainer.log_every_n_steps", "1")
 
 
 @pytest.fixture(scope="module")
 def latent_generator(latent_run, tmp_path_factory) -> Path:
-    return export_checkpoint(next(latent_run.glob("**/checkpoints/last.ckpt")),
-                             tmp_path_factory.mktemp("latent_gen") / "generator")
+    return export_last(latent_run, tmp_path_factory.mktemp("latent_gen") / "generator")
 
 
 def test_the_fit_trains_the_autoencoder_first_then_diffuses_with_it_frozen(latent_run):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+def mlp_layers(sizes: list[int]) -> nn.Sequential:
     """Linear layers of ``sizes``, with LayerNorm + SiLU between them (none after the last)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -62,8 +62,8 @@ class WeightAutoencoder(nn.Module):
         self.input_noise, self.latent_noise = input_noise, latent_noise
         k = min(basis, num_params)
         latent = latent_tokens * latent_dim
-        self.encoder = _mlp([k, width, width, latent])
-        self.decoder = _mlp([latent, width, 2 * width, k])
+        self.encoder = mlp_layers([k, width, width, latent])
+        self.decoder = mlp_layers([latent, width, 2 * width, k])
         self.register_buffer("basis", torch.zeros(num_params, k))     # (P, k), orthonormal columns
         self.register_buffer("mean", torch.zeros(num_params))         # (P,)
         self.register_buffer("scale", torch.ones(()))                 # std of the principal coordinates
