@@ -201,7 +201,7 @@ def test_every_row_reports_score_params_of_its_weights_and_best_is_the_lowest(zo
 
 def test_a_zoo_mixing_metrics_is_refused_naming_the_tasks(zoos, tmp_path, monkeypatch):
     fitted = []
-    monkeypatch.setattr(benchmark._ZooState, "fit_hypernets", lambda self, *a: fitted.append(a))
+    monkeypatch.setattr(benchmark.ZooState, "fit_hypernets", lambda self, *a: fitted.append(a))
     with pytest.raises(BenchmarkError, match=r"different metrics \(accuracy: dataset:name=onecls; "
                                              r"mse: dataset:name=rega\)"):
         benchmark.run_benchmark(zoos["suite"], None, zoos["mixed"], tmp_path / "bench", num=2, progress=False)

@@ -274,7 +274,7 @@ def evaluate(task: str, weights: list[str] | str, base: str | None = None, split
         print(f"wrote {json}")
 
 
-def benchmark(suite: str, zoo: str, out: str, model: str | None = None, num: int = 32, steps: int | None = None,
+def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = None, num: int = 32, steps: int | None = None,
               sampler: Sampler | None = None, guidance: float = 1.0, seed: int = 0, from_description: bool = False,
               max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None, sgd_tasks: int | None = None,
               sgd_ks: Sequence[int | str] = (1, 5, 10, 50, "all"), hypernet_steps: int | None = None,
@@ -289,7 +289,9 @@ def benchmark(suite: str, zoo: str, out: str, model: str | None = None, num: int
             (weightdiff.tasks.suites).
         zoo: zoo directory (its training split is what the generator saw).
         out: output directory.
-        model: exported generator directory (null: the baselines alone).
+        model: exported generator directory (null: the baselines alone), or a list of them, e.g.
+            '[runs/text/model, runs/unlabelled/model]': generators of the zoo with different
+            conditions, each a row of the same run (the first is 'generated').
         num: samples per task.
         steps: sampler steps (null: the generator's).
         sampler: ddim / dpm (ddpm generators), euler (flow matching), x0 (null: the generator's).

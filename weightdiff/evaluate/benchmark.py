@@ -36,17 +36,14 @@ import torch
 from tqdm.auto import tqdm
 
 from weightdiff.errors import BenchmarkError, ModelDirError
-from weightdiff.evaluate.baselines import (
-    NOISE_SCALES, average_params, canonical_params, floor_predictions, gaussian_params, nearest_task,
-    noise_added_params, select, stack_params, zero_adapter,
-)
 from weightdiff.evaluate.fewshot import DEFAULT_KS, few_shot_sgd
-from weightdiff.evaluate.hypernet import HypernetTrainConfig, ParamCodec, RidgeHypernet, train_mlp_hypernet
-from weightdiff.evaluate.novelty import ComparisonSpace, wrong_set_iou
+from weightdiff.evaluate.baselines import NOISE_SCALES
+from weightdiff.evaluate.novelty import wrong_set_iou
 from weightdiff.evaluate.report import (
     aggregate, plot_accuracy_distributions, plot_accuracy_vs_iou, save_predictions, save_scores, task_stats,
     write_results,
 )
+from weightdiff.evaluate.rows import Models, ZooState, pick_best, suite_metric, task_rows
 from weightdiff.evaluate.weights import evaluate_params, score_params
 from weightdiff.tasks import Metric, Task, get_task
 from weightdiff.tasks.suites import load_suite
@@ -54,7 +51,6 @@ from weightdiff.models.generator import load_generator
 from weightdiff.models.schedule import ScheduleConfig
 from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
 from weightdiff.zoo import Zoo
-from weightdiff.zoo.training import few_shot_indices
 
 log = logging.getLogger(__name__)
 
@@ -93,169 +89,8 @@ def _spread(items: Sequence[Any], k: int | None) -> list[Any]:
     return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
 
 
-@dataclass
-class _Models:
-    """One row's models on one task: params (or fixed predictions ``(S, N)`` / outputs ``(S, N, ...)``),
-    ids, zoo indices to exclude."""
-
-    ids: list[str]
-    params: dict[str, torch.Tensor] | None = None
-    preds: torch.Tensor | None = None
-    outputs: torch.Tensor | None = None
-    exclude: list[int | None] | None = None
-
-
-def suite_metric(tasks: Sequence[str]) -> Metric:
-    """The one metric of ``tasks`` (:attr:`Task.metric`), which a benchmark averages over.
-
-    Raises:
-        BenchmarkError: the tasks have different metrics (naming each metric's tasks).
-    """
-    by_name: dict[str, list[str]] = defaultdict(list)
-    metrics: dict[str, Metric] = {}
-    for name in tasks:
-        metric = get_task(name).metric
-        by_name[metric.name].append(name)
-        metrics[metric.name] = metric
-    if len(by_name) > 1:
-        listed = "; ".join(f"{m}: {', '.join(ts)}" for m, ts in sorted(by_name.items()))
-        raise BenchmarkError(f"the benchmark's tasks are scored with different metrics ({listed}); one table "
-                             "averages one metric: benchmark the tasks of each metric apart")
-    return next(iter(metrics.values()))
-
-
-def _constant_outputs(task: Task, split: str = "test") -> torch.Tensor:
-    """Outputs ``(1, N, ...)`` of the trivial predictor for a metric other than accuracy: one constant for every input.
-
-    Class targets: the log of the training class frequencies, add-one smoothed so that a class
-    missing from the training split costs a finite loss (its argmax is the majority class).
-    Other targets: the mean training target (the constant of least squared error).
-    """
-    data = task.data()
-    n = data.split(split)[0].shape[0]
-    if task.metric.classification:
-        counts = torch.bincount(data.y_train, minlength=task.num_classes).double() + 1.0
-        constant = (counts / counts.sum()).log().float()                    # (C,)
-    else:
-        constant = data.y_train.float().mean(0)                              # target shape
-    return constant.expand(1, n, *constant.shape)
-
-
-class _ZooState:
-    """The training zoo loaded once, with everything the baselines and novelty derive from it
-    (``progress``: a bar over the MLP hypernetwork's steps, on a terminal)."""
-
-    def __init__(self, zoo: Any, *, num: int, seed: int, progress: bool = False) -> None:
-        self.zoo, self.kind = zoo, zoo.kind
-        self.target = zoo.target()
-        self.rows = list(zoo.rows("train"))
-        if not self.rows:
-            raise BenchmarkError(f"zoo {getattr(zoo, 'path', '')} has no training checkpoints")
-        self.heldout = list(zoo.rows("heldout"))
-        log.info("loading %d training checkpoints", len(self.rows))
-        self.params = stack_params([zoo.load(r["id"]) for r in self.rows])     # (Z, *shape)
-        self.target.check(self.params, "zoo checkpoints", batched=True)
-        self.canon, _ = canonical_params(self.params, self.kind)
-        self.codec = ParamCodec.fit(self.canon)
-        self.space = ComparisonSpace(self.target, self.params)
-        self.spacing = self.space.spacing()
-        self.index: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(self.rows):
-            self.index[r["task"]].append(i)
-        self.codes = {t: torch.tensor(self.rows[ix[0]]["code"], dtype=torch.float32) for t, ix in self.index.items()}
-        self.num, self.seed, self.progress = num, seed, progress
-
-    def heldout_params(self, task: str) -> tuple[list[str], dict[str, torch.Tensor]] | None:
-        rows = [r for r in self.heldout if r["task"] == task]
-        if not rows:
-            return None
-        return [r["id"] for r in rows], stack_params([self.zoo.load(r["id"]) for r in rows])
-
-    def fit_hypernets(self, steps: int, functional_loss_weight: float) -> dict[str, Any]:
-        feats = torch.stack([torch.tensor(r["code"], dtype=torch.float32) for r in self.rows])  # (Z, C)
-        flat = self.codec.flatten(self.canon)                                                # (Z, P)
-        groups = [r["task"] for r in self.rows]
-        t0 = time.perf_counter()
-        self.ridge = RidgeHypernet().fit(feats, flat, groups)
-        ridge_s = time.perf_counter() - t0
-        tasks = sorted(self.index)
-        task_of = {t: i for i, t in enumerate(tasks)}
-        data = [get_task(t).data() for t in tasks]
-        t0 = time.perf_counter()
-        cfg = HypernetTrainConfig(steps=steps, functional_loss_weight=functional_loss_weight, seed=self.seed)
-        self.mlp, history = train_mlp_hypernet(self.target, self.codec, feats, flat,
-                                               torch.tensor([task_of[g] for g in groups]),
-                                               [(d.x_train, d.y_train) for d in data], cfg, progress=self.progress)
-        mlp_s = time.perf_counter() - t0
-        tail = max(1, len(history) // 20)
-        return {"ridge_alpha": self.ridge.alpha_, "ridge_seconds": ridge_s, "mlp_steps": steps,
-                "mlp_functional_loss_weight": functional_loss_weight, "mlp_seconds": mlp_s,
-                "mlp_loss_first": sum(history[:tail]) / tail, "mlp_loss_last": sum(history[-tail:]) / tail}
-
-    @torch.no_grad()
-    def hypernet_params(self, task: Task) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        code = task.code().float()[None]
-        linear = self.codec.unflatten(self.ridge.predict(code))
-        mlp = self.codec.unflatten(self.mlp(code))
-        return linear, mlp
-
-
-def _best_of(z: _ZooState, task: Task, generated: dict[str, torch.Tensor], per_class: int, seed: int) -> int:
-    """Index of the generated sample that scores best (the task's metric, a classification one) on
-    ``per_class`` labelled training examples per class."""
-    x, y = task.data().split("train")
-    idx = few_shot_indices(y, per_class, seed)
-    metric = task.metric
-    if metric.name == "accuracy":
-        scores = z.target.accuracy(generated, x[idx], y[idx])
-    else:
-        scores = metric.score(z.target.forward_batched(generated, x[idx]), y[idx])
-    return metric.argbest(scores)  # first of the best on ties: deterministic
-
-
-def _task_rows(z: _ZooState, task: Task, seen: bool, generated: dict[str, torch.Tensor] | None,
-               noise_scales: Sequence[float], best_of: tuple[str, int] | None = None,
-               one_step: dict[str, torch.Tensor] | None = None) -> dict[str, _Models]:
-    """Every row's models for one task; ``best_of`` = (row name, index of the picked sample)."""
-    rows: dict[str, _Models] = {}
-    own = z.index.get(task.name, [])
-    if seen:
-        rows["zoo (original)"] = _Models([z.rows[i]["id"] for i in own], select(z.params, own), exclude=list(own))
-    else:
-        held = z.heldout_params(task.name)
-        if held is not None:  # oracle checkpoints trained on this held-out task; the generator never saw them
-            rows["zoo (original)"] = _Models(held[0], held[1])
-    if generated is not None:
-        n = next(iter(generated.values())).shape[0]
-        rows["generated"] = _Models([f"sample_{i:04d}" for i in range(n)], generated)
-        if one_step is not None:  # the same model's one-step clean estimate from the same noise
-            rows["generated one-step"] = _Models([f"one_step_{i:04d}" for i in range(n)], one_step)
-        if best_of is not None:  # uses labelled data: its own row, never mixed with zero-shot samples
-            name, i = best_of
-            rows[name] = _Models([f"sample_{i:04d}"], select(generated, [i]))
-    if z.kind == "lora":
-        rows["base without adapter"] = _Models(["zero-adapter"], zero_adapter(z.target))
-    nearest = task.name if seen else nearest_task(task.code(), z.codes)
-    near = z.index[nearest]
-    rows["retrieval"] = _Models([z.rows[i]["id"] for i in near], select(z.params, near), exclude=list(near))
-    linear, mlp = z.hypernet_params(task)
-    rows["linear hypernetwork"] = _Models(["ridge"], linear)
-    rows["MLP hypernetwork"] = _Models(["mlp"], mlp)
-    avg_src = select(z.canon, own) if seen else z.canon
-    rows["average"] = _Models(["average"], average_params(avg_src))
-    rows["gaussian"] = _Models([f"gaussian_{i:04d}" for i in range(z.num)], gaussian_params(z.canon, z.num, z.seed))
-    src = near[:z.num]
-    for scale in noise_scales:
-        rows[f"noise-added {scale:g}"] = _Models([f"{z.rows[i]['id']}+noise{scale:g}" for i in src],
-                                                 noise_added_params(select(z.params, src), scale, z.seed))
-    if task.metric.name == "accuracy":
-        rows["floor"] = _Models(["majority-class"], preds=floor_predictions(task))
-    else:
-        rows["floor"] = _Models(["constant-output"], outputs=_constant_outputs(task))
-    return rows
-
-
-def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, out: str | Path, *, num: int = 32,
+def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | None, zoo: str | Path,
+                  out: str | Path, *, num: int = 32,
                   steps: int | None = None, sampler: str | None = None, guidance: float = 1.0,
                   from_description: bool = False,
                   seed: int = 0, max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None,
@@ -270,6 +105,10 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         suite: a shipped suite (``"digits-cnn"``, ``"mnist1d-cnn"``, ``"adapt-lora"``) or the path of a
             suite YAML file (:func:`weightdiff.tasks.suites.load_suite`).
         model: exported generator directory; ``None`` runs the baselines alone (no "generated" row).
+            Several directories (generators of one zoo with different conditions, e.g. text and
+            unlabelled examples): the first is the row "generated" (with its one-step, best-of-N
+            and few-shot rows); each other adds a row "generated (<its condition>)", sampled with
+            its own validated sampler, in the same run.
         zoo: the zoo directory (its training split is what the generator saw).
         out: output directory.
         num: samples per task (generated, gaussian) and the cap on noise-added sources per task.
@@ -308,12 +147,15 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    gen = None
-    if model is not None:
-        gen = load_generator(model)
-        if gen.kind != kind or gen.config["zoo"].get("family") != family:
-            raise ModelDirError(f"generator {model} was trained on a {gen.kind} zoo of family "
-                                f"'{gen.config['zoo'].get('family')}', but suite '{suite}' is {kind}/{family}")
+    paths = [] if model is None else [model] if isinstance(model, (str, Path)) else list(model)
+    gens = [load_generator(path) for path in paths]
+    for path, g in zip(paths, gens):
+        if g.kind != kind or g.config["zoo"].get("family") != family:
+            raise ModelDirError(f"generator {path} was trained on a {g.kind} zoo of family "
+                                f"'{g.config['zoo'].get('family')}', but suite '{suite}' is {kind}/{family}")
+    gen = gens[0] if gens else None
+    model = paths[0] if paths else None
+    extras = _extra_generators(paths[1:], gens[1:], guidance, seed)  # checked before the long baselines
     trained = gen.config.get("training", {}) if gen is not None else {}
     if functional_loss_weight is None:  # a trained weight of 0 stays 0
         weights = [float(trained.get("functional_loss_weight", 1.0))]
@@ -328,7 +170,7 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         ScheduleConfig(**gen.config.get("schedule", {})).check_sampler(sampler)
     if hypernet_steps is None:
         hypernet_steps = max(2000, int(gen.config.get("global_step", 0)) if gen is not None else 0)
-    z = _ZooState(zoo_obj, num=num, seed=seed, progress=progress)
+    z = ZooState(zoo_obj, num=num, seed=seed, progress=progress, condition=spec.baseline_condition)
     seen_tasks = _spread(sorted(z.index, key=lambda t: (z.codes[t].tolist(), t)), max_seen_tasks)
     kinds: dict[str, str] = {}
     for r in z.heldout:
@@ -392,8 +234,12 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         best_of = None
         if generated is not None and select_per_class and metric.classification:
             best_of = (f"generated best-of-{num} ({select_per_class}/class labelled)",
-                       _best_of(z, task, generated, select_per_class, seed))
-        for row, m in _task_rows(z, task, section == "seen", generated, noise_scales, best_of, one_step).items():
+                       pick_best(z, task, generated, select_per_class, seed))
+        rows = task_rows(z, task, section == "seen", generated, noise_scales, best_of, one_step,
+                         description=descriptions.get(name))
+        if extras:
+            rows = _with_extra_rows(rows, extras, task, from_description, recorded, num, batch_size)
+        for row, m in rows.items():
             distance = z.space.nearest_distance(m.params, m.exclude) if m.params is not None else None
             if accuracy:
                 if m.params is not None:
@@ -431,6 +277,7 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         "sampler": ({"sampler": sampler, "steps": steps, "model_evaluations": model_evaluations(sampler, steps, guidance)}
                     if gen is not None else None),
         "generated_nonfinite_samples": nonfinite if gen is not None else None,
+        "other_generators": {e.row: e.record() for e in extras},
     }
 
     if kind == "full":
@@ -476,13 +323,15 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
             "unseen_tasks_by_kind": {k: [t for t in unseen_tasks if kinds[t] == k]
                                      for k in sorted({kinds[t] for t in unseen_tasks})},
             "sgd_tasks": sgd_list if sgd else [], "sgd_ks": [str(k) for k in sgd_ks], "sgd_seeds": list(sgd_seeds),
-            "noise_scales": list(noise_scales), "retrieval_metric": "L2 distance between task codes",
+            "noise_scales": list(noise_scales), "baseline_condition": spec.baseline_condition,
+            "retrieval_metric": "L2 distance between " + ("description embeddings" if spec.baseline_condition == "text"
+                                                           else "task codes"),
             "descriptions": descriptions,
         },
         "zoo": {"train_checkpoints": len(z.rows), "train_tasks": len(z.index), "heldout_checkpoints": len(z.heldout),
                 "nn_spacing": z.spacing},
         "hypernetworks": hyper,
-        "notes": _notes(kind, gen, from_description, num, metric),
+        "notes": _notes(kind, gen, from_description, num, metric, spec.baseline_condition),
         "per_task": per_task,
         "seconds": time.perf_counter() - t_start,
     })
@@ -493,6 +342,65 @@ def run_benchmark(suite: str | Path, model: str | Path | None, zoo: str | Path, 
         plot_accuracy_vs_iou(results, out / "accuracy_vs_iou.png", points)
     log.info("benchmark written to %s (%.0f s)", out, results["seconds"])
     return results
+
+
+@dataclass
+class _ExtraGenerator:
+    """A generator beside the first one of a run: its row name, model, sampler settings and timing."""
+
+    row: str
+    path: str
+    gen: Any
+    settings: SamplerSettings
+    seconds: float = 0.0
+    samples: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """Its entry in ``results.json`` (``other_generators``)."""
+        s = self.settings
+        return {"model": self.path, "condition": self.gen.config["model"]["condition"], "sampler": s.sampler,
+                "steps": s.steps, "model_evaluations": model_evaluations(s.sampler, s.steps, s.guidance),
+                "latency_ms_per_sample": 1000 * self.seconds / self.samples if self.samples else None}
+
+
+def _extra_generators(paths: Sequence[str | Path], gens: Sequence[Any], guidance: float, seed: int
+                      ) -> list[_ExtraGenerator]:
+    """The run's other generators, each named by its condition (``generated (unlabelled)``), sampled with
+    the sampler it was validated with."""
+    extras: list[_ExtraGenerator] = []
+    for path, g in zip(paths, gens):
+        validated = g.config.get("sampling", {})
+        settings = SamplerSettings(steps=validated.get("steps", SamplerSettings.steps),
+                                   sampler=validated.get("sampler", SamplerSettings.sampler), guidance=guidance,
+                                   seed=seed)
+        ScheduleConfig(**g.config.get("schedule", {})).check_sampler(settings.sampler)
+        row = f"generated ({g.config['model']['condition']})"
+        if any(e.row == row for e in extras):
+            row = f"{row[:-1]}, {Path(path).name})"
+        extras.append(_ExtraGenerator(row, str(path), g, settings))
+    return extras
+
+
+def _with_extra_rows(rows: dict[str, Models], extras: Sequence[_ExtraGenerator], task: Task, from_description: bool,
+                     recorded: Any, num: int, batch_size: int) -> dict[str, Models]:
+    """``rows`` with each other generator's samples for ``task`` placed after the first generator's rows
+    (a text generator reads the held-out description when the run does, the others their own condition)."""
+    extra_rows: dict[str, Models] = {}
+    for e in extras:
+        text = from_description and e.gen.config["model"]["condition"] == "text"
+        cond = (make_condition(e.gen, description=heldout_description(task, getattr(e.gen, "descriptions", recorded)))
+                if text else make_condition(e.gen, task=task.name))
+        t0 = time.perf_counter()
+        tokens, _ = generate_tokens(e.gen, cond, num, e.settings, use_cache=False, batch_size=batch_size,
+                                    progress=False)
+        params = {k: v.detach().float().cpu() for k, v in e.gen.tokenizer.decode_float(tokens).items()}
+        e.seconds += time.perf_counter() - t0
+        e.samples += num
+        extra_rows[e.row] = Models([f"{e.row.split('(', 1)[1][:-1]}_{i:04d}" for i in range(num)], params)
+    keys = list(rows)
+    first = [i for i, k in enumerate(keys) if k.startswith("generated")]
+    at = first[-1] + 1 if first else int(bool(keys) and keys[0] == "zoo (original)")
+    return {**{k: rows[k] for k in keys[:at]}, **extra_rows, **{k: rows[k] for k in keys[at:]}}
 
 
 def _bar_disabled(progress: bool) -> bool | None:
@@ -521,8 +429,14 @@ def _by_kind_round_robin(tasks: Sequence[str], kinds: dict[str, str]) -> list[st
     return out
 
 
-def _notes(kind: str, gen: Any, from_description: bool, num: int, metric: Metric) -> list[str]:
+def _notes(kind: str, gen: Any, from_description: bool, num: int, metric: Metric,
+           baseline_condition: str = "code") -> list[str]:
     notes = []
+    if baseline_condition == "text":
+        read = "the sentence embeddings of the tasks' descriptions (the held-out description when the run uses one)"
+        read_one = "a task's description embedding"
+    else:
+        read, read_one = "task codes", "the task code"
     if kind == "full":
         notes.append("Full-network suite: the zoo has a single task, which the generator was trained on; it is "
                      "reported as the seen task and there are no unseen tasks. With one task the condition is "
@@ -541,9 +455,9 @@ def _notes(kind: str, gen: Any, from_description: bool, num: int, metric: Metric
                 "the weight MSE alone (its functional loss is a cross-entropy over classes, and these targets are "
                 "not classes)")
     notes += [
-        "Retrieval: checkpoints of the training task nearest by L2 distance between task codes (on seen tasks, the "
+        f"Retrieval: checkpoints of the training task nearest by L2 distance between {read} (on seen tasks, the "
         "task's own checkpoints).",
-        "Linear (ridge, alpha by leave-tasks-out CV) and MLP hypernetworks map the task code to canonicalised "
+        f"Linear (ridge, alpha by leave-tasks-out CV) and MLP hypernetworks map {read_one} to canonicalised "
         f"weights; the MLP is trained with {mlp_loss}.",
         "Average and gaussian use canonicalised checkpoints (LoRA SVD gauge / hidden units aligned to a reference); "
         "average is per task on seen tasks and over all training checkpoints on unseen tasks.",

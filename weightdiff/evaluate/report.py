@@ -199,6 +199,10 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         parts.append(f"- sampler: {sampler['sampler']}, {sampler['steps']} steps, {sampler['model_evaluations']} model "
                      f"evaluations per sample; the row 'generated one-step' is the same model's one-step estimate "
                      f"from the same noise ({_fmt(results.get('latency_ms_per_sample_one_step'))} ms per sample)")
+    for row, other in (results.get("other_generators") or {}).items():
+        parts.append(f"- row '{row}': {other['model']} ({other['condition']} condition), {other['sampler']}, "
+                     f"{other['steps']} steps, {other['model_evaluations']} model evaluations per sample, "
+                     f"{_fmt(other.get('latency_ms_per_sample'))} ms per sample")
     if results.get("runs_in_zoo"):
         parts.append(f"- basins: the generated networks' nearest zoo checkpoints come from "
                      f"{results.get('basins_covered', '–')} of the zoo's {results['runs_in_zoo']} independent runs; "

@@ -6,6 +6,8 @@ A suite is a small YAML file::
     kind: lora                  # "full" (whole networks) or "lora" (adapters on a frozen base)
     family: rotdigits           # task family of the zoo and the generator (any registered family)
     description: ...            # optional, one line
+    baseline_condition: code    # optional: what retrieval and the hypernetworks read of a task,
+                                # its task code (default) or its descriptions' embedding ("text")
 
 ``--suite NAME`` picks a shipped suite (:func:`list_suites`: ``digits-cnn``, ``mnist1d-cnn``,
 ``adapt-lora``); ``--suite path/to/suite.yaml`` reads a file of one's own (``configs/suites/`` is the
@@ -45,12 +47,17 @@ class Suite:
         kind: zoo kind, ``"full"`` or ``"lora"``; must be the kind of ``family``.
         family: task family of the zoo's tasks.
         description: one line saying what the suite measures.
+        baseline_condition: what retrieval, kNN averaging and the hypernetworks read of a task:
+            ``"code"``, its task code; ``"text"``, the sentence embedding of its descriptions, as a
+            text-conditioned generator does (for families whose task code names what a
+            held-out task's text can describe but no code of the training tasks can reach).
     """
 
     name: str
     kind: SuiteKind
     family: str
     description: str = ""
+    baseline_condition: Literal["code", "text"] = "code"
 
 
 def _shipped() -> resources.abc.Traversable:

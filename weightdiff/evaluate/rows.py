@@ -1,0 +1,226 @@
+"""The rows of the honest benchmark for one task: which models each baseline contributes.
+
+:class:`ZooState` loads the training zoo once and derives what the baselines need from it (the
+canonicalised checkpoints, the comparison space of novelty, the hypernetworks fitted on the
+tasks' conditions); :func:`task_rows` returns, for one task, every row's models (stacked
+parameters, or fixed predictions / outputs where a row has no weights), which
+:func:`weightdiff.evaluate.benchmark.run_benchmark` scores and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from weightdiff.errors import BenchmarkError
+from weightdiff.evaluate.baselines import (
+    average_params, canonical_params, floor_predictions, gaussian_params, nearest_task, noise_added_params, select,
+    stack_params, zero_adapter,
+)
+from weightdiff.evaluate.hypernet import HypernetTrainConfig, ParamCodec, RidgeHypernet, train_mlp_hypernet
+from weightdiff.evaluate.novelty import ComparisonSpace
+from weightdiff.models.conditioning import text_condition
+from weightdiff.tasks import Metric, Task, get_task
+from weightdiff.zoo.training import few_shot_indices
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    """One row's models on one task: params (or fixed predictions ``(S, N)`` / outputs ``(S, N, ...)``),
+    ids, zoo indices to exclude."""
+
+    ids: list[str]
+    params: dict[str, torch.Tensor] | None = None
+    preds: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
+    exclude: list[int | None] | None = None
+
+
+def suite_metric(tasks: Sequence[str]) -> Metric:
+    """The one metric of ``tasks`` (:attr:`Task.metric`), which a benchmark averages over.
+
+    Raises:
+        BenchmarkError: the tasks have different metrics (naming each metric's tasks).
+    """
+    by_name: dict[str, list[str]] = defaultdict(list)
+    metrics: dict[str, Metric] = {}
+    for name in tasks:
+        metric = get_task(name).metric
+        by_name[metric.name].append(name)
+        metrics[metric.name] = metric
+    if len(by_name) > 1:
+        listed = "; ".join(f"{m}: {', '.join(ts)}" for m, ts in sorted(by_name.items()))
+        raise BenchmarkError(f"the benchmark's tasks are scored with different metrics ({listed}); one table "
+                             "averages one metric: benchmark the tasks of each metric apart")
+    return next(iter(metrics.values()))
+
+
+def constant_outputs(task: Task, split: str = "test") -> torch.Tensor:
+    """Outputs ``(1, N, ...)`` of the trivial predictor for a metric other than accuracy: one constant for every input.
+
+    Class targets: the log of the training class frequencies, add-one smoothed so that a class
+    missing from the training split costs a finite loss (its argmax is the majority class).
+    Other targets: the mean training target (the constant of least squared error).
+    """
+    data = task.data()
+    n = data.split(split)[0].shape[0]
+    if task.metric.classification:
+        counts = torch.bincount(data.y_train, minlength=task.num_classes).double() + 1.0
+        constant = (counts / counts.sum()).log().float()                    # (C,)
+    else:
+        constant = data.y_train.float().mean(0)                              # target shape
+    return constant.expand(1, n, *constant.shape)
+
+
+class ZooState:
+    """The training zoo loaded once, with everything the baselines and novelty derive from it
+    (``progress``: a bar over the MLP hypernetwork's steps, on a terminal).
+
+    ``condition`` is what retrieval and the hypernetworks read of a task: ``"code"``, its task
+    code; ``"text"``, the sentence embedding (and numeric features) of its descriptions, as a
+    text-conditioned generator reads them (a training task: the mean over its zoo descriptions;
+    a queried task: its description, or the mean over the family's descriptions of it).
+    """
+
+    def __init__(self, zoo: Any, *, num: int, seed: int, progress: bool = False,
+                 condition: Literal["code", "text"] = "code") -> None:
+        self.zoo, self.kind = zoo, zoo.kind
+        self.target = zoo.target()
+        self.rows = list(zoo.rows("train"))
+        if not self.rows:
+            raise BenchmarkError(f"zoo {getattr(zoo, 'path', '')} has no training checkpoints")
+        self.heldout = list(zoo.rows("heldout"))
+        log.info("loading %d training checkpoints", len(self.rows))
+        self.params = stack_params([zoo.load(r["id"]) for r in self.rows])     # (Z, *shape)
+        self.target.check(self.params, "zoo checkpoints", batched=True)
+        self.canon, _ = canonical_params(self.params, self.kind)
+        self.codec = ParamCodec.fit(self.canon)
+        self.space = ComparisonSpace(self.target, self.params)
+        self.spacing = self.space.spacing()
+        self.index: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(self.rows):
+            self.index[r["task"]].append(i)
+        self.codes = {t: torch.tensor(self.rows[ix[0]]["code"], dtype=torch.float32) for t, ix in self.index.items()}
+        self.num, self.seed, self.progress = num, seed, progress
+        if condition not in ("code", "text"):
+            raise BenchmarkError(f"baseline condition must be 'code' or 'text', got {condition!r}")
+        self.condition = condition
+        if condition == "code":
+            self.features = self.codes
+        else:
+            self.features = {t: self._text_features(self.rows[ix[0]].get("descriptions") or [], t)
+                             for t, ix in self.index.items()}
+
+    def _text_features(self, descriptions: Sequence[str], task: str) -> torch.Tensor:
+        if not descriptions:
+            raise BenchmarkError(f"task '{task}' has no descriptions in the zoo, and the suite's baselines read text")
+        return text_condition(list(descriptions), self.zoo.family).mean(0)       # (384 + F,)
+
+    def query(self, task: Task, description: str | None = None) -> torch.Tensor:
+        """What retrieval and the hypernetworks read of ``task``: ``(d,)`` (see the class docstring)."""
+        if self.condition == "code":
+            return task.code().float()
+        if description is not None:
+            return self._text_features([description], task.name)
+        if task.name in self.features:
+            return self.features[task.name]
+        return self._text_features(task.descriptions(), task.name)
+
+    def heldout_params(self, task: str) -> tuple[list[str], dict[str, torch.Tensor]] | None:
+        rows = [r for r in self.heldout if r["task"] == task]
+        if not rows:
+            return None
+        return [r["id"] for r in rows], stack_params([self.zoo.load(r["id"]) for r in rows])
+
+    def fit_hypernets(self, steps: int, functional_loss_weight: float) -> dict[str, Any]:
+        feats = torch.stack([self.features[r["task"]] for r in self.rows])                 # (Z, d)
+        flat = self.codec.flatten(self.canon)                                                # (Z, P)
+        groups = [r["task"] for r in self.rows]
+        t0 = time.perf_counter()
+        self.ridge = RidgeHypernet().fit(feats, flat, groups)
+        ridge_s = time.perf_counter() - t0
+        tasks = sorted(self.index)
+        task_of = {t: i for i, t in enumerate(tasks)}
+        data = [get_task(t).data() for t in tasks]
+        t0 = time.perf_counter()
+        cfg = HypernetTrainConfig(steps=steps, functional_loss_weight=functional_loss_weight, seed=self.seed)
+        self.mlp, history = train_mlp_hypernet(self.target, self.codec, feats, flat,
+                                               torch.tensor([task_of[g] for g in groups]),
+                                               [(d.x_train, d.y_train) for d in data], cfg, progress=self.progress)
+        mlp_s = time.perf_counter() - t0
+        tail = max(1, len(history) // 20)
+        return {"ridge_alpha": self.ridge.alpha_, "ridge_seconds": ridge_s, "mlp_steps": steps,
+                "mlp_functional_loss_weight": functional_loss_weight, "mlp_seconds": mlp_s,
+                "mlp_loss_first": sum(history[:tail]) / tail, "mlp_loss_last": sum(history[-tail:]) / tail}
+
+    @torch.no_grad()
+    def hypernet_params(self, task: Task, description: str | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        code = self.query(task, description)[None]
+        linear = self.codec.unflatten(self.ridge.predict(code))
+        mlp = self.codec.unflatten(self.mlp(code))
+        return linear, mlp
+
+
+def pick_best(z: ZooState, task: Task, generated: dict[str, torch.Tensor], per_class: int, seed: int) -> int:
+    """Index of the generated sample that scores best (the task's metric, a classification one) on
+    ``per_class`` labelled training examples per class."""
+    x, y = task.data().split("train")
+    idx = few_shot_indices(y, per_class, seed)
+    metric = task.metric
+    if metric.name == "accuracy":
+        scores = z.target.accuracy(generated, x[idx], y[idx])
+    else:
+        scores = metric.score(z.target.forward_batched(generated, x[idx]), y[idx])
+    return metric.argbest(scores)  # first of the best on ties: deterministic
+
+
+def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Tensor] | None,
+               noise_scales: Sequence[float], best_of: tuple[str, int] | None = None,
+               one_step: dict[str, torch.Tensor] | None = None, description: str | None = None) -> dict[str, Models]:
+    """Every row's models for one task; ``best_of`` = (row name, index of the picked sample);
+    ``description``: the text that retrieval and the hypernetworks read of an unseen task (text suites)."""
+    rows: dict[str, Models] = {}
+    own = z.index.get(task.name, [])
+    if seen:
+        rows["zoo (original)"] = Models([z.rows[i]["id"] for i in own], select(z.params, own), exclude=list(own))
+    else:
+        held = z.heldout_params(task.name)
+        if held is not None:  # oracle checkpoints trained on this held-out task; the generator never saw them
+            rows["zoo (original)"] = Models(held[0], held[1])
+    if generated is not None:
+        n = next(iter(generated.values())).shape[0]
+        rows["generated"] = Models([f"sample_{i:04d}" for i in range(n)], generated)
+        if one_step is not None:  # the same model's one-step clean estimate from the same noise
+            rows["generated one-step"] = Models([f"one_step_{i:04d}" for i in range(n)], one_step)
+        if best_of is not None:  # uses labelled data: its own row, never mixed with zero-shot samples
+            name, i = best_of
+            rows[name] = Models([f"sample_{i:04d}"], select(generated, [i]))
+    if z.kind == "lora":
+        rows["base without adapter"] = Models(["zero-adapter"], zero_adapter(z.target))
+    nearest = task.name if seen else nearest_task(z.query(task, description), z.features)
+    near = z.index[nearest]
+    rows["retrieval"] = Models([z.rows[i]["id"] for i in near], select(z.params, near), exclude=list(near))
+    linear, mlp = z.hypernet_params(task, description)
+    rows["linear hypernetwork"] = Models(["ridge"], linear)
+    rows["MLP hypernetwork"] = Models(["mlp"], mlp)
+    avg_src = select(z.canon, own) if seen else z.canon
+    rows["average"] = Models(["average"], average_params(avg_src))
+    rows["gaussian"] = Models([f"gaussian_{i:04d}" for i in range(z.num)], gaussian_params(z.canon, z.num, z.seed))
+    src = near[:z.num]
+    for scale in noise_scales:
+        rows[f"noise-added {scale:g}"] = Models([f"{z.rows[i]['id']}+noise{scale:g}" for i in src],
+                                                 noise_added_params(select(z.params, src), scale, z.seed))
+    if task.metric.name == "accuracy":
+        rows["floor"] = Models(["majority-class"], preds=floor_predictions(task))
+    else:
+        rows["floor"] = Models(["constant-output"], outputs=constant_outputs(task))
+    return rows
