@@ -186,7 +186,7 @@ def test_benchmark_takes_sampler_and_hypernet_loss_weight_from_the_generator(tin
         raise _Stop
 
     monkeypatch.setattr(bench, "load_generator", lambda path: Stub())
-    monkeypatch.setattr(bench._ZooState, "fit_hypernets", fit_hypernets)
+    monkeypatch.setattr(bench.ZooState, "fit_hypernets", fit_hypernets)
     monkeypatch.setattr(bench, "make_condition", lambda gen, **kw: None)
     monkeypatch.setattr(bench, "generate_tokens", generate_tokens)
     with pytest.raises(_Stop):
