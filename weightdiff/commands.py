@@ -151,15 +151,16 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
            examples: int | None = None, num: int = 4, steps: int | None = None, sampler: Sampler | None = None,
            temperature: float = 1.0, guidance: float = 1.0, seed: int = 0, batch_size: int = 64,
            select_with: int | None = None, candidates: int = 8, no_cache: bool = False, devices: int = 1,
-           overwrite: bool = False) -> None:
-    """Sample weights for a task, a free-text description or labelled examples.
+           overwrite: bool = False, inputs: str | None = None) -> None:
+    """Sample weights for a task, a free-text description, labelled examples or unlabelled inputs.
 
     Args:
         model: exported generator directory (`weightdiff export`).
         out: output directory (one sub-directory per sample): new or empty, unless --overwrite.
-        task: task string, e.g. 'rotdigits:angle=70,flip=0' (give --task or --description).
+        task: task string, e.g. 'rotdigits:angle=70,flip=0' (give one of --task, --description, --inputs).
         description: free-text task description (text-conditioned generators).
-        examples: labelled examples of --task fed to an examples-conditioned generator.
+        examples: K examples of --task: labelled training examples for an examples-conditioned
+            generator, unlabelled test-split inputs for an unlabelled-conditioned one (null: as trained).
         num: number of samples, at most 100000 (weightdiff.sampling.MAX_SAMPLES); written as they
             are generated, --batch-size at a time.
         steps: sampler steps (null: the generator's).
@@ -175,6 +176,8 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
         no_cache: bypass the generated-weights cache.
         devices: sample over this many devices through Lightning's predict loop (1: plain torch).
         overwrite: replace a non-empty --out folder as a whole (atomically, when every sample is written).
+        inputs: a .safetensors or .npz file of K unlabelled inputs (K, *input_shape) of a new domain
+            (its only array, or the one named 'x'), for an unlabelled-conditioned generator.
     """
     from weightdiff.models.conditioning import check_description
     from weightdiff.models.generator import load_generator
@@ -187,8 +190,8 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
     )
     from weightdiff.sampling import sample as sample_weights
 
-    if (task is None) == (description is None):
-        raise ConditionError("give exactly one of --task and --description")
+    if sum(v is not None for v in (task, description, inputs)) != 1:
+        raise ConditionError("give exactly one of --task, --description and --inputs")
     if description is not None:
         check_description(description, name="--description")
     if steps is not None and steps < 1:
@@ -197,12 +200,12 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
     if devices < 1:
         raise ConditionError(f"--devices must be at least 1, got {devices}")
     if examples is not None and task is None:
-        raise ConditionError("--examples K draws K labelled examples of a task: give --task too")
+        raise ConditionError("--examples K draws K examples of a task: give --task too")
     if select_with is not None and task is None:
         raise ConditionError("--select-with needs --task (the labelled examples come from the task)")
     check_output_folder(out, overwrite=overwrite)
     gen = load_generator(model)
-    cond = make_condition(gen, task=task, description=description, examples=examples, seed=seed)
+    cond = make_condition(gen, task=task, description=description, examples=examples, inputs=inputs, seed=seed)
     validated = gen.config.get("sampling", {})  # the sampler the generator was validated with
     settings = SamplerSettings(steps=validated.get("steps", SamplerSettings.steps) if steps is None else steps,
                                sampler=validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler,

@@ -1,4 +1,4 @@
-"""Sample weights for a task, a free-text description or a few labelled examples.
+"""Sample weights for a task, a free-text description, a few labelled examples or unlabelled inputs.
 
 :class:`WeightDiffusionPipeline` is the exported generator as a callable, diffusers-style
 pipeline (plain torch)::
@@ -38,17 +38,22 @@ import logging
 import math
 import os
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from weightdiff.errors import ConditionError, ModelDirError, WeightDiffError
 from weightdiff.io import atomic_path, load_weights, save_weights, write_json
-from weightdiff.models.conditioning import check_description, examples_condition, none_condition, text_condition
+from weightdiff.models.conditioning import (
+    DEFAULT_NUM_EXAMPLES, TEST_TIME_SPLIT, check_description, check_unlabelled_inputs, examples_condition,
+    none_condition, text_condition, unlabelled_inputs,
+)
 from weightdiff.models.generator import GeneratorArtefact, sample_tokens, seeded_noise
 from weightdiff.models.schedule import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, SamplerName
 from weightdiff.outputs import output_folder, terminate_as_exit
@@ -68,11 +73,17 @@ WEIGHTS_METADATA = {"format": "pt"}
 SAMPLE_FILE = "sample.json"
 MAX_SAMPLES = 100_000  # samples one request may ask for (--num; --num x --candidates with --select-with)
 SEED_LIMIT = 2 ** 63  # torch.Generator.manual_seed takes seeds below this; sample i uses seed + i
+INPUT_SUFFIXES = (".safetensors", ".npz")  # files of unlabelled inputs that --inputs reads
+INPUTS_KEY = "x"  # the array --inputs takes from a file that holds several
+#: Unlabelled inputs ``(K, *input_shape)`` or ``(K, x_dim)``, or a file of them (:func:`read_inputs`).
+UnlabelledInputs = torch.Tensor | str | os.PathLike
 
 ACCEPTED_REQUESTS = {  # what a request may give, per condition kind of the generator
     "text": "--description, or --task (whose first description is used)",
     "code": "--task (its task code)",
     "examples": "--task with optional --examples K (K labelled examples of it)",
+    "unlabelled": (f"--task with optional --examples K (K unlabelled inputs of its {TEST_TIME_SPLIT} split), or "
+                   "--inputs FILE (unlabelled inputs of your own)"),
     "none": "--task (only its family is checked: the generator is unconditional)",
 }
 
@@ -121,7 +132,7 @@ class WeightSamples:
     Attributes:
         state_dicts: one state dict per sample, with the zoo's tensor names, shapes and dtypes
             (PEFT adapter keys for LoRA generators).
-        condition: where the condition came from (task, description, examples).
+        condition: where the condition came from (task, description, examples, inputs).
         settings: the sampler settings.
         seeds: the seed of each sample's initial noise.
         kind: ``"lora"`` (PEFT adapters) or ``"full"`` (whole networks).
@@ -198,22 +209,28 @@ class WeightDiffusionPipeline(GeneratorArtefact):
 
     def condition(self, description: str | None = None, *, task: str | None = None,
                   examples: tuple[torch.Tensor, torch.Tensor] | None = None, num_examples: int | None = None,
-                  seed: int = 0) -> Condition:
-        """The raw condition of one request (exactly one of ``description``, ``task``, ``examples``).
+                  inputs: UnlabelledInputs | None = None, seed: int = 0) -> Condition:
+        """The raw condition of one request (exactly one of ``description``, ``task``, ``examples``, ``inputs``).
 
         Args:
             description: free text (text-conditioned generators); a task never seen in the zoo is fine.
-            task: a task string: its first description, its code, or ``num_examples`` labelled
-                examples drawn with ``seed`` from its training split, as the generator was trained.
+            task: a task string: its first description, its code, ``num_examples`` labelled
+                examples drawn with ``seed`` from its training split, as the generator was trained, or
+                ``num_examples`` unlabelled inputs drawn with ``seed`` from its test split
+                (:func:`~weightdiff.models.conditioning.unlabelled_inputs`).
             examples: labelled examples ``(x (K, ...), y (K,))`` (examples-conditioned generators).
+            inputs: unlabelled inputs ``(K, ...)``, or a ``.safetensors`` / ``.npz`` file of them
+                (:func:`read_inputs`), for unlabelled-conditioned generators.
         """
-        if sum(v is not None for v in (description, task, examples)) != 1:
-            raise ConditionError("give exactly one of description, task or examples")
+        if sum(v is not None for v in (description, task, examples, inputs)) != 1:
+            raise ConditionError("give exactly one of description, task, examples or inputs")
         if examples is None:
-            return _condition(self, task=task, description=description, examples=num_examples, seed=seed)
+            return _condition(self, task=task, description=description, examples=num_examples, inputs=inputs,
+                              seed=seed)
         kind = self.config["model"]["condition"]
         if kind != "examples":
-            raise ConditionError(f"this generator is conditioned on '{kind}', not on labelled examples")
+            hint = "; pass unlabelled inputs alone as inputs=x" if kind == "unlabelled" else ""
+            raise ConditionError(f"this generator is conditioned on '{kind}', not on labelled examples{hint}")
         x, y = (torch.as_tensor(v) for v in examples)
         if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
             raise ConditionError(f"examples must be (x (K, ...), y (K,)), got x {tuple(x.shape)} and y {tuple(y.shape)}")
@@ -231,11 +248,12 @@ class WeightDiffusionPipeline(GeneratorArtefact):
                  examples: tuple[torch.Tensor, torch.Tensor] | None = None, num_samples: int = 1,
                  num_inference_steps: int | None = None, sampler: SamplerName | None = None,
                  guidance_scale: float = 1.0, seed: int = 0, temperature: float = 1.0, batch_size: int = 64,
-                 num_examples: int | None = None, progress: bool = False) -> WeightSamples:
+                 num_examples: int | None = None, inputs: UnlabelledInputs | None = None,
+                 progress: bool = False) -> WeightSamples:
         """Generate ``num_samples`` weight sets for one condition.
 
         Args:
-            description, task, examples, num_examples: the condition (see :meth:`condition`).
+            description, task, examples, num_examples, inputs: the condition (see :meth:`condition`).
             num_inference_steps, sampler: default: the generator's (``model_index.json``).
             guidance_scale: classifier-free guidance scale (1 = plain conditional).
             seed: sample ``i`` starts from noise drawn from seed ``seed + i``.
@@ -244,7 +262,8 @@ class WeightDiffusionPipeline(GeneratorArtefact):
         Returns:
             :class:`WeightSamples` (``.save(out_dir)`` writes them).
         """
-        cond = self.condition(description, task=task, examples=examples, num_examples=num_examples, seed=seed)
+        cond = self.condition(description, task=task, examples=examples, num_examples=num_examples,
+                              inputs=inputs, seed=seed)
         settings = self.settings(num_inference_steps, sampler, guidance_scale, seed, temperature)
         t0 = time.perf_counter()
         tokens = _generate(self, cond, num_samples, settings, batch_size=batch_size, progress=progress)
@@ -253,31 +272,87 @@ class WeightDiffusionPipeline(GeneratorArtefact):
 
 # ------------------------------------------------------------------------------------ conditions
 def make_condition(gen: GeneratorArtefact, *, task: str | None = None, description: str | None = None,
-                   examples: int | None = None, seed: int = 0) -> Condition:
+                   examples: int | None = None, inputs: UnlabelledInputs | None = None, seed: int = 0) -> Condition:
     """Build the raw condition the generator was trained with, from one kind of request.
 
     ``task``: a task string; the text provider uses its first description (the first one the
     generator was trained on when it recorded them, e.g. an imported zoo's own; else the family's),
     the code provider its code, the examples provider draws ``examples`` (default: the training
-    setting) labelled examples.
+    setting, :func:`num_examples`) labelled examples of its training split, the unlabelled provider
+    ``examples`` unlabelled inputs of its test split (:data:`~weightdiff.models.conditioning.TEST_TIME_SPLIT`,
+    drawn by :func:`~weightdiff.models.conditioning.unlabelled_inputs` with ``seed``).
     ``description``: free text (text provider only); a task never seen in the zoo is fine.
+    ``inputs``: (unlabelled provider) unlabelled inputs ``(K, ...)`` of a domain, or a
+    ``.safetensors`` / ``.npz`` file of them (:func:`read_inputs`); no task needed.
     """
-    if sum(v is not None for v in (task, description)) != 1:
-        raise ConditionError("give exactly one of --task or --description")
-    return _condition(gen, task=task, description=description, examples=examples, seed=seed)
+    if sum(v is not None for v in (task, description, inputs)) != 1:
+        raise ConditionError("give exactly one of --task, --description or --inputs")
+    return _condition(gen, task=task, description=description, examples=examples, inputs=inputs, seed=seed)
+
+
+def num_examples(gen: GeneratorArtefact) -> int:
+    """The examples (labelled or unlabelled) per condition the generator was trained with."""
+    return int(gen.config["data"].get("num_examples", DEFAULT_NUM_EXAMPLES))
+
+
+def read_inputs(path: str | os.PathLike) -> torch.Tensor:
+    """The unlabelled inputs in a ``.safetensors`` or ``.npz`` file: its only array, or the one named ``x``.
+
+    Nothing is unpickled (``.npz`` is read with ``allow_pickle=False``).
+
+    Raises:
+        ConditionError: naming the file: missing, of another suffix, unreadable, holding no real-valued
+            array, or several arrays none of which is named ``x``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise ConditionError(f"--inputs {path}: expected a {' or '.join(INPUT_SUFFIXES)} file of unlabelled "
+                             "inputs (K, *input_shape)")
+    if not path.is_file():
+        raise ConditionError(f"--inputs {path}: no such file")
+    try:
+        if suffix == ".safetensors":
+            arrays = load_weights(path, check_nonfinite=False)
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+    except WeightDiffError as exc:
+        raise ConditionError(f"--inputs {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConditionError(f"--inputs {path}: cannot be read as {suffix}: {' '.join(str(exc).split())}") from None
+    if len(arrays) != 1 and INPUTS_KEY not in arrays:
+        raise ConditionError(f"--inputs {path}: holds arrays {sorted(arrays)}; expected one array, or one named "
+                             f"'{INPUTS_KEY}', of unlabelled inputs (K, *input_shape)")
+    name, x = (INPUTS_KEY, arrays[INPUTS_KEY]) if INPUTS_KEY in arrays else next(iter(arrays.items()))
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "iuf":
+            raise ConditionError(f"--inputs {path}: array '{name}' has dtype {x.dtype}, expected real numbers")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    return x
 
 
 def _condition(gen: GeneratorArtefact, *, task: str | None, description: str | None, examples: int | None,
-               seed: int) -> Condition:
+               inputs: UnlabelledInputs | None, seed: int) -> Condition:
     kind = gen.config["model"]["condition"]
     family = gen.config["zoo"]["family"]
     accepts = f"this generator is conditioned on '{kind}' and accepts {ACCEPTED_REQUESTS.get(kind, '--task')}"
     if description is not None and kind != "text":
         raise ConditionError(f"--description: {accepts}; use --task instead")
-    if examples is not None and kind != "examples":
+    if inputs is not None and kind != "unlabelled":
+        raise ConditionError(f"--inputs: {accepts}")
+    if examples is not None and kind not in ("examples", "unlabelled"):
         raise ConditionError(f"--examples {examples}: {accepts}")
     if examples is not None and (not _whole(examples) or examples < 1):
         raise ConditionError(f"--examples must be a whole number of at least 1, got {examples!r}")
+    if inputs is not None:
+        if examples is not None:
+            raise ConditionError(f"--examples {examples} draws inputs of a --task; --inputs gives them: give one")
+        given = isinstance(inputs, (str, os.PathLike))
+        source = str(inputs) if given else "inputs"
+        x = check_unlabelled_inputs(read_inputs(inputs) if given else inputs, gen.generator.cond.x_dim, source)
+        return Condition(x[None], {"inputs": source, "examples": int(x.shape[0]),
+                                   "model_input": f"{x.shape[0]} unlabelled inputs given in {source}"})
     if description is not None:
         return _text(gen, check_description(description, name="--description"), {"description": description}, family)
     t = get_task(task)
@@ -291,12 +366,17 @@ def _condition(gen: GeneratorArtefact, *, task: str | None, description: str | N
     if kind == "code":
         code = t.code().float()
         return Condition(code[None], {**info, "model_input": f"task code {_rounded(code)}"})
+    k = examples if examples is not None else num_examples(gen)
     if kind == "examples":
-        k = examples if examples is not None else int(gen.config["data"].get("num_examples", 16))
         d = t.data()
         x, y = examples_condition(d.x_train, d.y_train, k, torch.Generator().manual_seed(seed))
         return Condition((x[None], y[None]), {**info, "examples": k, "model_input": f"{k} labelled training examples "
                                               f"of the task (drawn with seed {seed})"})
+    if kind == "unlabelled":
+        x = unlabelled_inputs(t, k, seed, TEST_TIME_SPLIT)
+        return Condition(x.flatten(1)[None], {**info, "examples": k, "split": TEST_TIME_SPLIT, "seed": seed,
+                                              "model_input": f"{k} unlabelled inputs of the task's {TEST_TIME_SPLIT} "
+                                                             f"split (drawn with seed {seed}; no labels)"})
     return Condition(none_condition(1), {**info, "model_input": "nothing (unconditional generator)"})
 
 

@@ -11,7 +11,7 @@ Two layers:
    dropped rows (condition dropout for classifier-free guidance, Ho & Salimans 2022).
 
 Raw inputs per provider kind (built by :func:`text_condition`, :func:`examples_condition`,
-:func:`none_condition`):
+:func:`unlabelled_condition`, :func:`none_condition`):
 
 ==========  ==========================================  =====================================
 kind        raw input                                   provider
@@ -21,6 +21,8 @@ text        ``(B, 384 + 4)``: MiniLM embedding, then     :class:`TextCondition`
 code        ``(B, C)``: the task's code vector           :class:`CodeCondition`
 examples    ``(x (B, K, x_dim), y (B, K))``: K labelled  :class:`ExampleSetCondition`
             examples of the task (x may be unflattened)
+unlabelled  ``x (B, K, x_dim)``: K unlabelled inputs of  :class:`UnlabelledSetCondition`
+            the task's domain (may be unflattened)
 none        ``(B, ...)``: only the batch size is read    :class:`NoCondition`
 ==========  ==========================================  =====================================
 
@@ -39,7 +41,7 @@ import os
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,7 @@ from torch import nn
 
 from weightdiff.errors import ConditionError, WeightDiffError
 from weightdiff.io import load_weights, save_weights
+from weightdiff.tasks import Task, get_task
 from weightdiff.tasks.numeric import NUMERIC_DIM, numeric_features
 
 logger = logging.getLogger(__name__)
@@ -56,7 +59,14 @@ MAX_TEXT_CHARS = 2000
 MAX_SEQ_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
 _MODEL_NAME = "all-MiniLM-L6-v2"
 
-ConditionKind = Literal["text", "code", "examples", "none"]
+ConditionKind = Literal["text", "code", "examples", "unlabelled", "none"]
+CONDITION_KINDS: tuple[str, ...] = get_args(ConditionKind)
+#: Examples (labelled or unlabelled) per condition, unless a data module is told otherwise.
+DEFAULT_NUM_EXAMPLES = 16
+#: The split whose inputs condition an ``unlabelled`` generator at test time (sampling, benchmark):
+#: the test split's inputs without their labels, the batch a test-time-adaptation method such as
+#: TENT sees (:func:`unlabelled_inputs`). Training draws from the training split.
+TEST_TIME_SPLIT: Literal["train", "val", "test"] = "test"
 
 
 # ------------------------------------------------------------------------------------ text encoder
@@ -238,6 +248,52 @@ def examples_condition(x: torch.Tensor, y: torch.Tensor, k: int, generator: torc
     return x[idx].flatten(1).float(), y[idx].long()
 
 
+def unlabelled_condition(x: torch.Tensor, k: int, generator: torch.Generator, split: str = "training") -> torch.Tensor:
+    """Draw k inputs (without replacement) of a split's inputs ``x (N, *input_shape)`` -> (k, *input_shape) float32.
+
+    ``split`` names the split in the error raised when it holds fewer than k inputs.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConditionError(f"the number of unlabelled inputs must be a whole number of at least 1, got {k!r}")
+    if x.shape[0] < k:
+        raise ConditionError(f"need {k} unlabelled inputs, the task's {split} split has {x.shape[0]}")
+    return x[torch.randperm(x.shape[0], generator=generator)[:k]].float()
+
+
+def unlabelled_inputs(task: Task | str, k: int, seed: int = 0,
+                      split: Literal["train", "val", "test"] = TEST_TIME_SPLIT) -> torch.Tensor:
+    """The K unlabelled inputs an ``unlabelled`` generator is conditioned on for ``task``: (k, *input_shape).
+
+    Drawn without replacement from the inputs of ``split`` (default :data:`TEST_TIME_SPLIT`) with a
+    generator seeded by ``seed``, so sampling (``make_condition(gen, task=..., seed=...)``), the
+    benchmark and a test-time-adaptation baseline adapting on the same batch all see the same K
+    inputs. Labels are never read.
+    """
+    t = get_task(task) if isinstance(task, str) else task
+    x, _ = t.data().split(split)
+    return unlabelled_condition(x, k, torch.Generator().manual_seed(seed), split)
+
+
+def check_unlabelled_inputs(x: Any, x_dim: int, source: str) -> torch.Tensor:
+    """User-given unlabelled inputs ``(K, x_dim)`` or ``(K, *input_shape)`` -> ``(K, x_dim)`` float32.
+
+    Raises:
+        ConditionError: naming ``source`` and the expected shape, unless ``x`` is a real-valued
+            array of K >= 1 inputs of ``x_dim`` values each, all finite.
+    """
+    expected = f"(K, {x_dim}) or (K, *input_shape) with {x_dim} values per input, K >= 1"
+    x = torch.as_tensor(x)
+    if x.dim() < 2 or x.shape[0] == 0 or math.prod(x.shape[1:]) != x_dim:
+        raise ConditionError(f"{source}: unlabelled inputs have shape {tuple(x.shape)}, expected {expected}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise ConditionError(f"{source}: unlabelled inputs have dtype {x.dtype}, expected real numbers")
+    x = x.flatten(1).float()
+    if not bool(torch.isfinite(x).all()):
+        raise ConditionError(f"{source}: unlabelled inputs hold {int((~torch.isfinite(x)).sum())} non-finite "
+                             "values (NaN/Inf)")
+    return x
+
+
 def none_condition(rows: int) -> torch.Tensor:
     return torch.zeros(rows, 1)
 
@@ -360,33 +416,37 @@ class CodeCondition(ConditionProvider):
         return self.mlp(raw)
 
 
-class ExampleSetCondition(ConditionProvider):
-    """A set encoder over K labelled examples: ``(x (B, K, x_dim), y (B, K))`` -> (B, hidden).
+class _SetCondition(ConditionProvider):
+    """The set encoder shared by :class:`ExampleSetCondition` and :class:`UnlabelledSetCondition`.
 
-    Each example is embedded from its input and label, the set is processed by self-attention
-    blocks without positions (Set Transformer SAB, Lee et al. 2019, permutation equivariant) and
-    pooled by attention from a learned seed query (PMA) or by the mean, so the result does not
-    depend on the order of the examples.
+    Each example is embedded from its input (and, for labelled sets, its label), the set is
+    processed by self-attention blocks without positions (Set Transformer SAB, Lee et al. 2019,
+    permutation equivariant) and pooled by attention from a learned seed query (PMA) or by the
+    mean, so the result does not depend on the order of the examples. Subclasses say how a raw
+    batch becomes per-example embeddings (:meth:`_elements`).
 
     Args:
         hidden: output (and internal) width.
         x_dim: flattened input size of one example.
-        num_classes: labels are in ``[0, num_classes)``.
+        num_classes: labels are in ``[0, num_classes)``; None for unlabelled sets (no label embedding).
         layers, heads: set self-attention blocks and their heads.
         pooling: ``"attention"`` (PMA) or ``"mean"`` (DeepSets).
     """
 
-    def __init__(self, hidden: int, x_dim: int, num_classes: int, layers: int = 2, heads: int = 4,
-                 pooling: Literal["attention", "mean"] = "attention"):
+    kind: str  # the condition kind, named in error messages
+
+    def __init__(self, hidden: int, x_dim: int, num_classes: int | None, layers: int, heads: int,
+                 pooling: Literal["attention", "mean"]):
         super().__init__(hidden)
         if hidden % heads:
-            raise ConditionError(f"examples condition: hidden={hidden} is not divisible by heads={heads}")
+            raise ConditionError(f"{self.kind} condition: hidden={hidden} is not divisible by heads={heads}")
         if pooling not in ("attention", "mean"):
-            raise ConditionError(f"examples condition: pooling must be 'attention' or 'mean', got {pooling!r}")
+            raise ConditionError(f"{self.kind} condition: pooling must be 'attention' or 'mean', got {pooling!r}")
         self.raw_dim, self.x_dim, self.num_classes, self.pooling = x_dim, x_dim, num_classes, pooling
         self.in_norm = nn.LayerNorm(x_dim)  # inputs arrive at whatever scale the task's data uses
         self.x_proj = nn.Linear(x_dim, hidden)
-        self.label_embed = nn.Embedding(num_classes, hidden)
+        if num_classes is not None:
+            self.label_embed = nn.Embedding(num_classes, hidden)
         self.phi = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden))
         self.blocks = nn.ModuleList([
             nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=4 * hidden, dropout=0.0, activation="gelu",
@@ -397,26 +457,27 @@ class ExampleSetCondition(ConditionProvider):
             self.pool = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.out = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
-    def batch_size(self, raw: Any) -> int:
-        return int(raw[0].shape[0])
+    def _inputs(self, x: torch.Tensor, expected: str) -> torch.Tensor:
+        """Check a batch of example inputs ``(B, K, ...)`` and flatten it to ``(B, K, x_dim)``.
+
+        ``expected`` is the raw input as error messages describe it.
+        """
+        if x.dim() < 3 or x.shape[1] == 0:
+            raise ConditionError(f"{self.kind} condition has inputs of shape {tuple(x.shape)}, expected {expected} "
+                                 "with at least one example per set")
+        x = x.flatten(2)
+        if x.shape[2] != self.x_dim:
+            raise ConditionError(f"{self.kind} condition: each example has {x.shape[2]} input values, "
+                                 f"expected x_dim={self.x_dim}")
+        return x
+
+    def _elements(self, raw: Any) -> torch.Tensor:
+        """Raw condition batch -> per-example embeddings (B, K, hidden), before the set blocks."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _elements()")
 
     def encode_set(self, raw: Any) -> torch.Tensor:
         """Per-example features after the set blocks: (B, K, hidden)."""
-        if not isinstance(raw, (tuple, list)) or len(raw) != 2:
-            raise ConditionError(f"examples condition must be a pair (x (B, K, {self.x_dim}), y (B, K)), "
-                                 f"got {type(raw).__name__}")
-        x, y = self._as_input(raw[0]), torch.as_tensor(raw[1]).to(self.null_embedding.device)
-        if x.dim() < 3 or y.dim() != 2 or tuple(y.shape) != tuple(x.shape[:2]):
-            raise ConditionError(f"examples condition: x {tuple(x.shape)} and y {tuple(y.shape)} must be "
-                                 f"(B, K, {self.x_dim}) and (B, K)")
-        x = x.flatten(2)
-        if x.shape[2] != self.x_dim:
-            raise ConditionError(f"examples condition: each example has {x.shape[2]} input values, "
-                                 f"expected x_dim={self.x_dim}")
-        if y.is_floating_point() or (y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes)):
-            raise ConditionError(f"examples condition: labels must be integers in [0, {self.num_classes}), "
-                                 f"got dtype {y.dtype} and range [{y.min().item()}, {y.max().item()}]")
-        h = self.phi(self.x_proj(self.in_norm(x)) + self.label_embed(y.long()))  # (B, K, H)
+        h = self.phi(self._elements(raw))  # (B, K, H)
         for block in self.blocks:
             h = block(h)  # (B, K, H), no positions: permutation equivariant
         return self.norm(h)
@@ -446,6 +507,73 @@ class ExampleSetCondition(ConditionProvider):
                 torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device))
 
 
+class ExampleSetCondition(_SetCondition):
+    """A set encoder over K labelled examples: ``(x (B, K, x_dim), y (B, K))`` -> (B, hidden).
+
+    Each example is embedded as ``proj(norm(x)) + embed(y)``; the set is then encoded as by
+    :class:`_SetCondition` (permutation invariant).
+
+    Args:
+        hidden: output (and internal) width.
+        x_dim: flattened input size of one example.
+        num_classes: labels are in ``[0, num_classes)``.
+        layers, heads: set self-attention blocks and their heads.
+        pooling: ``"attention"`` (PMA) or ``"mean"`` (DeepSets).
+    """
+
+    kind = "examples"
+
+    def __init__(self, hidden: int, x_dim: int, num_classes: int, layers: int = 2, heads: int = 4,
+                 pooling: Literal["attention", "mean"] = "attention"):
+        super().__init__(hidden, x_dim, num_classes, layers, heads, pooling)
+
+    def batch_size(self, raw: Any) -> int:
+        return int(raw[0].shape[0])
+
+    def _elements(self, raw: Any) -> torch.Tensor:
+        if not isinstance(raw, (tuple, list)) or len(raw) != 2:
+            raise ConditionError(f"examples condition must be a pair (x (B, K, {self.x_dim}), y (B, K)), "
+                                 f"got {type(raw).__name__}")
+        x, y = self._as_input(raw[0]), torch.as_tensor(raw[1]).to(self.null_embedding.device)
+        if x.dim() < 3 or y.dim() != 2 or tuple(y.shape) != tuple(x.shape[:2]):
+            raise ConditionError(f"examples condition: x {tuple(x.shape)} and y {tuple(y.shape)} must be "
+                                 f"(B, K, {self.x_dim}) and (B, K)")
+        x = self._inputs(x, f"(B, K, {self.x_dim})")
+        if y.is_floating_point() or (y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes)):
+            raise ConditionError(f"examples condition: labels must be integers in [0, {self.num_classes}), "
+                                 f"got dtype {y.dtype} and range [{y.min().item()}, {y.max().item()}]")
+        return self.x_proj(self.in_norm(x)) + self.label_embed(y.long())  # (B, K, H)
+
+
+class UnlabelledSetCondition(_SetCondition):
+    """A set encoder over K unlabelled inputs of the task's domain: ``x (B, K, x_dim)`` -> (B, hidden).
+
+    The inputs alone say what the task is (as Drag-and-Drop LLMs, 2025, condition LoRA generation
+    on unlabelled prompts): a rotated or corrupted domain shows in the statistics of its inputs. Each
+    input is embedded as ``proj(norm(x))``; the set is then encoded as by :class:`_SetCondition`
+    (permutation invariant). ``x`` may be unflattened, ``(B, K, *input_shape)``.
+
+    Args:
+        hidden: output (and internal) width.
+        x_dim: flattened input size of one example.
+        layers, heads: set self-attention blocks and their heads.
+        pooling: ``"attention"`` (PMA) or ``"mean"`` (DeepSets).
+    """
+
+    kind = "unlabelled"
+
+    def __init__(self, hidden: int, x_dim: int, layers: int = 2, heads: int = 4,
+                 pooling: Literal["attention", "mean"] = "attention"):
+        super().__init__(hidden, x_dim, None, layers, heads, pooling)
+
+    def _elements(self, raw: Any) -> torch.Tensor:
+        if isinstance(raw, (tuple, list)):
+            raise ConditionError(f"unlabelled condition takes the inputs alone, x (B, K, {self.x_dim}), got a "
+                                 f"{type(raw).__name__} of {len(raw)} (labelled examples are the 'examples' condition)")
+        x = self._inputs(self._as_input(raw), f"(B, K, {self.x_dim}) or (B, K, *input_shape)")
+        return self.x_proj(self.in_norm(x))  # (B, K, H)
+
+
 class NoCondition(ConditionProvider):
     """Unconditional generation: every row gets the learned null embedding; raw is (B, ...)."""
 
@@ -465,7 +593,7 @@ def build_condition(kind: ConditionKind, hidden: int, *, raw_dim: int | None = N
 
     ``raw_dim`` is the generic raw width a data module reports: for ``text`` it fixes
     ``numeric_dim = raw_dim - text_dim``; for ``code`` it is ``code_dim``; ``none`` ignores it.
-    ``examples`` needs ``x_dim`` and ``num_classes``.
+    ``examples`` needs ``x_dim`` and ``num_classes``, ``unlabelled`` needs ``x_dim``.
     """
     if kind == "text":
         if raw_dim is not None:
@@ -487,6 +615,10 @@ def build_condition(kind: ConditionKind, hidden: int, *, raw_dim: int | None = N
         if missing:
             raise ConditionError(f"examples condition needs {missing}")
         return ExampleSetCondition(hidden, x_dim, num_classes, layers=layers, heads=heads, pooling=pooling)
+    if kind == "unlabelled":
+        if x_dim is None:
+            raise ConditionError("unlabelled condition needs ['x_dim']: the flattened input size of one example")
+        return UnlabelledSetCondition(hidden, x_dim, layers=layers, heads=heads, pooling=pooling)
     if kind == "none":
         return NoCondition(hidden)
-    raise ConditionError(f"unknown condition kind {kind!r}, expected one of 'text', 'code', 'examples', 'none'")
+    raise ConditionError(f"unknown condition kind {kind!r}, expected one of {', '.join(map(repr, CONDITION_KINDS))}")

@@ -114,11 +114,12 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         num_tensors, max_chunks, max_depth, num_kinds: sizes of the DiT's id embedding tables.
         condition: condition provider kind (:mod:`weightdiff.models.conditioning`).
         condition_dims: raw condition sizes for :func:`~weightdiff.models.conditioning.build_condition`
-            (``raw_dim``, or ``x_dim`` and ``num_classes``).
+            (``raw_dim``; ``x_dim`` and ``num_classes`` for labelled examples; ``x_dim`` for unlabelled inputs).
         hidden, depth, heads, mlp_ratio: DiT size.
         cross_attention: the blocks also cross-attend to the provider's condition sequence
             (:meth:`~weightdiff.models.conditioning.ConditionProvider.embed_with_sequence`): the
-            per-example features for labelled examples, the condition vector itself otherwise.
+            per-example features for labelled examples and unlabelled inputs, the condition vector
+            itself otherwise.
         text_dropout: (text condition) training-time dropout of the sentence embedding.
         latent: keyword arguments of a :class:`~weightdiff.models.autoencoder.WeightAutoencoder`
             (``num_params`` included): the DiT then diffuses its latent tokens, and samples are

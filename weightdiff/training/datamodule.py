@@ -6,7 +6,9 @@ Each item is one zoo checkpoint:
   fitted on the training split (optionally canonicalised first: LoRA gauge fixing, or hidden-unit
   alignment to a reference checkpoint);
 - ``cond``: the raw condition of its task (:mod:`weightdiff.models.conditioning`) — for text, one of the
-  task's descriptions drawn at random each time, so the model never sees only one phrasing;
+  task's descriptions drawn at random each time, so the model never sees only one phrasing; for
+  labelled examples and unlabelled inputs, ``num_examples`` of them drawn afresh from the task's
+  training split each time the item is read;
 - ``fx``, ``fy``: a small batch of that task's training data for the functional loss.
 
 Training uses the ``train`` split of the zoo; validation uses held-out tasks (the generator never
@@ -31,6 +33,7 @@ both from the checkpoint (:func:`tokenizer_from_state`), never from the zoo's cu
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,7 +47,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from weightdiff.errors import ConditionError, WeightDiffError, WeightFileError
 from weightdiff.io import read_json, sha256_file
-from weightdiff.models.conditioning import ConditionKind, examples_condition, none_condition, text_condition
+from weightdiff.models.conditioning import (
+    DEFAULT_NUM_EXAMPLES, ConditionKind, examples_condition, none_condition, text_condition,
+    unlabelled_condition,
+)
 from weightdiff.tasks import get_task
 from weightdiff.weights.canonical import canonicalize
 from weightdiff.weights.layout import TokenLayout, parse_dtype
@@ -161,6 +167,8 @@ class TaskConditions:
         if self.kind == "examples":
             d = self.data[name]
             return examples_condition(d.x_train, d.y_train, k, gen)
+        if self.kind == "unlabelled":
+            return unlabelled_condition(self.data[name].x_train, k, gen)
         return none_condition(1)[0]
 
     def dims(self, num_examples: int) -> dict[str, int]:
@@ -169,11 +177,11 @@ class TaskConditions:
             return {"raw_dim": int(next(iter(self.text.values())).shape[1])}
         if self.kind == "code":
             return {"raw_dim": int(first.code().numel())}
+        x_dim = math.prod(int(s) for s in first.input_shape)
         if self.kind == "examples":
-            x_dim = 1
-            for s in first.input_shape:
-                x_dim *= int(s)
             return {"x_dim": x_dim, "num_classes": int(first.num_classes)}
+        if self.kind == "unlabelled":
+            return {"x_dim": x_dim}
         return {"raw_dim": 1}
 
     def record(self) -> dict[str, Any]:
@@ -232,15 +240,17 @@ class ZooDataModule(L.LightningDataModule):
         normalize: per-tensor z-scoring of weights before tokenising.
         canonicalize: remove weight-space symmetries first (LoRA gauge / hidden-unit permutations).
         condition: which condition the items carry (must match the model's provider; linked).
-        num_examples: labelled examples per item for the ``examples`` condition.
+        num_examples: examples per item for the ``examples`` (labelled) and ``unlabelled``
+            (inputs only) conditions, drawn from the task's training split.
         functional_batch: task examples per item for the functional loss (0 = none).
         batch_size, num_workers, seed: loader settings.
         cache_tokens: encode every checkpoint once and keep the tokens in memory.
     """
 
     def __init__(self, zoo: str, token_size: int = 64, normalize: bool = True, canonicalize: bool = True,
-                 condition: ConditionKind = "text", num_examples: int = 16, functional_batch: int = 64,
-                 batch_size: int = 64, num_workers: int = 0, seed: int = 0, cache_tokens: bool = True):
+                 condition: ConditionKind = "text", num_examples: int = DEFAULT_NUM_EXAMPLES,
+                 functional_batch: int = 64, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                 cache_tokens: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.zoo_path = Path(zoo)

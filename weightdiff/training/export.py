@@ -32,6 +32,7 @@ import torch
 
 from weightdiff.errors import WeightFileError
 from weightdiff.io import check_writable, read_json
+from weightdiff.models.conditioning import TEST_TIME_SPLIT
 from weightdiff.models.generator import GeneratorArtefact, WeightGenerator, check_descriptions
 from weightdiff.training.datamodule import ZooDataModule, tokenizer_from_state
 from weightdiff.training.module import build_generator, latent_config, schedule_of
@@ -142,12 +143,22 @@ def model_card(info: dict[str, Any], generator: WeightGenerator, results: dict[s
     zoo, cfg, sampling = info["zoo"], generator.config, info["sampling"]
     what = "LoRA adapters" if zoo["kind"] == "lora" else "whole networks"
     condition = {"text": "a free-text task description", "code": "a task code",
-                 "examples": "a few labelled examples of the task", "none": "nothing (unconditional)"}[cfg.condition]
+                 "examples": "a few labelled examples of the task",
+                 "unlabelled": "a set of unlabelled inputs of the task's domain (no labels)",
+                 "none": "nothing (unconditional)"}[cfg.condition]
     own = descriptions is not None and descriptions["source"] == "zoo"
     example = next(iter(descriptions["tasks"].values()))["train"][0] if own else \
         "handwritten digits rotated by 40 degrees"
     request = json.dumps(example, ensure_ascii=False) if cfg.condition == "text" else "task=\"<task>\""
     cli_request = f"--description {shlex.quote(example)}" if cfg.condition == "text" else "--task '<task>'"
+    k = info.get("data", {}).get("num_examples")
+    unlabelled = [
+        "",
+        f"The generator reads the inputs alone: {k} of them per condition in training, drawn from each task's "
+        f"training split. `--task` draws them from the task's `{TEST_TIME_SPLIT}` split (the batch a "
+        "test-time-adaptation method would see; `--examples K` for another K); your own unlabelled inputs of a "
+        "new domain go in with `inputs=x` (`(K, *input_shape)`) or `--inputs inputs.safetensors` (or `.npz`).",
+    ] if cfg.condition == "unlabelled" else []
     trained = sum(len(t["train"]) for t in descriptions["tasks"].values()) if own else 0
     lines = [
         f"# weightdiff generator: {zoo['name']}",
@@ -179,6 +190,7 @@ def model_card(info: dict[str, Any], generator: WeightGenerator, results: dict[s
         "```",
         f"weightdiff sample --model <this folder> {cli_request} --num 4 --out samples/",
         "```",
+        *unlabelled,
     ]
     if zoo["kind"] == "lora":
         lines += ["", "Each sample loads with `PeftModel.from_pretrained(base, sample_dir)` on the base network "

@@ -132,7 +132,7 @@ class WeightDiffusion(L.LightningModule):
         spec: linked from the datamodule (``data.spec``); never set by hand.
         hidden, depth, heads, mlp_ratio, cross_attention: DiT size.
         condition: condition provider: frozen-MiniLM text (+ numeric features), task code,
-            labelled examples, or none (unconditional).
+            labelled examples, unlabelled inputs of the task, or none (unconditional).
         cond_dropout: probability of replacing a condition by the learned null embedding
             (classifier-free guidance training).
         text_dropout: (text condition) probability of hiding the sentence embedding of a row so
