@@ -2,9 +2,10 @@
 
 For LoRA zoos an adapter is trained on the frozen base with the zoo's own adapter recipe (rank,
 alpha, modules, steps, learning rate) — the same procedure that made the zoo, given only k
-examples per class. For full zoos a network is trained from its random initialisation with the
-zoo's optimiser settings and the same number of optimiser steps as one zoo run, on k examples
-per class (``k = None``: the whole training split).
+examples per class; given a start adapter (generate-then-refine: a generated one) the same
+training starts from it instead of from the base. For full zoos a network is trained from its
+random initialisation with the zoo's optimiser settings and the same number of optimiser steps
+as one zoo run, on k examples per class (``k = None``: the whole training split).
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ def recipe_value(recipe: Any, key: str, default: Any = None) -> Any:
     if isinstance(recipe, Mapping):
         return recipe.get(key, default)
     return getattr(recipe, key, default)
+
+
+def lora_settings(recipe: Any) -> dict[str, Any]:
+    """The zoo recipe's adapter training settings as :func:`train_lora_adapter` keyword arguments.
+
+    Returns:
+        ``{rank, alpha, target_modules, steps, lr, batch_size}`` (``batch_size`` None: full-batch steps).
+    """
+    batch = recipe_value(recipe, "lora_batch_size")
+    return {"rank": int(recipe_value(recipe, "rank")), "alpha": float(recipe_value(recipe, "alpha")),
+            "target_modules": list(recipe_value(recipe, "target_modules")),
+            "steps": int(recipe_value(recipe, "steps")), "lr": float(recipe_value(recipe, "lr")),
+            "batch_size": None if batch is None else int(batch)}
 
 
 def train_full_few_shot(task: Task, examples_per_class: int | None, *, steps: int, lr: float, batch_size: int,
@@ -66,8 +80,8 @@ def train_full_few_shot(task: Task, examples_per_class: int | None, *, steps: in
 
 
 def few_shot_sgd(task: Task, ks: Sequence[int | str], *, kind: str, recipe: Any, base_module: nn.Module | None = None,
-                 seeds: Sequence[int] = (0,), on_fit: Callable[[str, int], None] | None = None
-                 ) -> dict[str, dict[str, float]]:
+                 seeds: Sequence[int] = (0,), on_fit: Callable[[str, int], None] | None = None,
+                 start: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Few-shot SGD on one task for each k; mean over ``seeds``: ``len(ks) * len(seeds)`` fits.
 
     Args:
@@ -78,10 +92,14 @@ def few_shot_sgd(task: Task, ks: Sequence[int | str], *, kind: str, recipe: Any,
         base_module: the frozen base network (LoRA).
         seeds: a fit per seed for every k.
         on_fit: called as ``on_fit(str(k), seed)`` after each fit (e.g. to advance a progress bar).
+        start: (LoRA) one adapter ``{name: tensor}`` (no S dimension) every fit starts from, instead
+            of PEFT's initialisation (``B = 0``: the base alone).
 
     Returns:
         ``{str(k): {"accuracy": test accuracy, "seconds": wall time per model}}``.
     """
+    if start is not None and kind != "lora":
+        raise ValueError(f"a start adapter needs kind 'lora', got {kind!r}")
     out: dict[str, dict[str, float]] = {}
     for k in ks:
         per_class = None if k == ALL else int(k)
@@ -90,12 +108,8 @@ def few_shot_sgd(task: Task, ks: Sequence[int | str], *, kind: str, recipe: Any,
             if kind == "lora":
                 if base_module is None:
                     raise ValueError("few-shot LoRA training needs the base module")
-                _, m = train_lora_adapter(
-                    task, base_module, rank=int(recipe_value(recipe, "rank")),
-                    alpha=float(recipe_value(recipe, "alpha")),
-                    target_modules=list(recipe_value(recipe, "target_modules")),
-                    steps=int(recipe_value(recipe, "steps")), lr=float(recipe_value(recipe, "lr")), seed=seed,
-                    examples_per_class=per_class, batch_size=recipe_value(recipe, "lora_batch_size"))
+                _, m = train_lora_adapter(task, base_module, seed=seed, examples_per_class=per_class,
+                                          init_adapter=start, **lora_settings(recipe))
             else:
                 n = task.data().x_train.shape[0]
                 batch = int(recipe_value(recipe, "batch_size", 64))

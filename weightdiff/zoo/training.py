@@ -20,13 +20,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from weightdiff.errors import ZooBuildError
@@ -236,6 +236,7 @@ def train_lora_adapter(
     seed: int,
     examples_per_class: int | None = None,
     batch_size: int | None = None,
+    init_adapter: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train a PEFT LoRA adapter on a frozen copy of ``base_module`` with Adam.
 
@@ -248,6 +249,9 @@ def train_lora_adapter(
         examples_per_class: train on this many labelled examples per class (few-shot SGD);
             ``None`` uses the whole training split.
         batch_size: ``None`` for full-batch steps.
+        init_adapter: start from these adapter tensors (one adapter, keyed as the returned state
+            dict) instead of PEFT's seeded initialisation (``B = 0``, the base alone); the seed
+            still draws the initialisation first, so the few-shot subset and batches are unchanged.
 
     Returns:
         ``(adapter_state_dict, metrics)``: tensors keyed as ``get_peft_model_state_dict`` (e.g.
@@ -267,6 +271,8 @@ def train_lora_adapter(
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         model = get_peft_model(copy.deepcopy(base_module).requires_grad_(False), config)
+        if init_adapter is not None:
+            _load_adapter(model, init_adapter)
         model.eval()  # no dropout/BN; LoRA layers train fine in eval mode
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr)
@@ -287,3 +293,22 @@ def train_lora_adapter(
     metrics.update(seconds=seconds, cpu_seconds=cpu_seconds, num_train=float(len(y)))
     state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     return state, metrics
+
+
+def _load_adapter(model: nn.Module, adapter: Mapping[str, torch.Tensor]) -> None:
+    """Copy one adapter's tensors into a PEFT model's LoRA parameters, checking every key and shape.
+
+    Raises:
+        ValueError: naming a missing or unexpected key, or a tensor of the wrong shape.
+    """
+    expected = get_peft_model_state_dict(model)
+    missing = [k for k in expected if k not in adapter]
+    unexpected = [k for k in adapter if k not in expected]
+    if missing or unexpected:
+        which = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
+        raise ValueError(f"init_adapter: {which}; expected keys {list(expected)}")
+    for k, want in expected.items():
+        if tuple(adapter[k].shape) != tuple(want.shape):
+            raise ValueError(f"init_adapter: tensor '{k}' has shape {tuple(adapter[k].shape)}, "
+                             f"expected {tuple(want.shape)}")
+    set_peft_model_state_dict(model, {k: adapter[k].to(want) for k, want in expected.items()})
