@@ -126,3 +126,35 @@ def test_an_unknown_baseline_condition_names_the_field(tmp_path):
     suite.write_text("name: x\nkind: lora\nfamily: rotdigits\nbaseline_condition: examples\n")
     with pytest.raises(BenchmarkError, match=r"bad.yaml: field 'baseline_condition' expected one of \['code', 'text'\]"):
         load_suite(suite)
+
+
+def test_adapter_suites_get_the_adaptation_rows_and_generate_then_refine(lora_zoo, tmp_path, monkeypatch):
+    from weightdiff.evaluate.adaptation import knn_lora_average
+    from weightdiff.evaluate.baselines import select
+    from weightdiff.evaluate.rows import ZooState
+    from weightdiff.evaluate.weights import evaluate_params
+    from weightdiff.zoo import Zoo
+
+    _stubs(lora_zoo, monkeypatch)
+    out = tmp_path / "bench"
+    r = benchmark.run_benchmark("adapt-lora", "text-model", lora_zoo, out, num=2, hypernet_steps=5, sgd_tasks=1,
+                                sgd_ks=(1, 5), select_per_class=0, multitask_steps=20, progress=False)
+    for section in ("seen", "unseen"):
+        names = list(r[section])
+        assert {"multi-task LoRA", "kNN LoRA average (k=3)"} <= set(names)
+        assert names.index("kNN LoRA average (k=3)") == names.index("average") - 1
+        assert "test-time adaptation (TENT)" not in names  # the DigitsMLP base has no normalisation layer
+    assert r["adaptation"]["multitask"]["steps"] == 20 and r["adaptation"]["tent"] is None
+    # generate-then-refine: the same k as few-shot SGD, at a tenth of the recipe's learning rate
+    assert set(r["refine"]) == set(r["sgd"]) == {"1", "5"}
+    assert r["settings"]["refine_lr"] == pytest.approx(0.1 * 0.03)
+    assert "generate-then-refine %" in (out / "results.md").read_text()
+    # The kNN row of an unseen task is the average of its 3 nearest training tasks' first-seed adapters.
+    zoo = Zoo.open(lora_zoo)
+    z = ZooState(zoo, num=2, seed=0)
+    names = sorted(z.index)
+    picked = [next(i for i in z.index[t] if z.rows[i]["seed"] == 0) for t in names]
+    unseen = get_task(r["settings"]["unseen_tasks"][0])
+    knn = knn_lora_average(unseen.code().float(), torch.stack([z.codes[t] for t in names]), select(z.params, picked))
+    acc, _ = evaluate_params(z.target, unseen, knn.params)
+    assert acc.item() == pytest.approx(r["per_task"]["unseen"][unseen.name]["kNN LoRA average (k=3)"]["mean"], abs=1e-9)

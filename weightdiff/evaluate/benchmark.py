@@ -36,23 +36,31 @@ import torch
 from tqdm.auto import tqdm
 
 from weightdiff.errors import BenchmarkError, ModelDirError
-from weightdiff.evaluate.fewshot import DEFAULT_KS, few_shot_sgd
-from weightdiff.evaluate.baselines import NOISE_SCALES
+from weightdiff.evaluate.adaptation import generate_then_refine
+from weightdiff.evaluate.fewshot import DEFAULT_KS, few_shot_sgd, recipe_value
+from weightdiff.evaluate.baselines import NOISE_SCALES, unstack
 from weightdiff.evaluate.novelty import wrong_set_iou
 from weightdiff.evaluate.report import (
     aggregate, plot_accuracy_distributions, plot_accuracy_vs_iou, save_predictions, save_scores, task_stats,
     write_results,
 )
-from weightdiff.evaluate.rows import Models, ZooState, pick_best, suite_metric, task_rows
+from weightdiff.evaluate.rows import AdaptationState, Models, ZooState, pick_best, suite_metric, task_rows
 from weightdiff.evaluate.weights import evaluate_params, score_params
 from weightdiff.tasks import Metric, Task, get_task
 from weightdiff.tasks.suites import load_suite
 from weightdiff.models.generator import load_generator
 from weightdiff.models.schedule import ScheduleConfig
-from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
+from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition, num_examples
 from weightdiff.zoo import Zoo
 
 log = logging.getLogger(__name__)
+
+TENT_EXAMPLES = 32
+"""Unlabelled test inputs per task of test-time adaptation when no ``unlabelled`` generator is in the run."""
+REFINE_LR_FACTOR = 0.1
+"""Generate-then-refine's learning rate as a fraction of the recipe's: the recipe's rate, tuned to train
+from the base, undoes much of a good start on few examples (measurements in
+:func:`~weightdiff.evaluate.adaptation.generate_then_refine`)."""
 
 def heldout_description(task: Task, descriptions: Mapping[str, Any] | None = None) -> str:
     """A paraphrase of the task phrased unlike any training template (for ``--from-description``).
@@ -98,7 +106,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                   sgd_seeds: Sequence[int] = (0,),
                   hypernet_steps: int | None = None, functional_loss_weight: float | None = None,
                   noise_scales: Sequence[float] = NOISE_SCALES, batch_size: int = 64,
-                  select_per_class: int | None = 10, progress: bool = True) -> dict[str, Any]:
+                  select_per_class: int | None = 10, adaptation: bool = True, multitask_steps: int | None = None,
+                  refine_lr_factor: float = REFINE_LR_FACTOR, progress: bool = True) -> dict[str, Any]:
     """Run the whole protocol on one suite and write the results under ``out``.
 
     Args:
@@ -129,6 +138,14 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
             best on this many labelled training examples per class — compare it with few-shot SGD
             at the same k, not with zero-shot rows (``None`` or 0: no such row; none either for
             targets that are not classes).
+        adaptation: (adapter suites) add the rows "multi-task LoRA", "kNN LoRA average" and, when
+            the base has normalisation parameters, "test-time adaptation (TENT)" on the unlabelled
+            test inputs an ``unlabelled`` generator reads (its K; 32 without one)
+            (:class:`~weightdiff.evaluate.rows.AdaptationState`); and, beside few-shot SGD,
+            generate-then-refine: the same fits started from a generated adapter (the best-of-N
+            pick, else the first sample) at ``refine_lr_factor`` times the recipe's learning rate.
+        multitask_steps: steps of the multi-task adapter (``None``: the recipe's steps per task
+            times the training tasks).
 
     Returns:
         The results dict written to ``results.json`` (keys listed in ``report.RESULT_KEYS``, and
@@ -183,6 +200,14 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         functional_loss_weight = 0.0  # the MLP hypernetwork's functional loss is a cross-entropy over classes
     log.info("fitting hypernetworks (%d steps)", hypernet_steps)
     hyper = z.fit_hypernets(hypernet_steps, functional_loss_weight)
+    sgd_list = _by_kind_round_robin(unseen_tasks, kinds)[:sgd_tasks] if unseen_tasks else seen_tasks[:sgd_tasks]
+    adapt = None
+    if adaptation and kind == "lora":
+        unlabelled = [g for g in gens if g.config["model"]["condition"] == "unlabelled"]
+        log.info("fitting the multi-task adapter")
+        adapt = AdaptationState(z, zoo_obj.base_module(), unlabelled_k=num_examples(unlabelled[0]) if unlabelled
+                                else TENT_EXAMPLES, multitask_steps=multitask_steps, seed=seed, progress=progress)
+    refine_start: dict[str, dict[str, torch.Tensor]] = {}
 
     gen_seconds, gen_calls, gen_total, nonfinite = 0.0, 0, 0, 0
     one_step_settings = None
@@ -237,6 +262,10 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                        pick_best(z, task, generated, select_per_class, seed))
         rows = task_rows(z, task, section == "seen", generated, noise_scales, best_of, one_step,
                          description=descriptions.get(name))
+        if adapt is not None:
+            rows = _insert_before(rows, "average", adapt.rows(z, task, descriptions.get(name)))
+        if adapt is not None and generated is not None and name in sgd_list:
+            refine_start[name] = unstack(generated, best_of[1] if best_of is not None else 0)
         if extras:
             rows = _with_extra_rows(rows, extras, task, from_description, recorded, num, batch_size)
         for row, m in rows.items():
@@ -286,23 +315,26 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         results["within_run_spacing"] = z.space.within_group_spacing(runs)
         results["basins_covered"] = len(set(generated_runs)) if gen is not None else None
 
-    sgd_list = _by_kind_round_robin(unseen_tasks, kinds)[:sgd_tasks] if unseen_tasks else seen_tasks[:sgd_tasks]
     sgd: dict[str, dict[str, float]] = {}
     sgd_per_task: dict[str, dict[str, dict[str, float]]] = {}
+    refine_per_task: dict[str, dict[str, dict[str, float]]] = {}
+    refine_lr = float(recipe_value(zoo_obj.recipe, "lr")) * refine_lr_factor if refine_start else None
     if accuracy and sgd_list and (sgd_tasks is None or sgd_tasks > 0):
         base = zoo_obj.base_module() if kind == "lora" else None
-        per_k: dict[str, list[dict[str, float]]] = defaultdict(list)
-        fits = len(sgd_list) * len(sgd_ks) * len(sgd_seeds)  # one bar over every (task, k, seed) fit
+        fits = len(sgd_list) * len(sgd_ks) * len(sgd_seeds) * (2 if refine_start else 1)  # every (task, k, seed) fit
         with tqdm(total=fits, desc="few-shot SGD", unit="fit", disable=_bar_disabled(progress)) as bar:
             for name in sgd_list:
                 bar.set_postfix_str(name)
                 sgd_per_task[name] = few_shot_sgd(get_task(name), sgd_ks, kind=kind, recipe=zoo_obj.recipe,
                                                   base_module=base, seeds=sgd_seeds,
                                                   on_fit=lambda k, seed: bar.update())
-                for k, v in sgd_per_task[name].items():
-                    per_k[k].append(v)
-        sgd = {k: {"accuracy": sum(v["accuracy"] for v in vs) / len(vs),
-                   "seconds": sum(v["seconds"] for v in vs) / len(vs)} for k, vs in per_k.items()}
+                if name in refine_start:
+                    refine_per_task[name] = generate_then_refine(get_task(name), refine_start[name], sgd_ks,
+                                                                 recipe=zoo_obj.recipe, base_module=base,
+                                                                 seeds=sgd_seeds, lr=refine_lr,
+                                                                 on_fit=lambda k, seed: bar.update())
+        sgd = _mean_over_tasks(sgd_per_task)
+    refine = _mean_over_tasks(refine_per_task) if len(refine_per_task) == len(sgd_list) else {}
     gen_ref = (sum(generated_mean[t] for t in sgd_list) / len(sgd_list)
                if sgd and all(t in generated_mean for t in sgd_list) else None)
     match: int | str | None = next((k for k in sgd if gen_ref is not None and sgd[k]["accuracy"] >= gen_ref), None)
@@ -312,11 +344,15 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         "sgd": sgd if accuracy else None,
         "sgd_examples_to_match": match,
         "sgd_per_task": sgd_per_task if accuracy else None,
+        "refine": refine or None,
+        "refine_per_task": refine_per_task or None,
+        "adaptation": adapt.record() if adapt is not None else None,
         "generated_mean_on_sgd_tasks": gen_ref,
         "settings": {
             "model": str(model) if model is not None else None, "zoo": str(zoo), "num": num, "steps": steps,
             "sampler": sampler, "guidance": guidance, "seed": seed, "from_description": from_description,
             "select_per_class": select_per_class, "hypernet_functional_loss_weight": functional_loss_weight,
+            "refine_lr": refine_lr,
             "condition": gen.config["model"]["condition"] if gen is not None else None,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "seen_tasks": seen_tasks, "unseen_tasks": unseen_tasks,
@@ -331,7 +367,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         "zoo": {"train_checkpoints": len(z.rows), "train_tasks": len(z.index), "heldout_checkpoints": len(z.heldout),
                 "nn_spacing": z.spacing},
         "hypernetworks": hyper,
-        "notes": _notes(kind, gen, from_description, num, metric, spec.baseline_condition),
+        "notes": _notes(kind, gen, from_description, num, metric, spec.baseline_condition,
+                        adapt.record() if adapt is not None else None),
         "per_task": per_task,
         "seconds": time.perf_counter() - t_start,
     })
@@ -342,6 +379,23 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         plot_accuracy_vs_iou(results, out / "accuracy_vs_iou.png", points)
     log.info("benchmark written to %s (%.0f s)", out, results["seconds"])
     return results
+
+
+def _mean_over_tasks(per_task: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """``{k: {accuracy, seconds}}`` averaged over the tasks of ``{task: {k: {accuracy, seconds}}}``."""
+    per_k: dict[str, list[Mapping[str, float]]] = defaultdict(list)
+    for by_k in per_task.values():
+        for k, v in by_k.items():
+            per_k[k].append(v)
+    return {k: {"accuracy": sum(v["accuracy"] for v in vs) / len(vs),
+                "seconds": sum(v["seconds"] for v in vs) / len(vs)} for k, vs in per_k.items()}
+
+
+def _insert_before(rows: dict[str, Models], key: str, new: Mapping[str, Models]) -> dict[str, Models]:
+    """``rows`` with ``new`` placed just before ``key`` (at the end if ``key`` is absent)."""
+    keys = list(rows)
+    at = keys.index(key) if key in keys else len(keys)
+    return {**{k: rows[k] for k in keys[:at]}, **new, **{k: rows[k] for k in keys[at:]}}
 
 
 @dataclass
@@ -430,7 +484,7 @@ def _by_kind_round_robin(tasks: Sequence[str], kinds: dict[str, str]) -> list[st
 
 
 def _notes(kind: str, gen: Any, from_description: bool, num: int, metric: Metric,
-           baseline_condition: str = "code") -> list[str]:
+           baseline_condition: str = "code", adaptation: Mapping[str, Any] | None = None) -> list[str]:
     notes = []
     if baseline_condition == "text":
         read = "the sentence embeddings of the tasks' descriptions (the held-out description when the run uses one)"
@@ -464,6 +518,18 @@ def _notes(kind: str, gen: Any, from_description: bool, num: int, metric: Metric
         f"Noise-added: up to {num} checkpoints of the own (seen) or nearest (unseen) training task, plus Gaussian "
         "noise at the given fraction of each tensor's std.",
     ]
+    if adaptation is not None:
+        mt, knn, tta = adaptation["multitask"], adaptation["knn"], adaptation["tent"]
+        notes.append(f"Multi-task LoRA: one adapter trained with the zoo's adapter recipe on the union of the "
+                     f"{mt['tasks']} training tasks ({mt['steps']} steps of {mt['batch_size']} examples).")
+        notes.append(f"kNN LoRA average: the {knn['k']} training tasks nearest by {read}, one adapter each (the first "
+                     "seed's), weighted by inverse distance; their merged updates B·A averaged and re-factored to the "
+                     "adapter's rank by SVD.")
+        if tta is not None:
+            notes.append(f"Test-time adaptation (TENT): the base's normalisation affine parameters trained for "
+                         f"{tta['steps']} Adam steps (lr {tta['lr']:g}) to minimise the prediction entropy on "
+                         f"{tta['unlabelled_examples']} unlabelled test inputs of the task (the batch an unlabelled "
+                         "generator reads), then run on the test split; no adapter.")
     if metric.name != "accuracy":
         way = "higher" if metric.higher_is_better else "lower"
         notes.append(f"Metric: {metric.name} ({metric.axis}), the tasks' own; {way} is better, and 'best' is the "

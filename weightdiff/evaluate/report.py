@@ -180,10 +180,21 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         parts += ["## Few-shot SGD", "", f"– (not applicable: few-shot SGD is measured in accuracy on k labelled "
                                          f"examples per class; this suite's metric is {metric.name})", ""]
     elif sgd:
-        parts += [f"## Few-shot SGD ({len(s.get('sgd_tasks', []))} tasks: {', '.join(s.get('sgd_tasks', []))})", "",
-                  "| k per class | accuracy % | seconds per model |", "|---|---:|---:|"]
+        parts += [f"## Few-shot SGD ({len(s.get('sgd_tasks', []))} tasks: {', '.join(s.get('sgd_tasks', []))})", ""]
+        refine = results.get("refine") or {}
+        if refine:
+            parts += [f"From the base, and generate-then-refine: the same fits started from a generated adapter "
+                      f"(lr {_fmt(s.get('refine_lr'))}).", "",
+                      "| k per class | from the base % | seconds per model | generate-then-refine % | seconds per model |",
+                      "|---|---:|---:|---:|---:|"]
+        else:
+            parts += ["| k per class | accuracy % | seconds per model |", "|---|---:|---:|"]
         for k, v in sgd.items():
-            parts.append(f"| {k} | {_fmt(v.get('accuracy'), True)} | {_fmt(v.get('seconds'))} |")
+            line = f"| {k} | {_fmt(v.get('accuracy'), True)} | {_fmt(v.get('seconds'))} |"
+            if refine:
+                r = refine.get(k, {})
+                line += f" {_fmt(r.get('accuracy'), True)} | {_fmt(r.get('seconds'))} |"
+            parts.append(line)
         match = results.get("sgd_examples_to_match")
         ref = results.get("generated_mean_on_sgd_tasks")
         parts += ["", f"Generated mean accuracy on these tasks: {_fmt(ref, True)} %. Smallest k whose SGD mean "

@@ -19,13 +19,16 @@ from typing import Any, Literal
 import torch
 
 from weightdiff.errors import BenchmarkError
+from weightdiff.evaluate.adaptation import (
+    KNN_K, TENT_LR, TENT_STEPS, knn_lora_average, norm_parameters, tent, train_multitask_lora,
+)
 from weightdiff.evaluate.baselines import (
     average_params, canonical_params, floor_predictions, gaussian_params, nearest_task, noise_added_params, select,
     stack_params, zero_adapter,
 )
 from weightdiff.evaluate.hypernet import HypernetTrainConfig, ParamCodec, RidgeHypernet, train_mlp_hypernet
 from weightdiff.evaluate.novelty import ComparisonSpace
-from weightdiff.models.conditioning import text_condition
+from weightdiff.models.conditioning import text_condition, unlabelled_inputs
 from weightdiff.tasks import Metric, Task, get_task
 from weightdiff.zoo.training import few_shot_indices
 
@@ -224,3 +227,64 @@ def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Te
     else:
         rows["floor"] = Models(["constant-output"], outputs=constant_outputs(task))
     return rows
+
+
+class AdaptationState:
+    """What the adaptation baselines of an adapter suite share across tasks, fitted once per run.
+
+    * multi-task LoRA: one adapter trained on the union of the training tasks
+      (:func:`~weightdiff.evaluate.adaptation.train_multitask_lora`);
+    * kNN LoRA averaging: one adapter per training task (its run of the first seed; the runs of one
+      seed share their LoRA initialisation) and the tasks' condition vectors (``z.features``);
+    * test-time entropy minimisation, when the base has normalisation parameters, on the same
+      ``unlabelled_k`` unlabelled test inputs an ``unlabelled`` generator reads
+      (:func:`~weightdiff.models.conditioning.unlabelled_inputs`, seed 0).
+
+    Args:
+        z: the zoo state (a LoRA zoo).
+        base: the frozen base module.
+        unlabelled_k: unlabelled inputs per task for test-time adaptation.
+        multitask_steps: steps of the multi-task adapter (``None``: the recipe's steps per task
+            times the number of training tasks).
+        seed, progress: the multi-task adapter's seed, and a bar over its steps.
+    """
+
+    def __init__(self, z: ZooState, base: Any, *, unlabelled_k: int, multitask_steps: int | None = None,
+                 seed: int = 0, progress: bool = False) -> None:
+        self.base, self.unlabelled_k = base, unlabelled_k
+        self.multitask = train_multitask_lora(sorted(z.index), base, z.zoo.recipe, steps=multitask_steps, seed=seed,
+                                              progress=progress)
+        self.knn_tasks = sorted(z.index)
+        first = min(int(r.get("seed") or 0) for r in z.rows)
+        picked = [next((i for i in z.index[t] if int(z.rows[i].get("seed") or 0) == first), z.index[t][0])
+                  for t in self.knn_tasks]
+        self.knn_adapters = select(z.params, picked)                                    # (T, *shape)
+        self.knn_vectors = torch.stack([z.features[t] for t in self.knn_tasks])        # (T, d)
+        self.has_norms = bool(norm_parameters(base))
+        self.tent_seconds: list[float] = []
+
+    def record(self) -> dict[str, Any]:
+        """The settings and costs of the adaptation rows, for ``results.json``."""
+        mt = self.multitask
+        return {"multitask": {"steps": mt.steps, "batch_size": mt.batch_size, "tasks": mt.num_tasks,
+                              "seconds": mt.seconds, "loss_first": mt.loss_first, "loss_last": mt.loss_last},
+                "knn": {"k": KNN_K, "merge": "delta-svd", "weighting": "inverse", "tasks": len(self.knn_tasks)},
+                "tent": ({"steps": TENT_STEPS, "lr": TENT_LR, "unlabelled_examples": self.unlabelled_k,
+                          "seconds_per_task": sum(self.tent_seconds) / len(self.tent_seconds)
+                          if self.tent_seconds else None} if self.has_norms else None)}
+
+    def rows(self, z: ZooState, task: Task, description: str | None = None) -> dict[str, Models]:
+        """The adaptation rows of one task: multi-task LoRA, kNN LoRA average and (if the base has
+        normalisation parameters) test-time adaptation."""
+        out = {"multi-task LoRA": Models(["multi-task"], self.multitask.params)}
+        knn = knn_lora_average(z.query(task, description), self.knn_vectors, self.knn_adapters)
+        out[f"kNN LoRA average (k={KNN_K})"] = Models([f"knn-{KNN_K}"], knn.params)
+        if self.has_norms:
+            x_test = task.data().x_test
+            result = tent(self.base, unlabelled_inputs(task, self.unlabelled_k, seed=0), x_test)
+            self.tent_seconds.append(result.seconds)
+            if task.metric.name == "accuracy":
+                out["test-time adaptation (TENT)"] = Models(["tent"], preds=result.predictions[None])
+            else:
+                out["test-time adaptation (TENT)"] = Models(["tent"], outputs=result.logits[None])
+        return out
