@@ -9,7 +9,7 @@ Fields: ``path`` (a PEFT adapter folder holding ``adapter_model.safetensors`` an
 ``adapter_config.json``, or a ``.safetensors`` state dict / a folder holding ``model.safetensors``;
 relative to the manifest's folder), ``task`` (a task string of a registered family; every row of
 one family), ``split`` (``train`` / ``heldout``), ``descriptions`` (one string or a list); optional
-``heldout_kind`` (held-out rows: ``near`` / ``far`` / ``combo``, default :data:`DEFAULT_HELDOUT_KIND`),
+``heldout_kind`` (held-out rows: ``near`` / ``far`` / ``combo`` / ``novel``, default :data:`DEFAULT_HELDOUT_KIND`),
 ``code`` (numbers, as many as the family's task codes; default the task's code), ``metrics``
 (numbers by name; the accuracies of :data:`~weightdiff.zoo.manifest.METRIC_FIELDS` not given are
 measured on the task's data), ``seed`` and ``checkpoint`` (integers naming the entry, as in a built

@@ -9,7 +9,7 @@
       entries/<entry id>/       one checkpoint: weights (+ adapter_config.json) + entry.json
 
 A manifest row (one ``entry.json``) has the fields of :data:`REQUIRED_FIELDS`, plus
-``heldout_kind`` (``near`` / ``far`` / ``combo`` for held-out rows, ``null`` otherwise) and
+``heldout_kind`` (``near`` / ``far`` / ``combo`` / ``novel`` for held-out rows, ``null`` otherwise) and
 optional extras (``parent``; ``family`` and ``kind``, as in ``zoo.json``, and for LoRA entries
 ``base_sha256``, the hash of the base network the adapter was trained on, so that the entry says on
 its own what it is and which network it needs). ``sha256`` is the hash of the weight file named by
@@ -37,7 +37,7 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 METRIC_FIELDS = ("train_acc", "val_acc", "test_acc")
 SPLITS = ("train", "heldout")
-HELDOUT_KINDS = ("near", "far", "combo")
+HELDOUT_KINDS = ("near", "far", "combo", "novel")  # as weightdiff.zoo.recipe.HeldoutKind
 _NOT_HASHED = "not the file whose sha256 the manifest records (not hashed)"
 _MAX_ITEM_BYTES = 8  # the widest safetensors dtype (F64, I64, U64)
 ZOO_FIELDS: dict[str, type] = {"name": str, "kind": str, "family": str, "format_version": int, "recipe": dict}

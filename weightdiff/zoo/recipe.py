@@ -36,7 +36,10 @@ from weightdiff.errors import RecipeError, TargetMismatchError, TaskStringError,
 from weightdiff.tasks import get_task
 from weightdiff.tasks.rotdigits import RotationGrid
 
-HeldoutKind = Literal["near", "far", "combo"]
+# Held-out kinds (as weightdiff.zoo.manifest.HELDOUT_KINDS): an unseen factor value near the trained ones (near) or
+# outside them (far), an unseen combination of seen factors (combo), a kind of task never trained (novel, e.g. a
+# corruption that no training task applies).
+HeldoutKind = Literal["near", "far", "combo", "novel"]
 
 
 @dataclass(frozen=True)

@@ -165,16 +165,21 @@ def base_architecture_task(task_family: str) -> Task:
 
     ``task_family`` may name an adapter family or task (``"rotdigits"``, or
     ``"rotdigits:angle=40"``) or the base family whose data the base is trained on
-    (``"digits"``): both resolve to the adapter family's base architecture. A full family with no
-    adapter family on top (``"mnist1d"``) resolves to itself.
+    (``"digits"``): both resolve to the adapter family's base architecture (for a base family
+    under several adapter families, the first by name whose tasks have numeric factors only:
+    ``digits`` gives ``rotdigits``, not ``cordigits``). A full family with no adapter family on
+    top (``"mnist1d"``) resolves to itself.
     """
     family = task_family.partition(":")[0].strip()
     if get_family(family).kind == "lora":
         return get_task(task_family if ":" in task_family else _example_task_string(family))
-    for name in list_families():
+    for name in list_families():  # sorted: the first adapter family on this base that can name a task
         cls = get_family(name)
         if cls.kind == "lora" and cls.base_family == family:
-            return get_task(_example_task_string(name))
+            try:
+                return get_task(_example_task_string(name))
+            except ZooBuildError:
+                continue  # its tasks are named (e.g. cordigits' corruptions): its recipes name their base
     return get_task(task_family)
 
 
