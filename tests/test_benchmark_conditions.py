@@ -158,3 +158,42 @@ def test_adapter_suites_get_the_adaptation_rows_and_generate_then_refine(lora_zo
     knn = knn_lora_average(unseen.code().float(), torch.stack([z.codes[t] for t in names]), select(z.params, picked))
     acc, _ = evaluate_params(z.target, unseen, knn.params)
     assert acc.item() == pytest.approx(r["per_task"]["unseen"][unseen.name]["kNN LoRA average (k=3)"]["mean"], abs=1e-9)
+
+
+def test_the_cordigits_suite_adapts_its_vit_base_at_test_time_on_the_unlabelled_batch(tmp_path, monkeypatch):
+    """On a LayerNorm base the run gets a TENT row, adapted on exactly the K unlabelled test inputs the
+    unlabelled generator reads; every held-out kind, 'novel' included, is reported apart."""
+    from weightdiff.evaluate.adaptation import tent
+    from weightdiff.models.conditioning import unlabelled_inputs
+    from weightdiff.weights.tokenizer import WeightTokenizer
+    from weightdiff.zoo import Zoo, build_zoo, load_recipe
+
+    from tests.conftest import REPO
+
+    zoo_path = build_zoo(load_recipe(REPO / "configs/zoo/tiny-cordigits-lora.yaml"), tmp_path / "zoos", progress=False)
+    zoo = Zoo.open(zoo_path)
+    sds = [zoo.load(r["id"]) for r in zoo.rows("train")]
+    tok = WeightTokenizer.from_state_dict(sds[0], token_size=64).fit(sds)
+
+    def stub(condition, k):
+        return type("Stub", (), {"kind": "lora", "tokenizer": tok, "config": {
+            "zoo": {"family": "cordigits"}, "model": {"condition": condition},
+            "data": {"num_examples": k}, "sampling": {"sampler": "ddim", "steps": 10}}})()
+
+    gens = {"text": stub("text", 16), "unlabelled": stub("unlabelled", 24)}
+    monkeypatch.setattr(benchmark, "load_generator", lambda path: gens[str(path)])
+    monkeypatch.setattr(benchmark, "make_condition", lambda gen, task=None, description=None, **kw: task)
+    monkeypatch.setattr(benchmark, "generate_tokens",
+                        lambda gen, cond, num, settings, **kw: (tok.encode_batch(sds[:num]), False))
+    r = benchmark.run_benchmark("cordigits-lora", ["text", "unlabelled"], zoo_path, tmp_path / "bench", num=2,
+                                hypernet_steps=5, sgd_tasks=0, select_per_class=0, multitask_steps=10, progress=False)
+    assert set(r["unseen_by_kind"]) == {"near", "far", "combo", "novel"}
+    assert r["adaptation"]["tent"]["unlabelled_examples"] == 24
+    assert r["settings"]["baseline_condition"] == "text"
+    base = zoo.base_module()
+    for name in r["settings"]["unseen_tasks"]:
+        task = get_task(name)
+        expected = tent(base, unlabelled_inputs(task, 24, seed=0), task.data().x_test).predictions
+        acc = (expected == task.data().y_test).float().mean().item()
+        assert r["per_task"]["unseen"][name]["test-time adaptation (TENT)"]["mean"] == pytest.approx(acc, abs=1e-9)
+        assert "generated (unlabelled)" in r["per_task"]["unseen"][name]
