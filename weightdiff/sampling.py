@@ -400,7 +400,8 @@ def _text(gen: GeneratorArtefact, description: str, info: dict[str, Any], family
     if problem is not None:
         if numeric:
             raise ConditionError(f"--{problem}")
-        log.warning("--%s; this generator reads the text embedding alone, which carries no numbers reliably", problem)
+        log.warning("--%s; this generator reads the text embedding alone, so it samples anyway, conditioned on a "
+                    "text unlike its training descriptions", problem)
     raw = text_condition([description], family, numeric_dim)
     features = raw[0, raw.shape[1] - numeric_dim:] if numeric else None
     model_input = (f"text embedding + numeric features [{', '.join(reader.fields)}] = {_rounded(features)}"
