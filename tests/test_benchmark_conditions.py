@@ -53,6 +53,8 @@ def _stubs(zoo_path, monkeypatch):
     monkeypatch.setattr(benchmark, "load_generator", lambda path: gens[str(path)])
     monkeypatch.setattr(benchmark, "make_condition", lambda gen, task=None, description=None, **kw: description or task)
     monkeypatch.setattr(benchmark, "generate_tokens", fake_generate)
+    _stubs.decoded = lambda num, offset=0: tok.decode_float(tok.encode_batch([sds[(i + offset) % len(sds)]
+                                                                               for i in range(num)]))
     return calls
 
 
@@ -65,7 +67,7 @@ def test_a_second_generator_is_a_row_of_the_same_run(lora_zoo, tmp_path, monkeyp
         names = list(r[section])
         assert "generated (code)" in names
         # right after the first generator's own rows, before every baseline
-        assert names.index("generated (code)") == names.index("generated one-step") + 1
+        assert names.index("generated (code)") == names.index("generated ensemble of 3") + 1
     other = r["other_generators"]["generated (code)"]
     assert other["model"] == "code-model" and other["condition"] == "code"
     assert other["model_evaluations"] == 10 and other["latency_ms_per_sample"] > 0
@@ -82,6 +84,17 @@ def test_a_second_generator_is_a_row_of_the_same_run(lora_zoo, tmp_path, monkeyp
     first = np.load(out / "predictions" / f"seen__{slug(seen)}__generated.npz")
     assert not np.array_equal(first["predictions"], npz["predictions"])
     assert "row 'generated (code)': code-model (code condition)" in (out / "results.md").read_text()
+    # The ensemble row: the first generator's 3 samples as one model (the argmax of their mean softmax).
+    from weightdiff.evaluate.rows import ZooState
+    from weightdiff.zoo import Zoo
+
+    z = ZooState(Zoo.open(lora_zoo), num=3, seed=0)
+    samples = {k: v.float() for k, v in _stubs.decoded(3).items()}
+    x = get_task(seen).data().x_test
+    expected = z.target.forward_batched(samples, x).softmax(-1).mean(0).argmax(-1)
+    ens = np.load(out / "predictions" / f"seen__{slug(seen)}__{slug('generated ensemble of 3')}.npz")
+    assert np.array_equal(ens["predictions"][0], expected.numpy())
+    assert list(r["seen"]).index("generated ensemble of 3") < list(r["seen"]).index("generated (code)")
 
 
 def test_text_suite_baselines_read_the_description_embedding(lora_zoo, tmp_path, monkeypatch):

@@ -282,8 +282,8 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
               from_description: bool = False, max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None,
               sgd_tasks: int | None = None, sgd_ks: Sequence[int | str] = (1, 5, 10, 50, "all"),
               hypernet_steps: int | None = None, functional_loss_weight: float | None = None, batch_size: int = 64,
-              select_per_class: int | None = 10, adaptation: bool = True, multitask_steps: int | None = None,
-              threads: int | None = None) -> None:
+              select_per_class: int | None = 10, ensemble: bool = True, adaptation: bool = True,
+              multitask_steps: int | None = None, threads: int | None = None) -> None:
     """The honest benchmark of one suite: a generator beside every baseline, in one run.
 
     Writes results.json, results.md, predictions/*.npz and PNG plots under --out.
@@ -310,6 +310,7 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
         functional_loss_weight: MLP hypernetwork functional loss weight (null: the generator's own).
         batch_size: generator batch size.
         select_per_class: labelled examples per class for the 'generated best-of-N' row (0: no such row).
+        ensemble: the row 'generated ensemble of N' (the samples' mean softmax as one model).
         adaptation: (adapter suites) the multi-task LoRA, kNN LoRA average and test-time adaptation
             rows, and generate-then-refine beside few-shot SGD.
         multitask_steps: steps of the multi-task adapter (null: the recipe's steps per task times the tasks).
@@ -327,7 +328,7 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
                   from_description=from_description, max_seen_tasks=max_seen_tasks,
                   max_unseen_tasks=max_unseen_tasks, sgd_tasks=sgd_tasks, sgd_ks=sgd_ks,
                   hypernet_steps=hypernet_steps, functional_loss_weight=functional_loss_weight,
-                  batch_size=batch_size, select_per_class=select_per_class, adaptation=adaptation,
+                  batch_size=batch_size, select_per_class=select_per_class, ensemble=ensemble, adaptation=adaptation,
                   multitask_steps=multitask_steps)
     print(f"wrote {out}/results.json and results.md")
 

@@ -106,7 +106,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                   sgd_seeds: Sequence[int] = (0,),
                   hypernet_steps: int | None = None, functional_loss_weight: float | None = None,
                   noise_scales: Sequence[float] = NOISE_SCALES, batch_size: int = 64,
-                  select_per_class: int | None = 10, adaptation: bool = True, multitask_steps: int | None = None,
+                  select_per_class: int | None = 10, ensemble: bool = True, adaptation: bool = True,
+                  multitask_steps: int | None = None,
                   refine_lr_factor: float = REFINE_LR_FACTOR, progress: bool = True) -> dict[str, Any]:
     """Run the whole protocol on one suite and write the results under ``out``.
 
@@ -138,6 +139,9 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
             best on this many labelled training examples per class — compare it with few-shot SGD
             at the same k, not with zero-shot rows (``None`` or 0: no such row; none either for
             targets that are not classes).
+        ensemble: add the row "generated ensemble of N": the N samples as one model, predicting the
+            argmax of their mean softmax (zero-shot, at N times one adapter's inference cost;
+            accuracy suites).
         adaptation: (adapter suites) add the rows "multi-task LoRA", "kNN LoRA average" and, when
             the base has normalisation parameters, "test-time adaptation (TENT)" on the unlabelled
             test inputs an ``unlabelled`` generator reads (its K; 32 without one)
@@ -261,7 +265,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
             best_of = (f"generated best-of-{num} ({select_per_class}/class labelled)",
                        pick_best(z, task, generated, select_per_class, seed))
         rows = task_rows(z, task, section == "seen", generated, noise_scales, best_of, one_step,
-                         description=descriptions.get(name))
+                         description=descriptions.get(name), ensemble=ensemble and accuracy)
         if adapt is not None:
             rows = _insert_before(rows, "average", adapt.rows(z, task, descriptions.get(name)))
         if adapt is not None and generated is not None and name in sgd_list:

@@ -186,11 +186,26 @@ def pick_best(z: ZooState, task: Task, generated: dict[str, torch.Tensor], per_c
     return metric.argbest(scores)  # first of the best on ties: deterministic
 
 
+@torch.no_grad()
+def ensemble_predictions(z: ZooState, task: Task, params: dict[str, torch.Tensor], split: str = "test",
+                         chunk: int = 64) -> torch.Tensor:
+    """Classes ``(N,)`` predicted by the ensemble of S weight sets: the argmax of their mean softmax."""
+    x = task.data().split(split)[0]
+    s = next(iter(params.values())).shape[0]
+    total = torch.zeros(x.shape[0], task.num_classes)
+    for i in range(0, s, chunk):
+        part = {k: v[i:i + chunk] for k, v in params.items()}
+        total += z.target.forward_batched(part, x).float().softmax(-1).sum(0)        # (N, C)
+    return total.argmax(-1)
+
+
 def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Tensor] | None,
-               noise_scales: Sequence[float], best_of: tuple[str, int] | None = None,
-               one_step: dict[str, torch.Tensor] | None = None, description: str | None = None) -> dict[str, Models]:
+              noise_scales: Sequence[float], best_of: tuple[str, int] | None = None,
+              one_step: dict[str, torch.Tensor] | None = None, description: str | None = None,
+              ensemble: bool = False) -> dict[str, Models]:
     """Every row's models for one task; ``best_of`` = (row name, index of the picked sample);
-    ``description``: the text that retrieval and the hypernetworks read of an unseen task (text suites)."""
+    ``description``: the text that retrieval and the hypernetworks read of an unseen task (text suites);
+    ``ensemble``: add the row "generated ensemble of N" (one model: the N samples' mean softmax)."""
     rows: dict[str, Models] = {}
     own = z.index.get(task.name, [])
     if seen:
@@ -207,6 +222,9 @@ def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Te
         if best_of is not None:  # uses labelled data: its own row, never mixed with zero-shot samples
             name, i = best_of
             rows[name] = Models([f"sample_{i:04d}"], select(generated, [i]))
+        if ensemble:  # zero-shot, at N times the inference cost of one adapter
+            rows[f"generated ensemble of {n}"] = Models([f"ensemble_{n}"],
+                                                        preds=ensemble_predictions(z, task, generated)[None])
     if z.kind == "lora":
         rows["base without adapter"] = Models(["zero-adapter"], zero_adapter(z.target))
     nearest = task.name if seen else nearest_task(z.query(task, description), z.features)
