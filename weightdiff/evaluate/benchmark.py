@@ -206,7 +206,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     hyper = z.fit_hypernets(hypernet_steps, functional_loss_weight)
     sgd_list = _by_kind_round_robin(unseen_tasks, kinds)[:sgd_tasks] if unseen_tasks else seen_tasks[:sgd_tasks]
     adapt = None
-    if adaptation and kind == "lora":
+    if adaptation and kind == "lora" and accuracy:  # its adapters train on class labels, as few-shot SGD's
         unlabelled = [g for g in gens if g.config["model"]["condition"] == "unlabelled"]
         log.info("fitting the multi-task adapter")
         adapt = AdaptationState(z, zoo_obj.base_module(), unlabelled_k=num_examples(unlabelled[0]) if unlabelled

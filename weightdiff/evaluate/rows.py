@@ -278,6 +278,7 @@ class AdaptationState:
                   for t in self.knn_tasks]
         self.knn_adapters = select(z.params, picked)                                    # (T, *shape)
         self.knn_vectors = torch.stack([z.features[t] for t in self.knn_tasks])        # (T, d)
+        self.knn_k = min(KNN_K, len(self.knn_tasks))
         self.has_norms = bool(norm_parameters(base))
         self.tent_seconds: list[float] = []
 
@@ -286,7 +287,7 @@ class AdaptationState:
         mt = self.multitask
         return {"multitask": {"steps": mt.steps, "batch_size": mt.batch_size, "tasks": mt.num_tasks,
                               "seconds": mt.seconds, "loss_first": mt.loss_first, "loss_last": mt.loss_last},
-                "knn": {"k": KNN_K, "merge": "delta-svd", "weighting": "inverse", "tasks": len(self.knn_tasks)},
+                "knn": {"k": self.knn_k, "merge": "delta-svd", "weighting": "inverse", "tasks": len(self.knn_tasks)},
                 "tent": ({"steps": TENT_STEPS, "lr": TENT_LR, "unlabelled_examples": self.unlabelled_k,
                           "seconds_per_task": sum(self.tent_seconds) / len(self.tent_seconds)
                           if self.tent_seconds else None} if self.has_norms else None)}
@@ -295,8 +296,8 @@ class AdaptationState:
         """The adaptation rows of one task: multi-task LoRA, kNN LoRA average and (if the base has
         normalisation parameters) test-time adaptation."""
         out = {"multi-task LoRA": Models(["multi-task"], self.multitask.params)}
-        knn = knn_lora_average(z.query(task, description), self.knn_vectors, self.knn_adapters)
-        out[f"kNN LoRA average (k={KNN_K})"] = Models([f"knn-{KNN_K}"], knn.params)
+        knn = knn_lora_average(z.query(task, description), self.knn_vectors, self.knn_adapters, k=self.knn_k)
+        out[f"kNN LoRA average (k={self.knn_k})"] = Models([f"knn-{self.knn_k}"], knn.params)
         if self.has_norms:
             x_test = task.data().x_test
             result = tent(self.base, unlabelled_inputs(task, self.unlabelled_k, seed=0), x_test)
