@@ -141,45 +141,37 @@ class CorDigitsTask(Task):
         return code
 
     # ---------------------------------------------------------------- descriptions
-    def _participles(self, variant: int, severity_style: str) -> str:
-        """``"heavily rotated and then inverted"``: each step's participle with its severity."""
+    def _phrase(self, form: str, variant: int, severity_style: str) -> str:
+        """The corruptions in words, in the order applied: ``form="participle"``, e.g. "heavily rotated and
+        then inverted" (severity as an adverb or a percentage); ``form="noun"``, e.g. "heavy rotation
+        followed by inversion" (severity as an adjective or a percentage)."""
+        participle = form == "participle"
+        severity_word = severity_adverb if participle else severity_adjective
         parts = []
         for name, severity in self.steps:
             c = CORRUPTIONS[name]
-            word = c.participles[variant % len(c.participles)]
-            if c.graded and severity_style == "adverb":
-                word = f"{severity_adverb(severity)} {word}"
-            elif c.graded and severity_style == "percent":
+            words = c.participles if participle else c.nouns
+            word = words[variant % len(words)]
+            if c.graded and severity_style == "percent":
                 word = f"{word} {severity_percent(severity)}"
+            elif c.graded and severity_style in ("adverb", "adjective"):
+                word = f"{severity_word(severity)} {word}"
             parts.append(word)
-        return " and then ".join(parts)
-
-    def _nouns(self, variant: int, severity_style: str) -> str:
-        """``"heavy rotation followed by inversion"``: each step's noun with its severity."""
-        parts = []
-        for name, severity in self.steps:
-            c = CORRUPTIONS[name]
-            word = c.nouns[variant % len(c.nouns)]
-            if c.graded and severity_style == "adjective":
-                word = f"{severity_adjective(severity)} {word}"
-            elif c.graded and severity_style == "percent":
-                word = f"{word} {severity_percent(severity)}"
-            parts.append(word)
-        return " followed by ".join(parts)
+        return (" and then " if participle else " followed by ").join(parts)
 
     def descriptions(self) -> list[str]:
         """Nine phrasings naming each corruption in words (synonyms vary) and its severity as an adverb,
         an adjective or a percentage; compositions are named in the order applied."""
         return [
-            f"Classify handwritten digits that have been {self._participles(0, 'adverb')}.",
-            f"Digit images {self._participles(1, 'adverb')}; predict which digit each one shows.",
-            f"Recognise small digit scans under {self._nouns(2, 'adjective')}.",
-            f"Ten-class digit recognition where every image is {self._participles(0, 'percent')}.",
-            f"Handwritten digits corrupted by {self._nouns(1, 'percent')}: which digit is it?",
-            f"A digit classifier for tiny grayscale images that are {self._participles(2, 'adverb')}.",
-            f"Identify the digit in each 8x8 image after {self._nouns(0, 'adjective')}.",
-            f"Each small digit scan has been {self._participles(1, 'percent')}; label it with its digit.",
-            f"Digits subjected to {self._nouns(2, 'percent')}; tell which of the ten digits each shows.",
+            f"Classify handwritten digits that have been {self._phrase('participle', 0, 'adverb')}.",
+            f"Digit images {self._phrase('participle', 1, 'adverb')}; predict which digit each one shows.",
+            f"Recognise small digit scans under {self._phrase('noun', 2, 'adjective')}.",
+            f"Ten-class digit recognition where every image is {self._phrase('participle', 0, 'percent')}.",
+            f"Handwritten digits corrupted by {self._phrase('noun', 1, 'percent')}: which digit is it?",
+            f"A digit classifier for tiny grayscale images that are {self._phrase('participle', 2, 'adverb')}.",
+            f"Identify the digit in each 8x8 image after {self._phrase('noun', 0, 'adjective')}.",
+            f"Each small digit scan has been {self._phrase('participle', 1, 'percent')}; label it with its digit.",
+            f"Digits subjected to {self._phrase('noun', 2, 'percent')}; tell which of the ten digits each shows.",
         ]
 
     def heldout_description(self) -> str:
