@@ -41,6 +41,15 @@ def tiny_lora_zoo(tmp_path_factory) -> Path:
     return build_zoo(load_recipe(REPO / "configs/zoo/tiny-rotdigits-lora.yaml"), root, workers=1, progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_cordigits_zoo(tmp_path_factory) -> Path:
+    """The `tiny-cordigits-lora` recipe (DigitsViT base, LoRA on q/v) built in-process (seconds)."""
+    from weightdiff.zoo import build_zoo, load_recipe
+
+    root = tmp_path_factory.mktemp("cordigits-zoo")
+    return build_zoo(load_recipe(REPO / "configs/zoo/tiny-cordigits-lora.yaml"), root, workers=1, progress=False)
+
+
 def fit_args(zoo: Path, out: Path, *extra: str) -> list[str]:
     """`weightdiff fit` arguments for the tiny config, with every output under ``out``."""
     return ["fit", "--config", str(REPO / "configs/tiny.yaml"), "--data.zoo", str(zoo),

@@ -29,7 +29,10 @@ def lora_zoo(tmp_path_factory):
 
 
 def _stubs(zoo_path, monkeypatch):
-    """Two stub generators, a text one and a code one, whose samples differ (offset copies of the zoo)."""
+    """Two stub generators, a text one and a code one, whose samples differ (offset copies of the zoo).
+
+    Returns ``(calls, decoded)``: every ``(condition kind, condition)`` sampled, and ``decoded(num, offset)``,
+    the params a stub with that offset returns for ``num`` samples."""
     from weightdiff.weights.tokenizer import WeightTokenizer
     from weightdiff.zoo import Zoo
 
@@ -53,13 +56,14 @@ def _stubs(zoo_path, monkeypatch):
     monkeypatch.setattr(benchmark, "load_generator", lambda path: gens[str(path)])
     monkeypatch.setattr(benchmark, "make_condition", lambda gen, task=None, description=None, **kw: description or task)
     monkeypatch.setattr(benchmark, "generate_tokens", fake_generate)
-    _stubs.decoded = lambda num, offset=0: tok.decode_float(tok.encode_batch([sds[(i + offset) % len(sds)]
-                                                                               for i in range(num)]))
-    return calls
+    def decoded(num: int, offset: int = 0):
+        return tok.decode_float(tok.encode_batch([sds[(i + offset) % len(sds)] for i in range(num)]))
+
+    return calls, decoded
 
 
 def test_a_second_generator_is_a_row_of_the_same_run(lora_zoo, tmp_path, monkeypatch):
-    calls = _stubs(lora_zoo, monkeypatch)
+    calls, decoded = _stubs(lora_zoo, monkeypatch)
     out = tmp_path / "bench"
     r = benchmark.run_benchmark("adapt-lora", ["text-model", "code-model"], lora_zoo, out, num=3, hypernet_steps=5,
                                 sgd_tasks=0, select_per_class=0, from_description=True, progress=False)
@@ -89,7 +93,7 @@ def test_a_second_generator_is_a_row_of_the_same_run(lora_zoo, tmp_path, monkeyp
     from weightdiff.zoo import Zoo
 
     z = ZooState(Zoo.open(lora_zoo), num=3, seed=0)
-    samples = {k: v.float() for k, v in _stubs.decoded(3).items()}
+    samples = {k: v.float() for k, v in decoded(3).items()}
     x = get_task(seen).data().x_test
     expected = z.target.forward_batched(samples, x).softmax(-1).mean(0).argmax(-1)
     ens = np.load(out / "predictions" / f"seen__{slug(seen)}__{slug('generated ensemble of 3')}.npz")
@@ -173,17 +177,16 @@ def test_adapter_suites_get_the_adaptation_rows_and_generate_then_refine(lora_zo
     assert acc.item() == pytest.approx(r["per_task"]["unseen"][unseen.name]["kNN LoRA average (k=3)"]["mean"], abs=1e-9)
 
 
-def test_the_cordigits_suite_adapts_its_vit_base_at_test_time_on_the_unlabelled_batch(tmp_path, monkeypatch):
+def test_the_cordigits_suite_adapts_its_vit_base_at_test_time_on_the_unlabelled_batch(tiny_cordigits_zoo, tmp_path,
+                                                                                        monkeypatch):
     """On a LayerNorm base the run gets a TENT row, adapted on exactly the K unlabelled test inputs the
     unlabelled generator reads; every held-out kind, 'novel' included, is reported apart."""
     from weightdiff.evaluate.adaptation import tent
     from weightdiff.models.conditioning import unlabelled_inputs
     from weightdiff.weights.tokenizer import WeightTokenizer
-    from weightdiff.zoo import Zoo, build_zoo, load_recipe
+    from weightdiff.zoo import Zoo
 
-    from tests.conftest import REPO
-
-    zoo_path = build_zoo(load_recipe(REPO / "configs/zoo/tiny-cordigits-lora.yaml"), tmp_path / "zoos", progress=False)
+    zoo_path = tiny_cordigits_zoo
     zoo = Zoo.open(zoo_path)
     sds = [zoo.load(r["id"]) for r in zoo.rows("train")]
     tok = WeightTokenizer.from_state_dict(sds[0], token_size=64).fit(sds)

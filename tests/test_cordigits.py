@@ -22,7 +22,7 @@ from weightdiff.tasks import get_task, make_task
 from weightdiff.tasks.cordigits import CorDigitsTask
 from weightdiff.tasks.digits import digits_arrays
 from weightdiff.tasks.networks import DigitsViT
-from weightdiff.zoo import Zoo, build_zoo, load_recipe
+from weightdiff.zoo import Zoo, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "zoo" / "cordigits-lora.yaml"
@@ -299,9 +299,9 @@ def test_shipped_recipe_holds_out_what_it_says() -> None:
         assert (lo < s < hi) if kind == "near" else not (lo <= s <= hi), (name, kind)
 
 
-def test_tiny_recipe_builds_a_zoo(tmp_path: Path) -> None:
+def test_tiny_recipe_builds_a_zoo(tiny_cordigits_zoo: Path) -> None:
     recipe = load_recipe(TINY)
-    zoo = Zoo.open(build_zoo(recipe, tmp_path, workers=1, progress=False))
+    zoo = Zoo.open(tiny_cordigits_zoo)
     rows = zoo.rows()
     train, held = recipe.task_lists()
     assert len(rows) == len(train) + len(held)

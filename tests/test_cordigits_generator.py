@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from tests.conftest import REPO, export_last, fit_tiny
+from tests.conftest import export_last, fit_tiny
 from weightdiff.models.conditioning import unlabelled_inputs
 from weightdiff.models.generator import load_generator
 from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
@@ -19,11 +19,8 @@ from weightdiff.tasks import get_task
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    from weightdiff.zoo import build_zoo, load_recipe
-
-    return build_zoo(load_recipe(REPO / "configs/zoo/tiny-cordigits-lora.yaml"), tmp_path_factory.mktemp("zoo"),
-                     progress=False)
+def zoo(tiny_cordigits_zoo):
+    return tiny_cordigits_zoo
 
 
 @pytest.mark.parametrize("condition", ["text", "unlabelled"])

@@ -410,13 +410,14 @@ class _ExtraGenerator:
     path: str
     gen: Any
     settings: SamplerSettings
+    condition: str
     seconds: float = 0.0
     samples: int = 0
 
     def record(self) -> dict[str, Any]:
         """Its entry in ``results.json`` (``other_generators``)."""
         s = self.settings
-        return {"model": self.path, "condition": self.gen.config["model"]["condition"], "sampler": s.sampler,
+        return {"model": self.path, "condition": self.condition, "sampler": s.sampler,
                 "steps": s.steps, "model_evaluations": model_evaluations(s.sampler, s.steps, s.guidance),
                 "latency_ms_per_sample": 1000 * self.seconds / self.samples if self.samples else None}
 
@@ -432,10 +433,11 @@ def _extra_generators(paths: Sequence[str | Path], gens: Sequence[Any], guidance
                                    sampler=validated.get("sampler", SamplerSettings.sampler), guidance=guidance,
                                    seed=seed)
         ScheduleConfig(**g.config.get("schedule", {})).check_sampler(settings.sampler)
-        row = f"generated ({g.config['model']['condition']})"
+        condition = g.config["model"]["condition"]
+        row = f"generated ({condition})"
         if any(e.row == row for e in extras):
-            row = f"{row[:-1]}, {Path(path).name})"
-        extras.append(_ExtraGenerator(row, str(path), g, settings))
+            row = f"generated ({condition}, {Path(path).name})"
+        extras.append(_ExtraGenerator(row, str(path), g, settings, condition))
     return extras
 
 
@@ -445,7 +447,7 @@ def _with_extra_rows(rows: dict[str, Models], extras: Sequence[_ExtraGenerator],
     (a text generator reads the held-out description when the run does, the others their own condition)."""
     extra_rows: dict[str, Models] = {}
     for e in extras:
-        text = from_description and e.gen.config["model"]["condition"] == "text"
+        text = from_description and e.condition == "text"
         cond = (make_condition(e.gen, description=heldout_description(task, getattr(e.gen, "descriptions", recorded)))
                 if text else make_condition(e.gen, task=task.name))
         t0 = time.perf_counter()
@@ -454,7 +456,7 @@ def _with_extra_rows(rows: dict[str, Models], extras: Sequence[_ExtraGenerator],
         params = {k: v.detach().float().cpu() for k, v in e.gen.tokenizer.decode_float(tokens).items()}
         e.seconds += time.perf_counter() - t0
         e.samples += num
-        extra_rows[e.row] = Models([f"{e.row.split('(', 1)[1][:-1]}_{i:04d}" for i in range(num)], params)
+        extra_rows[e.row] = Models([f"{e.condition}_{i:04d}" for i in range(num)], params)
     keys = list(rows)
     first = [i for i, k in enumerate(keys) if k.startswith("generated")]
     at = first[-1] + 1 if first else int(bool(keys) and keys[0] == "zoo (original)")
