@@ -27,6 +27,8 @@ folder (``overwrite=True`` replaces a non-empty one as a whole, atomically), so 
 requests never mix. Each sample directory is written under a temporary name and renamed when
 complete: an interrupted run, Ctrl-C or SIGTERM, never leaves a half-written sample visible, and
 temporaries that a killed run left behind are removed by the next run into the same folder.
+A windowed generator's samples (:mod:`weightdiff.models.windows`) are written span by span as
+they are denoised, so memory holds one span of a batch, whatever the size of the network.
 """
 
 from __future__ import annotations
@@ -56,12 +58,14 @@ from weightdiff.models.conditioning import (
 )
 from weightdiff.models.generator import GeneratorArtefact, sample_tokens, seeded_noise
 from weightdiff.models.schedule import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, SamplerName
+from weightdiff.models.windows import sample_windows
 from weightdiff.outputs import output_folder, terminate_as_exit
 from weightdiff.targets import (
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_PATH_FIELD, FULL_WEIGHTS_FILE, base_path_for,
 )
 from weightdiff.tasks import get_family, get_task
 from weightdiff.tasks.numeric import numeric_reader
+from weightdiff.weights.stream import StreamingWeightWriter
 
 log = logging.getLogger(__name__)
 
@@ -181,21 +185,28 @@ class WeightSamples:
         for i, state in enumerate(self.state_dicts):
             dest = out / f"{prefix}_{first + i:04d}"
             with atomic_path(dest, directory=True) as tmp:
-                if self.kind == "lora":
-                    assert self.adapter_config is not None
-                    save_weights(tmp / ADAPTER_WEIGHTS_FILE, state, metadata=WEIGHTS_METADATA)
-                    base = base_path_for(self.adapter_config.get(BASE_PATH_FIELD), dest)  # tmp is dest's sibling
-                    write_json(tmp / ADAPTER_CONFIG_FILE, {**self.adapter_config, BASE_PATH_FIELD: base})
-                else:
-                    save_weights(tmp / FULL_WEIGHTS_FILE, state, metadata=WEIGHTS_METADATA)
-                write_json(tmp / SAMPLE_FILE, {
-                    "condition": self.condition, "seed": self.seeds[i], "index": first + i,
-                    "sampler": asdict(self.settings), "model_id": self.model_id, "model_dir": self.model_dir,
-                    "kind": self.kind, "family": self.family, "base_sha256": self.base_sha256,
-                    "generation_seconds": self.seconds / len(self.state_dicts),
-                })
+                self.write_folder(tmp, dest, i, first, self.seconds / len(self.state_dicts),
+                                  lambda path, state=state: save_weights(path, state, metadata=WEIGHTS_METADATA))
             dirs.append(dest)
         return dirs
+
+    def write_folder(self, tmp: Path, dest: Path, i: int, first: int, seconds: float,
+                     write_weights: Callable[[Path], None]) -> None:
+        """Fill the temporary folder ``tmp`` of sample ``first + i`` (published as ``dest``):
+        ``write_weights(path)`` writes its weight file; the adapter config and ``sample.json`` are written here."""
+        if self.kind == "lora":
+            assert self.adapter_config is not None
+            write_weights(tmp / ADAPTER_WEIGHTS_FILE)
+            base = base_path_for(self.adapter_config.get(BASE_PATH_FIELD), dest)  # tmp is dest's sibling
+            write_json(tmp / ADAPTER_CONFIG_FILE, {**self.adapter_config, BASE_PATH_FIELD: base})
+        else:
+            write_weights(tmp / FULL_WEIGHTS_FILE)
+        write_json(tmp / SAMPLE_FILE, {
+            "condition": self.condition, "seed": self.seeds[i], "index": first + i,
+            "sampler": asdict(self.settings), "model_id": self.model_id, "model_dir": self.model_dir,
+            "kind": self.kind, "family": self.family, "base_sha256": self.base_sha256,
+            "generation_seconds": seconds,
+        })
 
 
 class WeightDiffusionPipeline(GeneratorArtefact):
@@ -440,7 +451,7 @@ def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sampl
     out = []
     for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress, leave=False):
         seeds = range(settings.seed + start, settings.seed + min(num, start + batch_size))
-        noise = seeded_noise(seeds, shape, settings.temperature).to(device)
+        noise = seeded_noise(seeds, shape, settings.temperature, net.config.window).to(device)
         out.append(sample_tokens(net, raw, len(seeds), gen.schedule, steps=settings.steps, sampler=settings.sampler,
                                  guidance=settings.guidance, noise=noise).cpu())
     return torch.cat(out)
@@ -449,13 +460,51 @@ def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sampl
 def _samples(gen: GeneratorArtefact, tokens: torch.Tensor, cond: Condition, settings: SamplerSettings, *,
              seconds: float, seeds: list[int] | None = None) -> WeightSamples:
     """Decode tokens (S, L, D) into state dicts (original shapes and dtypes)."""
+    return _record(gen, [gen.tokenizer.decode(tokens[i], base=None) for i in range(tokens.shape[0])], cond,
+                   settings, seconds=seconds,
+                   seeds=seeds if seeds is not None else [settings.seed + i for i in range(tokens.shape[0])],
+                   tokens=tokens)
+
+
+def _record(gen: GeneratorArtefact, state_dicts: list[dict[str, torch.Tensor]], cond: Condition,
+            settings: SamplerSettings, *, seconds: float, seeds: list[int],
+            tokens: torch.Tensor | None = None) -> WeightSamples:
     return WeightSamples(
-        state_dicts=[gen.tokenizer.decode(tokens[i], base=None) for i in range(tokens.shape[0])],
-        condition=cond.info, settings=settings,
-        seeds=seeds if seeds is not None else [settings.seed + i for i in range(tokens.shape[0])],
-        kind=gen.kind, model_id=gen.model_id, model_dir=str(gen.path.resolve()) if gen.path is not None else None,
+        state_dicts=state_dicts, condition=cond.info, settings=settings, seeds=seeds, kind=gen.kind,
+        model_id=gen.model_id, model_dir=str(gen.path.resolve()) if gen.path is not None else None,
         seconds=seconds, adapter_config=gen.adapter_config() if gen.kind == "lora" else None, tokens=tokens,
         family=gen.info["zoo"].get("family"), base_sha256=gen.info.get("base", {}).get("sha256"))
+
+
+def _stream_batch(gen: GeneratorArtefact, cond: Condition, settings: SamplerSettings, folder: Path, start: int,
+                  num: int, windows_per_span: int = 4) -> None:
+    """(Windowed generators) Write samples ``[start, start + num)`` span by span.
+
+    Each span of windows is denoised for all ``num`` samples (:func:`~weightdiff.models.windows.sample_windows`),
+    decoded and written into every sample's weight file at once
+    (:class:`~weightdiff.weights.stream.StreamingWeightWriter`), so memory holds one span of ``num``
+    samples, never a whole network. Every folder is published only when all of it is written.
+    """
+    net = gen.generator
+    seeds = list(range(settings.seed + start, settings.seed + start + num))
+    raw = _to_device(cond.raw, next(net.parameters()).device)
+    record = _record(gen, [], cond, settings, seconds=0.0, seeds=seeds)
+    name = ADAPTER_WEIGHTS_FILE if gen.kind == "lora" else FULL_WEIGHTS_FILE
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        dests = [folder / f"sample_{start + i:04d}" for i in range(num)]
+        tmps = [stack.enter_context(atomic_path(dest, directory=True)) for dest in dests]
+        with contextlib.ExitStack() as files:
+            writers = [files.enter_context(StreamingWeightWriter(tmp / name, gen.tokenizer.layout,
+                                                                 metadata=WEIGHTS_METADATA)) for tmp in tmps]
+            for first, tokens in sample_windows(net, raw, seeds, gen.schedule, steps=settings.steps,
+                                                sampler=settings.sampler, guidance=settings.guidance,
+                                                temperature=settings.temperature, windows_per_span=windows_per_span):
+                for writer, sample_tokens_ in zip(writers, tokens):
+                    writer.write_tokens(sample_tokens_, first)
+        seconds = (time.perf_counter() - t0) / num
+        for i, (tmp, dest) in enumerate(zip(tmps, dests)):
+            record.write_folder(tmp, dest, i, start, seconds, lambda path: None)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -556,6 +605,10 @@ def sample(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerS
             part = replace(settings, seed=settings.seed + start)
             n = min(batch_size, num - start)
             b0 = time.perf_counter()
+            if gen.generator.config.window is not None and generate is None:
+                _stream_batch(gen, cond, settings, Path(folder), start, n)
+                hits.append(False)
+                continue
             tokens, hit = generate_tokens(gen, cond, n, part, batch_size=batch_size, use_cache=use_cache,
                                           progress=False, generate=generate)
             _samples(gen, tokens, cond, settings, seconds=time.perf_counter() - b0,

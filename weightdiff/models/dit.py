@@ -222,12 +222,21 @@ class WeightDiT(nn.Module):
         cross_attention: add a cross-attention sub-layer to every block.
         dropout: dropout on attention/MLP outputs.
         attn_dropout: dropout on attention probabilities.
+        window: attend only within consecutive windows of this many tokens (None: the whole
+            sequence). Every other sub-layer is token-wise, so a window's output depends on its
+            own tokens, ids, timestep and condition alone: a long sequence can be denoised one
+            window at a time (:mod:`weightdiff.models.windows`) with memory bounded by the window.
+            Windows are counted from the first token of the input, which must therefore start at
+            a window boundary of the full sequence.
     """
 
     def __init__(self, token_size: int, num_tensors: int, max_chunks: int, max_depth: int, num_kinds: int,
                  hidden: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
-                 cross_attention: bool = False, dropout: float = 0.0, attn_dropout: float = 0.0):
+                 cross_attention: bool = False, dropout: float = 0.0, attn_dropout: float = 0.0,
+                 window: int | None = None):
         super().__init__()
+        if window is not None and int(window) < 1:
+            raise ValueError(f"WeightDiT: 'window' must be a positive integer or None, got {window}")
         sizes = dict(token_size=token_size, num_tensors=num_tensors, max_chunks=max_chunks, max_depth=max_depth,
                      num_kinds=num_kinds, hidden=hidden, depth=depth, heads=heads)
         for name, value in sizes.items():
@@ -236,7 +245,8 @@ class WeightDiT(nn.Module):
         if hidden % heads:
             raise ValueError(f"WeightDiT: hidden={hidden} is not divisible by heads={heads}")
         self._config = dict(sizes, mlp_ratio=float(mlp_ratio), cross_attention=bool(cross_attention),
-                            dropout=float(dropout), attn_dropout=float(attn_dropout))
+                            dropout=float(dropout), attn_dropout=float(attn_dropout),
+                            window=None if window is None else int(window))
         self.hidden = hidden
         self.cross_attention = cross_attention
 
@@ -346,7 +356,31 @@ class WeightDiT(nn.Module):
         x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
         h = self.token_embedder(x) + self.pos_embedder(ids)  # (B, L, H)
         cond = self.t_embedder(t).to(h.dtype) + c.to(h.dtype)  # (B, H)
+        window = self._config["window"]
+        if window is not None and length > window:
+            h, cond, key_mask, cond_seq, cond_seq_mask = _split_windows(window, h, cond, key_mask, cond_seq,
+                                                                         cond_seq_mask)
         for block in self.blocks:
-            h = block(h, cond, key_mask, cond_seq, cond_seq_mask)  # (B, L, H)
-        out = self.final_layer(h, cond)  # (B, L, D)
+            h = block(h, cond, key_mask, cond_seq, cond_seq_mask)  # (B, L, H) or (B · n, W, H)
+        out = self.final_layer(h, cond)  # (B, L, D) or (B · n, W, D)
+        out = out.reshape(b, -1, d)[:, :length]  # windows back in sequence order: (B, L, D)
         return out.masked_fill(~valid, 0.0)
+
+
+def _split_windows(window: int, h: torch.Tensor, cond: torch.Tensor, key_mask: torch.Tensor,
+                   cond_seq: torch.Tensor | None, cond_seq_mask: torch.Tensor | None) -> tuple:
+    """Fold ``n = ceil(L / W)`` windows into the batch: ``h (B, L, H) -> (B · n, W, H)``.
+
+    The last window is padded with masked tokens; each window row carries its sequence's
+    condition (and condition sequence), so attention never crosses a window boundary.
+    """
+    b, length, hidden = h.shape
+    n = -(-length // window)
+    pad = n * window - length
+    h = F.pad(h, (0, 0, 0, pad)).reshape(b * n, window, hidden)
+    key_mask = F.pad(key_mask, (0, pad), value=False).reshape(b * n, window)
+    cond = cond.repeat_interleave(n, 0)
+    if cond_seq is not None:
+        cond_seq = cond_seq.repeat_interleave(n, 0)
+        cond_seq_mask = cond_seq_mask.repeat_interleave(n, 0)
+    return h, cond, key_mask, cond_seq, cond_seq_mask

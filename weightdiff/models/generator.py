@@ -46,6 +46,7 @@ from weightdiff.models.autoencoder import WeightAutoencoder
 from weightdiff.models.conditioning import ConditionKind, build_condition
 from weightdiff.models.dit import ID_FIELDS, WeightDiT
 from weightdiff.models.schedule import SCHEDULER_CLASSES, SamplerName, ScheduleConfig, denoise
+from weightdiff.models.windows import window_noise
 from weightdiff.targets import BASE_PATH_FIELD, Target
 from weightdiff.weights.layout import LAYOUT_FILE
 from weightdiff.weights.tokenizer import WeightTokenizer
@@ -124,6 +125,10 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         latent: keyword arguments of a :class:`~weightdiff.models.autoencoder.WeightAutoencoder`
             (``num_params`` included): the DiT then diffuses its latent tokens, and samples are
             decoded to weight tokens (latent diffusion). None: the DiT diffuses weight tokens.
+        window: the DiT attends within consecutive windows of this many weight tokens (see
+            :class:`~weightdiff.models.dit.WeightDiT`); training may then fit random windows and
+            sampling runs window by window (:mod:`weightdiff.models.windows`), so memory is bounded
+            by a window, not by the target. None: attention over the whole sequence.
         token_layout: the layout's per-token ``tensor_index``, ``chunk_index``, ``depth``,
             ``kind`` and ``length`` (each ``(L,)``); not part of the config: the buffers are
             saved with the weights. Omitted when the weights are loaded afterwards.
@@ -136,8 +141,11 @@ class WeightGenerator(ModelMixin, ConfigMixin):
                  num_kinds: int, condition: ConditionKind = "text", condition_dims: dict[str, int] | None = None,
                  hidden: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
                  cross_attention: bool = False, text_dropout: float = 0.0, latent: dict[str, Any] | None = None,
-                 token_layout: Mapping[str, Sequence[int]] | None = None):
+                 window: int | None = None, token_layout: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
+        if window is not None and latent is not None:
+            raise ValueError("WeightGenerator: 'window' is for weight-token diffusion; a latent generator "
+                             "diffuses a few latent tokens, which need no windows")
         extra = {"text_dropout": text_dropout} if condition == "text" else {}
         # The provider is built before the denoiser: initial weights follow from the seed in this order.
         self.cond = build_condition(condition, hidden, **(condition_dims or {}), **extra)
@@ -151,7 +159,8 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         else:
             self.denoiser = WeightDiT(token_size=token_size, num_tensors=num_tensors, max_chunks=max_chunks,
                                       max_depth=max_depth, num_kinds=num_kinds, hidden=hidden, depth=depth,
-                                      heads=heads, mlp_ratio=mlp_ratio, cross_attention=cross_attention)
+                                      heads=heads, mlp_ratio=mlp_ratio, cross_attention=cross_attention,
+                                      window=window)
         for key in ID_FIELDS:
             self.register_buffer(f"ids_{key}", torch.zeros(num_tokens, dtype=torch.long))
         self.register_buffer("token_length", torch.zeros(num_tokens, dtype=torch.long))
@@ -174,10 +183,14 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         """The per-token ids ``{field: (L,)}`` of the weight tokens."""
         return {key: getattr(self, f"ids_{key}") for key in ID_FIELDS}
 
-    def denoiser_ids(self) -> dict[str, torch.Tensor]:
-        """The ids the denoiser embeds: the weight tokens', or (latent) latent token k is tensor k."""
+    def denoiser_ids(self, tokens: slice | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The ids the denoiser embeds: the weight tokens', or (latent) latent token k is tensor k.
+
+        ``tokens``: only those weight tokens' ids (a slice or an index tensor), for windows.
+        """
         if self.autoencoder is None:
-            return self.token_ids()
+            ids = self.token_ids()
+            return ids if tokens is None else {key: value[tokens] for key, value in ids.items()}
         k = self.autoencoder.latent_shape[0]
         zeros = torch.zeros(k, dtype=torch.long, device=self.token_length.device)
         return {"tensor_index": torch.arange(k, device=zeros.device), "chunk_index": zeros, "depth": zeros,
@@ -226,22 +239,28 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         return ConditionEmbedding(*self.cond.embed_with_sequence(raw, drop))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t: (B, L, D), t: (B,), c: (B, hidden), context: (B, S, hidden), context_mask: (B, S) -> (B, L, D)."""
-        return self.denoiser(x_t, t, c, **self.denoiser_ids(), cond_seq=context, cond_seq_mask=context_mask)
+                context_mask: torch.Tensor | None = None, tokens: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """x_t: (B, L, D), t: (B,), c: (B, hidden), context: (B, S, hidden), context_mask: (B, S) -> (B, L, D).
 
-    def guided_fn(self, cond: ConditionEmbedding, null: ConditionEmbedding, guidance: float):
+        ``tokens``: x_t holds only these weight tokens (a slice, or an index tensor of whole
+        windows in order, see :func:`weightdiff.models.windows.window_tokens`); L is their number.
+        """
+        return self.denoiser(x_t, t, c, **self.denoiser_ids(tokens), cond_seq=context, cond_seq_mask=context_mask)
+
+    def guided_fn(self, cond: ConditionEmbedding, null: ConditionEmbedding, guidance: float,
+                  tokens: slice | None = None):
         """Model closure for :func:`weightdiff.models.schedule.denoise` with classifier-free guidance.
 
         out = out_null + g · (out_cond - out_null) (Ho & Salimans 2022); g = 1 is plain conditional.
-        ``cond`` and ``null`` are the embedded condition and the null embedding, B rows each.
+        ``cond`` and ``null`` are the embedded condition and the null embedding, B rows each;
+        ``tokens`` as in :meth:`forward`.
         """
         if guidance == 1.0 or self.config.condition == "none":
-            return lambda x, t: self(x, t, cond.vector, cond.context, cond.context_mask)
+            return lambda x, t: self(x, t, cond.vector, cond.context, cond.context_mask, tokens)
         both = cond.cat(null)
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = self(torch.cat([x, x]), torch.cat([t, t]), both.vector, both.context, both.context_mask)
+            out = self(torch.cat([x, x]), torch.cat([t, t]), both.vector, both.context, both.context_mask, tokens)
             cond_out, null_out = out.chunk(2)
             return null_out + guidance * (cond_out - null_out)
 
@@ -267,11 +286,16 @@ class WeightGenerator(ModelMixin, ConfigMixin):
                                     "(is the tokenizer from another network?)")
 
 
-def seeded_noise(seeds: Sequence[int], shape: tuple[int, int], temperature: float = 1.0) -> torch.Tensor:
+def seeded_noise(seeds: Sequence[int], shape: tuple[int, int], temperature: float = 1.0,
+                 window: int | None = None) -> torch.Tensor:
     """Initial noise x_T (len(seeds), L, D): sample i drawn on the CPU from its own seed, scaled by ``temperature``.
 
-    A sample therefore never depends on how samples were batched or spread over devices.
+    A sample therefore never depends on how samples were batched or spread over devices. With
+    ``window`` (a windowed generator's), each window of each sample has its own seed
+    (:func:`weightdiff.models.windows.window_noise`), so sampling window by window draws the same noise.
     """
+    if window is not None:
+        return window_noise(seeds, shape, window, 0, shape[0], temperature)
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
         * temperature
 

@@ -101,7 +101,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, results: str | Path 
         descriptions = check_descriptions(_plain(descriptions), f"{ckpt}: '{dm_key}.descriptions'")
 
     generator = build_generator(hp["spec"], hp["hidden"], hp["depth"], hp["heads"], hp["mlp_ratio"],
-                                hp["cross_attention"], hp["condition"], hp.get("text_dropout", 0.0), latent_config(hp))
+                                hp["cross_attention"], hp["condition"], hp.get("text_dropout", 0.0), latent_config(hp),
+                                hp.get("window"))
     try:
         generator.load_state_dict(ema, strict=True)
     except RuntimeError as exc:

@@ -36,6 +36,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from weightdiff.kernels import masked_mse
 from weightdiff.models.conditioning import ConditionKind
 from weightdiff.models.generator import TOKENIZER_DIR, WeightGenerator, sample_tokens
+from weightdiff.models.windows import window_tokens
 from weightdiff.errors import WeightDiffError
 from weightdiff.training.objectives import LossWeighting, loss_weight, sample_sigmas, sample_timesteps, sampler_states
 from weightdiff.models.schedule import (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLERS, BetaSchedule, NoiseLevel,
@@ -58,16 +59,16 @@ def latent_config(hparams: Any) -> dict[str, Any] | None:
 
 def build_generator(spec: dict[str, Any], hidden: int, depth: int, heads: int, mlp_ratio: float,
                     cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0,
-                    latent: dict[str, Any] | None = None) -> WeightGenerator:
+                    latent: dict[str, Any] | None = None, window: int | None = None) -> WeightGenerator:
     """The :class:`WeightGenerator` for a datamodule ``spec`` (sizes and the layout's per-token ids);
-    ``latent``: its autoencoder's arguments (:func:`latent_config`)."""
+    ``latent``: its autoencoder's arguments (:func:`latent_config`); ``window``: its attention window."""
     ids = spec["token_ids"]
     return WeightGenerator(
         token_size=spec["token_size"], num_tokens=len(spec["token_length"]), num_tensors=spec["num_tensors"],
         max_chunks=spec["max_chunks"], max_depth=spec["max_depth"], num_kinds=spec["num_kinds"],
         condition=condition, condition_dims=dict(spec["condition_dims"]), hidden=hidden, depth=depth, heads=heads,
         mlp_ratio=mlp_ratio, cross_attention=cross_attention, text_dropout=text_dropout, latent=latent,
-        token_layout={**ids, "length": spec["token_length"]})
+        window=window, token_layout={**ids, "length": spec["token_length"]})
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
@@ -174,6 +175,11 @@ class WeightDiffusion(L.LightningModule):
             the autoencoder's MLP width, number of principal directions and training noise stds.
         noise_draws: noise levels and noises drawn per entry and step (the batch is each entry
             repeated this many times): cheap in a latent, where the DiT sees a few tokens.
+        window: the DiT attends within windows of this many weight tokens
+            (:mod:`weightdiff.models.windows`): targets too long for one sequence.
+        train_windows: with ``window``, fit this many random windows per step (the same for every
+            row of the batch) instead of all of them; the functional loss then runs the entry's
+            own network with those windows replaced by their clean estimate. 0: every window.
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -190,7 +196,7 @@ class WeightDiffusion(L.LightningModule):
                  autoencoder_mse_steps: int = 1500, autoencoder_lr: float = 1e-3, autoencoder_width: int = 256,
                  autoencoder_basis: int = 256, autoencoder_input_noise: float = 0.001,
                  autoencoder_latent_noise: float = 0.1, autoencoder_functional_weight: float = 1.0,
-                 noise_draws: int = 1):
+                 noise_draws: int = 1, window: int | None = None, train_windows: int = 0):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
@@ -200,6 +206,13 @@ class WeightDiffusion(L.LightningModule):
                                   f"{autoencoder_steps}")
         if noise_draws < 1:
             raise WeightDiffError(f"model options: noise_draws must be >= 1, got {noise_draws}")
+        if window is not None and (window < 1 or latent_tokens or path_functional_weight > 0):
+            raise WeightDiffError(f"model options: window must be >= 1 (got {window}) and is for weight-token "
+                                  "diffusion without the on-path loss: set latent_tokens and path_functional_weight "
+                                  "to 0 with a window")
+        if train_windows < 0 or (train_windows and window is None):
+            raise WeightDiffError(f"model options: train_windows = {train_windows} needs window set and must be "
+                                  ">= 0 (0: every window at each step)")
         if latent_tokens and path_functional_weight > 0:
             raise WeightDiffError("model options: path_functional_weight applies to weight-token diffusion; "
                                   "set it to 0 with latent_tokens > 0")
@@ -207,7 +220,7 @@ class WeightDiffusion(L.LightningModule):
         self.schedule = schedule_of(self.hparams)
         self.sampler = self.schedule.default_sampler(sampler)
         self.generator = build_generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition,
-                                         text_dropout, latent_config(self.hparams))
+                                         text_dropout, latent_config(self.hparams), window)
         # Buffers are the layout's integer token ids and lengths: copied from the model at every
         # update, never averaged (an average of equal integers in float32 can round down).
         self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
@@ -308,7 +321,10 @@ class WeightDiffusion(L.LightningModule):
     def _losses(self, batch: dict[str, Any], cond_dropout: float) -> dict[str, torch.Tensor]:
         if self.in_autoencoder_phase:
             return self._autoencoder_losses(batch)
-        x0 = batch["tokens"]  # (B, L, D)
+        x0 = full = batch["tokens"]  # (B, L, D)
+        tokens = self._train_tokens(x0.shape[1], x0.device)
+        if tokens is not None:  # a few windows of each entry: (B, n, D)
+            x0 = x0[:, tokens]
         latent = self.generator.autoencoder is not None
         if latent:  # the frozen autoencoder's latent (B, K, d) is the diffused sample
             with torch.no_grad():
@@ -331,7 +347,7 @@ class WeightDiffusion(L.LightningModule):
         drop = torch.rand(rows, device=x0.device) < cond_dropout
         cond = self.generator.encode_condition(batch["cond"], drop)
         rows_cond = cond.repeat_interleave(draws) if draws > 1 else cond
-        out = self.generator(x_t, t, rows_cond.vector, rows_cond.context, rows_cond.context_mask)
+        out = self.generator(x_t, t, rows_cond.vector, rows_cond.context, rows_cond.context_mask, tokens)
         ptype = self.schedule.prediction_type
         if ptype == "sample":
             target = x0
@@ -341,7 +357,8 @@ class WeightDiffusion(L.LightningModule):
             target = noise - x0
         else:  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0 (Salimans & Ho 2022)
             target = self.noise_scheduler.get_velocity(x0, noise, t)
-        lengths = (torch.full((length,), d, device=x0.device) if latent else self.token_length).repeat(b)
+        lengths = torch.full((length,), d, device=x0.device) if latent else self.token_length
+        lengths = (lengths if tokens is None else lengths[tokens]).repeat(b)
         row_weight = None
         if self.hparams.loss_weighting != "none":  # normalised to mean 1: the loss keeps its scale
             w = loss_weight(level.share, self.hparams.loss_weighting, ptype, self.hparams.min_snr_gamma)
@@ -352,6 +369,8 @@ class WeightDiffusion(L.LightningModule):
         if functional is not None and "fx" in batch and self.hparams.functional_loss_weight > 0:
             tokenizer, target_net = functional
             x0_hat = self.generator.to_tokens(predicted_x0(out, x_t, level, ptype))
+            if tokens is not None:  # the entry's own tokens outside the fitted windows
+                x0_hat = full.repeat_interleave(draws, 0).index_copy(1, tokens, x0_hat)
             params = tokenizer.decode_float(x0_hat)  # name -> (B, *shape), differentiable
             fx, fy = batch["fx"].repeat_interleave(draws, 0), batch["fy"].repeat_interleave(draws, 0)
             logits = target_net.forward_each(params, fx)  # (B, n, C)
@@ -361,6 +380,17 @@ class WeightDiffusion(L.LightningModule):
         if functional is not None and "fx" in batch and self.hparams.path_functional_weight > 0:
             losses["path_functional"] = self._path_functional(batch, cond, functional)
         return losses
+
+    def _train_tokens(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """Indices ``(n,)`` of the weight tokens fitted this step: ``train_windows`` random windows, or None (all)."""
+        window, count = self.hparams.window, self.hparams.train_windows
+        if window is None or not count:
+            return None
+        total = -(-length // window)
+        if count >= total:
+            return None
+        chosen = torch.randperm(total, device="cpu")[:count]
+        return window_tokens(length, window, chosen).to(device)
 
     def _path_functional(self, batch: dict[str, Any], cond: Any, functional: tuple) -> torch.Tensor:
         """Task cross-entropy of x̂0 on a state the sampler visits (:func:`objectives.sampler_states`).

@@ -47,7 +47,8 @@ class TokenPredictor(L.LightningModule):
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.settings
-        noise = seeded_noise([s.seed + int(i) for i in batch], self.net.sample_shape, s.temperature)
+        noise = seeded_noise([s.seed + int(i) for i in batch], self.net.sample_shape, s.temperature,
+                             self.net.config.window)
         raw = tuple(r.to(self.device) for r in self.raw) if isinstance(self.raw, tuple) else self.raw.to(self.device)
         tokens = sample_tokens(self.net, raw, len(batch), self.schedule, steps=s.steps, sampler=s.sampler,
                                guidance=s.guidance, noise=noise.to(self.device))
