@@ -1,14 +1,22 @@
 """Tokenizer throughput against a plain memory copy of the same bytes, measured in one run.
 
 Encodes and decodes a population of checkpoints (copies of a mixed-size state dict with odd
-tensor sizes, about ``--megabytes`` of float32 in total) with normalisation on, through the
-batched paths (``encode_batch`` over a stacked ``(B, P)`` tensor, ``decode_float``), and times
-``torch.Tensor.copy_`` of the same bytes into a preallocated buffer. Best of ``--repeats`` each.
+tensor sizes, about ``--megabytes`` of float32 in total) with normalisation on, and times
+``torch.Tensor.copy_`` of the same bytes into a preallocated buffer. Best of ``--repeats`` each,
+timed round-robin so that every ratio compares functions measured under the same load.
 
-Headline keys: ``encode_gbps`` / ``decode_gbps`` (into preallocated outputs; encode includes its
-NaN/Inf check), ``memcpy_gbps`` and their ratios. Also reported: encode without the NaN/Inf check,
-the same paths allocating their outputs (on CPU dominated by first-touch page faults of a fresh
-~100 MB buffer), and state dicts in / out (``encode_batch(list)``, ``decode_batch``).
+Headline keys (each ``*_ratio`` is memcpy time / path time, from the same round-robin):
+
+- ``encode`` / ``decode``: the stacked paths, ``encode_batch`` of a ``(B, P)`` tensor and
+  ``decode_float``, into preallocated outputs; encode includes its NaN/Inf check.
+- ``encode_state_dicts`` / ``decode_state_dicts``: state dicts in and out, ``encode_batch`` of a
+  list of state dicts (into a preallocated ``out``, NaN/Inf check included) and ``decode_batch``
+  returning a list of state dicts (fresh tensors, NaN/Inf check included).
+
+Also reported: encode without the NaN/Inf check and, from a second round-robin, the paths that
+allocate one fresh ``(B, L, D)`` or ``(B, P)`` output (``*_alloc``; on CPU dominated by the
+first-touch page faults of a ~50-100 MB buffer, which no tokenizer code can avoid).
+``state_dict_paths_match`` says whether the state-dict paths gave the same bits as the stacked ones.
 
     python scripts/bench_tokenizer.py --json runs/bench_tokenizer.json --megabytes 100
 """
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     flat = tok.flatten_batch(population)  # (B, P)
     tokens = torch.empty(batch, lay.num_tokens, lay.token_size)
+    tokens_sd = torch.empty_like(tokens)  # encode_batch(list) writes here
     decoded = torch.empty(batch, lay.num_params)
     copy_dst = torch.empty_like(flat)
 
@@ -94,16 +103,20 @@ def main(argv: list[str] | None = None) -> dict:
         "encode": lambda: tok.encode_batch(flat, out=tokens),
         "decode": lambda: tok.decode_float(tokens, out=decoded),
         "encode_unchecked": lambda: tok.encode_batch(flat, out=tokens, check_finite=False),
+        "encode_state_dicts": lambda: tok.encode_batch(population, out=tokens_sd),
+        "decode_state_dicts": lambda: tok.decode_batch(tokens),
     }, args.repeats)
-    # Secondary paths, for the record: fresh output allocations, and state dicts in and out.
+    # Secondary paths, for the record: one fresh output allocation each.
     t.update(best_times({
         "encode_alloc": lambda: tok.encode_batch(flat),
         "decode_alloc": lambda: tok.decode_float(tokens),
-        "encode_state_dicts": lambda: tok.encode_batch(population),
-        "decode_state_dicts": lambda: tok.decode_batch(tokens),
+        "encode_state_dicts_alloc": lambda: tok.encode_batch(population),
     }, max(1, args.repeats // 2)))
 
     max_err = float((decoded - flat).abs().max())
+    views = tok.decode_float(tokens)  # {name: (B, *shape)}
+    match = torch.equal(tokens_sd, tokens) and all(
+        torch.equal(sd_b[k], views[k][b]) for b, sd_b in enumerate(tok.decode_batch(tokens)) for k in sd_b)
     gbps = lambda t: nbytes / t / 1e9  # noqa: E731 - a unit conversion, named for the table below
     result = {
         "encode_gbps": gbps(t["encode"]),
@@ -111,11 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
         "memcpy_gbps": gbps(t["memcpy"]),
         "encode_ratio": t["memcpy"] / t["encode"],
         "decode_ratio": t["memcpy"] / t["decode"],
+        "encode_state_dicts_gbps": gbps(t["encode_state_dicts"]),
+        "decode_state_dicts_gbps": gbps(t["decode_state_dicts"]),
+        "encode_state_dicts_ratio": t["memcpy"] / t["encode_state_dicts"],
+        "decode_state_dicts_ratio": t["memcpy"] / t["decode_state_dicts"],
         "encode_unchecked_gbps": gbps(t["encode_unchecked"]),
         "encode_unchecked_ratio": t["memcpy"] / t["encode_unchecked"],
-        **{f"{k}_gbps": gbps(t[k]) for k in ("encode_alloc", "decode_alloc", "encode_state_dicts",
-                                             "decode_state_dicts")},
+        **{f"{k}_gbps": gbps(t[k]) for k in ("encode_alloc", "decode_alloc", "encode_state_dicts_alloc")},
         "roundtrip_max_abs_error": max_err,
+        "state_dict_paths_match": match,
         "normalize": lay.normalize,
         "checkpoints": batch,
         "params_per_checkpoint": lay.num_params,

@@ -487,3 +487,177 @@ def test_minilm_lora_adapter_survives_tokenise_decode_save_load(tmp_path) -> Non
             assert torch.equal(got, want)
         else:
             torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+# ------------------------------------------------------------- state dicts in and out, fast
+# encode_batch(list) / decode / decode_batch move each tensor straight between its storage and its
+# tokens (small tensors through one pack/unpack call per batch). The reference below is the
+# route through a stacked (B, P) float32 batch and one pack/unpack call, tensor by tensor: both
+# must give the same bits, whichever side of SMALL_TENSOR_NUMEL a tensor falls.
+def _mixed_sd(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Large (> SMALL_TENSOR_NUMEL entries) and small tensors of three dtypes, odd sizes, an empty and
+    a 0-d tensor, an integer buffer (passthrough), each tensor with its own offset and scale."""
+    g = torch.Generator().manual_seed(seed)
+    specs = {"big.weight": ((65, 67), torch.float32), "big.bias": ((7,), torch.bfloat16),
+             "half.weight": ((70, 61), torch.float16), "odd.weight": ((4097,), torch.bfloat16),
+             "small.weight": ((33, 9), torch.float32), "small.bias": ((5, 3), torch.float16),
+             "empty.weight": ((0, 4), torch.float32), "scale": ((), torch.float32)}
+    sd = {k: (3.0 * torch.randn(shape, generator=g) + i - 4).to(dtype)
+          for i, (k, (shape, dtype)) in enumerate(specs.items())}
+    sd["steps"] = torch.tensor(12)
+    return sd
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of ``t`` (so -0.0 and 0.0, or two NaNs, compare as what they are)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _assert_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(_bits(a[k]), _bits(b[k])), k
+
+
+def _encode_ref(tok: WeightTokenizer, sds: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    from weightdiff.kernels import pack
+
+    lay = tok.layout
+    flat = torch.stack([torch.cat([sd[s.name].reshape(-1).float() for s in lay.tensors]) for sd in sds])
+    return pack(flat, lay.token_src_offset, lay.token_length, lay.token_tensor_index, lay.mean, lay.std,
+                lay.token_size)
+
+
+def _decode_ref(tok: WeightTokenizer, tokens: torch.Tensor,
+                base: dict[str, torch.Tensor] | None) -> list[dict[str, torch.Tensor]]:
+    from weightdiff.kernels import unpack
+
+    lay = tok.layout
+    flat = unpack(tokens, lay.token_src_offset, lay.token_length, lay.token_tensor_index, lay.mean, lay.std,
+                  lay.num_params)  # (B, P) float32
+    out = []
+    for row in flat:
+        sd = {s.name: row[s.offset:s.offset + s.numel].view(s.shape).to(getattr(torch, s.dtype))
+              for s in lay.tensors}
+        out.append(sd if base is None else {k: sd[k] if k in sd else base[k] for k in lay.key_order})
+    return out
+
+
+@pytest.mark.parametrize("small_numel, chunk", [(0, 1000), (None, None), (10**9, None)],
+                         ids=["all-direct-in-pieces", "default", "all-batched"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("token_size", [7, 64])
+def test_state_dict_paths_match_the_stacked_reference_bit_for_bit(monkeypatch, small_numel: int | None,
+                                                                  chunk: int | None, normalize: bool,
+                                                                  token_size: int) -> None:
+    import weightdiff.weights.tokenizer as tokenizer_module
+
+    if small_numel is not None:
+        monkeypatch.setattr(tokenizer_module, "SMALL_TENSOR_NUMEL", small_numel)
+    if chunk is not None:  # pieces that end mid-tensor and mid-token
+        monkeypatch.setattr(tokenizer_module, "CHECK_CHUNK_NUMEL", chunk)
+    sd = _mixed_sd()
+    pop = [_mixed_sd(seed) for seed in range(1, 4)]
+    tok = WeightTokenizer.from_state_dict(sd, token_size)
+    if normalize:
+        tok = tok.fit(pop)
+    assert [p.name for p in tok.layout.passthrough] == ["steps"]
+
+    want = _encode_ref(tok, pop)  # (3, L, D)
+    assert torch.equal(_bits(tok.encode_batch(pop)), _bits(want))
+    out = torch.full_like(want, float("nan"))  # stale padding must be overwritten with zeros
+    assert tok.encode_batch(pop, out=out) is out and torch.equal(_bits(out), _bits(want))
+    assert torch.equal(_bits(tok.encode(pop[2])[0]), _bits(want[2]))
+
+    tokens = want + 0.25 * torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
+    tokens[~tok.layout.valid_mask().expand_as(tokens)] = float("nan")  # padding is never read
+    for base in (None, sd):
+        expected = _decode_ref(tok, tokens, base)
+        got = tok.decode_batch(tokens, base=base)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            _assert_bits(g, e)
+        _assert_bits(tok.decode(tokens[1], base=base), expected[1])
+    if not normalize:
+        for g, e in zip(tok.decode_batch(want, base=sd), pop):
+            _assert_bits(g, {k: e[k] if k != "steps" else sd["steps"] for k in e})  # exact round trip
+
+
+def test_decoded_tensors_own_their_storage_and_save_with_safetensors(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = _mixed_sd()
+    tok = WeightTokenizer.from_state_dict(sd, 16)
+    decoded = tok.decode_batch(tok.encode_batch([sd, sd, sd]), base=sd)
+    tensors = [t for d in decoded for t in d.values()]
+    storages = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+    assert len(storages) == sum(1 for t in tensors if t.numel())  # nothing shared, across or within rows
+    for t in tensors:
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    assert decoded[1]["steps"].untyped_storage().data_ptr() != sd["steps"].untyped_storage().data_ptr()
+    save_file(decoded[1], str(tmp_path / "row1.safetensors"))  # refuses tensors that share storage
+    loaded = load_file(str(tmp_path / "row1.safetensors"))  # keys come back sorted
+    _assert_bits({k: loaded[k] for k in decoded[1]}, decoded[1])
+    _assert_bits(decoded[1], sd)
+
+
+@pytest.mark.parametrize("name", ["big.weight", "small.bias", "odd.weight"])
+def test_state_dict_paths_name_the_tensor_and_row_of_a_nan(name: str) -> None:
+    sd = _mixed_sd()
+    tok = WeightTokenizer.from_state_dict(sd, 16).fit([sd, _mixed_sd(1)])
+    rows = [_mixed_sd(seed) for seed in range(4)]
+    rows[2][name].view(-1)[3] = float("nan")
+    rows[3][name].view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match=rf"'{name}' has 1 non-finite values \(NaN/Inf\) in batch row 2"):
+        tok.encode_batch(rows)
+    assert bool(torch.isnan(tok.encode_batch(rows, check_finite=False)).any())  # caller's choice
+
+    tokens = tok.encode_batch([_mixed_sd(seed) for seed in range(4)])
+    spec = next(s for s in tok.layout.tensors if s.name == name)
+    tokens[2, spec.first_token, 1] = float("nan")
+    tokens[2, spec.first_token, 2] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match=rf"'{name}' has 2 non-finite values \(NaN/Inf\) in batch row 2"):
+        tok.decode_batch(tokens)
+    with pytest.raises(NonFiniteWeightsError, match=rf"'{name}' has 2 non-finite values \(NaN/Inf\) in batch row 0"):
+        tok.decode(tokens[2])
+
+
+@pytest.mark.parametrize("name", ["half.weight", "small.bias"])
+def test_decoded_float16_overflow_is_caught_and_huge_finite_weights_are_not(name: str) -> None:
+    sd = _mixed_sd()
+    tok = WeightTokenizer.from_state_dict(sd, 16)  # no normalisation: tokens are the weights
+    tokens = tok.encode(sd)[0]
+    spec = next(s for s in tok.layout.tensors if s.name == name)
+    bad = tokens.clone()
+    bad[spec.first_token, 0] = 1e6  # finite in float32, beyond float16's 65504
+    with pytest.raises(NonFiniteWeightsError, match=rf"'{name}' has 1 non-finite values \(NaN/Inf\) in batch row 0"):
+        tok.decode(bad)
+    # Finite weights whose float32 sums overflow: the check's fast sum flags them, the exact count clears them.
+    huge = {**sd, "big.weight": torch.full((65, 67), 3e38)}
+    assert not bool(torch.isfinite(huge["big.weight"].sum()))
+    tokens = tok.encode_batch([huge, sd])
+    assert torch.equal(tokens, _encode_ref(tok, [huge, sd]))
+    _assert_bits(tok.decode_batch(tokens)[0], {k: v for k, v in huge.items() if k != "steps"})
+
+
+def test_state_dict_paths_keep_their_errors() -> None:
+    sd = _mixed_sd()
+    tok = WeightTokenizer.from_state_dict(sd, 16)
+    wrong_shape = {**sd, "big.weight": torch.zeros(65, 66)}
+    with pytest.raises(LayoutMismatchError, match=r"state dict #1: tensor 'big.weight' has shape \(65, 66\), "
+                                                  r"expected \(65, 67\)"):
+        tok.encode_batch([sd, wrong_shape, sd])
+    missing = {k: v for k, v in sd.items() if k != "small.bias"}
+    with pytest.raises(LayoutMismatchError, match=r"state dict #2 is missing tensor\(s\) \['small.bias'\]"):
+        tok.encode_batch([sd, sd, missing])
+    with pytest.raises(LayoutMismatchError, match="'half.weight' has dtype float32, expected float16"):
+        tok.encode_batch([{**sd, "half.weight": sd["half.weight"].float()}])
+    tokens = tok.encode_batch([sd, sd])
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of shape"):
+        tok.encode_batch([sd, sd], out=torch.empty_like(tokens).transpose(1, 2))
+    with pytest.raises(LayoutMismatchError, match=r"expected \(B, "):
+        tok.decode_batch(tokens[0])
+    with pytest.raises(LayoutMismatchError, match="base state dict is missing tensor 'steps'"):
+        tok.decode_batch(tokens, base={k: v for k, v in sd.items() if k != "steps"})
+    assert tok.encode_batch([]).shape == (0, *tokens.shape[1:]) and tok.decode_batch(tokens[:0]) == []
