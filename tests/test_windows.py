@@ -29,13 +29,13 @@ def _tokenizer(normalize: bool = True, token_size: int = 4) -> WeightTokenizer:
     return tok.fit([_state_dict(s) for s in range(4)]) if normalize else tok
 
 
-def _generator(tok: WeightTokenizer, window: int | None) -> WeightGenerator:
+def _generator(tok: WeightTokenizer, window: int | None, center: bool = False) -> WeightGenerator:
     lay = tok.layout
     torch.manual_seed(0)
     net = WeightGenerator(token_size=lay.token_size, num_tokens=lay.num_tokens, num_tensors=lay.num_tensors,
                           max_chunks=lay.max_chunks, max_depth=lay.max_depth, num_kinds=lay.num_kinds,
                           condition="code", condition_dims={"raw_dim": 3}, hidden=16, depth=2, heads=2,
-                          window=window,
+                          window=window, center=center,
                           token_layout={"tensor_index": lay.token_tensor_index, "chunk_index": lay.token_chunk_index,
                                         "depth": lay.token_depth, "kind": lay.token_kind, "length": lay.token_length})
     for p in net.parameters():  # zero-initialised gates and read-outs would hide the dependence
@@ -109,6 +109,29 @@ def test_sampling_window_by_window_equals_the_whole_sequence_sample(sampler, ste
     atol = steps_tol(network_tol(net, whole), max(steps, 1))
     torch.testing.assert_close(chunked, whole, rtol=0, atol=atol)
     assert (chunked.masked_select(~net.valid.expand_as(chunked)) == 0).all()
+
+
+def test_centring_is_the_training_mean_and_a_per_tensor_scale_and_inverts():
+    tok = _tokenizer()
+    lay = tok.layout
+    centred = _generator(tok, window=2, center=True)
+    g = torch.Generator().manual_seed(0)
+    valid = lay.valid_mask()
+    train = (3.0 + 0.1 * torch.randn(6, lay.num_tokens, lay.token_size, generator=g)).masked_fill(~valid, 0)
+    centred.fit_center(train)
+    mean = train.mean(0)
+    torch.testing.assert_close(centred.token_center, mean.masked_fill(~valid, 0))
+    for t, spec in enumerate(lay.tensors):  # the scale of a token is its tensor's residual std
+        rows = lay.token_tensor_index == t
+        resid = (train - mean)[:, rows][:, valid[rows]]
+        want = resid.pow(2).mean().sqrt()
+        torch.testing.assert_close(centred.token_scale[rows, 0], want.expand(int(rows.sum())), rtol=1e-5, atol=0)
+    x = train[:2]
+    r = centred.residual(x)
+    assert r.abs().amax() < 10 and float(r[:, valid].std()) == pytest.approx(1.0, rel=0.3)
+    torch.testing.assert_close(centred.to_tokens(r), x, rtol=0, atol=4 * float(x.abs().max()) * 2**-23)
+    torch.testing.assert_close(centred.to_tokens(r[:, 2:5], slice(2, 5)), x[:, 2:5], rtol=0,
+                               atol=4 * float(x.abs().max()) * 2**-23)
 
 
 def test_sample_windows_refuses_a_generator_without_windows():
@@ -197,7 +220,8 @@ def windowed_generator(tmp_path_factory):
     root = tmp_path_factory.mktemp("windowed")
     zoo = build_zoo(load_recipe(REPO / "configs/zoo/tiny-digits-cnn.yaml"), root / "zoo", workers=1, progress=False)
     run = fit_tiny(zoo, root / "fit", "--data.condition", "none", "--data.token_size", "16", "--model.window", "4",
-                   "--model.train_windows", "3", "--trainer.max_steps", "6")
+                   "--model.train_windows", "3", "--model.center_tokens", "true",
+                   "--trainer.max_steps", "6")
     return export_last(run, root / "generator")
 
 
@@ -208,6 +232,7 @@ def test_a_streamed_sample_equals_the_whole_sequence_sample_and_loads_strictly(w
 
     gen = load_generator(windowed_generator)
     assert gen.generator.config.window == 4 and gen.tokenizer.layout.num_tokens > 3 * 4
+    assert gen.generator.config.center and gen.generator.token_center.abs().sum() > 0  # fitted and exported
     cond = make_condition(gen, task="digits")
     settings = SamplerSettings(steps=3, sampler="ddim", seed=5)
     dirs, info = sample(gen, cond, 3, settings, tmp_path / "samples", progress=False, batch_size=2)

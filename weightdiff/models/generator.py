@@ -129,6 +129,9 @@ class WeightGenerator(ModelMixin, ConfigMixin):
             :class:`~weightdiff.models.dit.WeightDiT`); training may then fit random windows and
             sampling runs window by window (:mod:`weightdiff.models.windows`), so memory is bounded
             by a window, not by the target. None: attention over the whole sequence.
+        center: diffuse each token's residual from the zoo's mean token, ``(x0 - center) / scale``
+            (:meth:`fit_center`): the denoiser then learns how networks differ, not the weights
+            they share, which a million-weight target of one basin would need it to memorise.
         token_layout: the layout's per-token ``tensor_index``, ``chunk_index``, ``depth``,
             ``kind`` and ``length`` (each ``(L,)``); not part of the config: the buffers are
             saved with the weights. Omitted when the weights are loaded afterwards.
@@ -141,11 +144,14 @@ class WeightGenerator(ModelMixin, ConfigMixin):
                  num_kinds: int, condition: ConditionKind = "text", condition_dims: dict[str, int] | None = None,
                  hidden: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
                  cross_attention: bool = False, text_dropout: float = 0.0, latent: dict[str, Any] | None = None,
-                 window: int | None = None, token_layout: Mapping[str, Sequence[int]] | None = None):
+                 window: int | None = None, center: bool = False,
+                 token_layout: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
         if window is not None and latent is not None:
             raise ValueError("WeightGenerator: 'window' is for weight-token diffusion; a latent generator "
                              "diffuses a few latent tokens, which need no windows")
+        if center and latent is not None:
+            raise ValueError("WeightGenerator: 'center' is for weight-token diffusion, not for a latent generator")
         extra = {"text_dropout": text_dropout} if condition == "text" else {}
         # The provider is built before the denoiser: initial weights follow from the seed in this order.
         self.cond = build_condition(condition, hidden, **(condition_dims or {}), **extra)
@@ -164,6 +170,9 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         for key in ID_FIELDS:
             self.register_buffer(f"ids_{key}", torch.zeros(num_tokens, dtype=torch.long))
         self.register_buffer("token_length", torch.zeros(num_tokens, dtype=torch.long))
+        if center:  # set by fit_center from the training tokens; saved with the weights
+            self.register_buffer("token_center", torch.zeros(num_tokens, token_size))
+            self.register_buffer("token_scale", torch.ones(num_tokens, 1))
         if token_layout is not None:
             for key in (*ID_FIELDS, "length"):
                 buffer = self.token_length if key == "length" else getattr(self, f"ids_{key}")
@@ -221,9 +230,40 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         valid = self.valid
         return flat.new_zeros(flat.shape[0], *valid.shape).masked_scatter(valid, flat)
 
-    def to_tokens(self, sample: torch.Tensor) -> torch.Tensor:
-        """A diffused sample → weight tokens ``(B, L, D)`` (latent: decoded, 0 on padding; else itself)."""
-        return sample if self.autoencoder is None else self.tokens_of(self.autoencoder.decode(sample))
+    def to_tokens(self, sample: torch.Tensor, tokens: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """A diffused sample → weight tokens ``(B, L, D)``: latent: decoded, 0 on padding; centred:
+        ``sample · scale + center``; else itself. ``tokens``: the sample holds only those weight tokens."""
+        if self.autoencoder is not None:
+            return self.tokens_of(self.autoencoder.decode(sample))
+        if not self.config.center:
+            return sample
+        center, scale = self._centering(tokens)
+        return sample * scale + center
+
+    def residual(self, x0: torch.Tensor, tokens: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """(centred) Weight tokens → the diffused residual ``(x0 - center) / scale`` (inverse of :meth:`to_tokens`)."""
+        if not self.config.center:
+            return x0
+        center, scale = self._centering(tokens)
+        return (x0 - center) / scale
+
+    def _centering(self, tokens: slice | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        center, scale = self.token_center, self.token_scale
+        return (center, scale) if tokens is None else (center[tokens], scale[tokens])
+
+    @torch.no_grad()
+    def fit_center(self, train_tokens: torch.Tensor) -> None:
+        """(centred) Set the center to the training tokens' mean ``(L, D)`` and each token's scale
+        to the std of its tensor's residuals, over every valid entry of every training token."""
+        x = train_tokens.to(self.token_center)
+        center = x.mean(0).masked_fill(~self.valid, 0.0)
+        resid = (x - center).masked_fill(~self.valid, 0.0)
+        tensor = self.ids_tensor_index
+        count = torch.zeros(int(tensor.max()) + 1, device=x.device).index_add_(0, tensor, self.token_length.float())
+        sq = torch.zeros_like(count).index_add_(0, tensor, resid.pow(2).sum((0, 2)) / x.shape[0])
+        std = (sq / count.clamp_min(1)).sqrt().clamp_min(CENTER_STD_FLOOR)
+        self.token_center.copy_(center)
+        self.token_scale.copy_(std[tensor][:, None])
 
     def embed_condition(self, raw: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Raw condition batch (see :mod:`weightdiff.models.conditioning`) -> (B, hidden)."""
@@ -284,6 +324,11 @@ class WeightGenerator(ModelMixin, ConfigMixin):
                 raise ModelDirError(f"{layout_file} does not match {gen_dir / SAFETENSORS_WEIGHTS_NAME}: token {i} "
                                     f"has {key} {int(value[i])} in the layout, expected {int(ours[key][i])} "
                                     "(is the tokenizer from another network?)")
+
+
+#: Floor on a tensor's residual std in :meth:`WeightGenerator.fit_center` (a tensor every entry
+#: shares, e.g. a frozen one, would otherwise divide by 0).
+CENTER_STD_FLOOR = 1e-6
 
 
 def seeded_noise(seeds: Sequence[int], shape: tuple[int, int], temperature: float = 1.0,

@@ -116,6 +116,6 @@ def sample_windows(net: WeightGenerator, raw_cond: Any, seeds: Sequence[int], sc
             noise = window_noise(seeds, shape, window, a, b, temperature).to(device)
             x0 = denoise(net.guided_fn(cond, null, guidance, tokens=slice(a, b)), tuple(noise.shape), schedule,
                          steps=steps, sampler=sampler, device=device, noise=noise, valid=valid[a:b])
-            yield a, x0.cpu()
+            yield a, net.to_tokens(x0, slice(a, b)).cpu()
     finally:
         net.train(was_training)

@@ -59,7 +59,8 @@ def latent_config(hparams: Any) -> dict[str, Any] | None:
 
 def build_generator(spec: dict[str, Any], hidden: int, depth: int, heads: int, mlp_ratio: float,
                     cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0,
-                    latent: dict[str, Any] | None = None, window: int | None = None) -> WeightGenerator:
+                    latent: dict[str, Any] | None = None, window: int | None = None,
+                    center: bool = False) -> WeightGenerator:
     """The :class:`WeightGenerator` for a datamodule ``spec`` (sizes and the layout's per-token ids);
     ``latent``: its autoencoder's arguments (:func:`latent_config`); ``window``: its attention window."""
     ids = spec["token_ids"]
@@ -68,7 +69,7 @@ def build_generator(spec: dict[str, Any], hidden: int, depth: int, heads: int, m
         max_chunks=spec["max_chunks"], max_depth=spec["max_depth"], num_kinds=spec["num_kinds"],
         condition=condition, condition_dims=dict(spec["condition_dims"]), hidden=hidden, depth=depth, heads=heads,
         mlp_ratio=mlp_ratio, cross_attention=cross_attention, text_dropout=text_dropout, latent=latent,
-        window=window, token_layout={**ids, "length": spec["token_length"]})
+        window=window, center=center, token_layout={**ids, "length": spec["token_length"]})
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
@@ -180,6 +181,10 @@ class WeightDiffusion(L.LightningModule):
         train_windows: with ``window``, fit this many random windows per step (the same for every
             row of the batch) instead of all of them; the functional loss then runs the entry's
             own network with those windows replaced by their clean estimate. 0: every window.
+        center_tokens: diffuse each token's residual from the training tokens' mean, scaled per
+            tensor (:meth:`~weightdiff.models.generator.WeightGenerator.fit_center`, set at the start
+            of fitting and saved with the generator): for zoos of one basin, whose networks share most
+            of their weights.
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -196,7 +201,8 @@ class WeightDiffusion(L.LightningModule):
                  autoencoder_mse_steps: int = 1500, autoencoder_lr: float = 1e-3, autoencoder_width: int = 256,
                  autoencoder_basis: int = 256, autoencoder_input_noise: float = 0.001,
                  autoencoder_latent_noise: float = 0.1, autoencoder_functional_weight: float = 1.0,
-                 noise_draws: int = 1, window: int | None = None, train_windows: int = 0):
+                 noise_draws: int = 1, window: int | None = None, train_windows: int = 0,
+                 center_tokens: bool = False):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
@@ -213,6 +219,8 @@ class WeightDiffusion(L.LightningModule):
         if train_windows < 0 or (train_windows and window is None):
             raise WeightDiffError(f"model options: train_windows = {train_windows} needs window set and must be "
                                   ">= 0 (0: every window at each step)")
+        if center_tokens and latent_tokens:
+            raise WeightDiffError("model options: center_tokens is for weight-token diffusion; set latent_tokens to 0")
         if latent_tokens and path_functional_weight > 0:
             raise WeightDiffError("model options: path_functional_weight applies to weight-token diffusion; "
                                   "set it to 0 with latent_tokens > 0")
@@ -220,7 +228,7 @@ class WeightDiffusion(L.LightningModule):
         self.schedule = schedule_of(self.hparams)
         self.sampler = self.schedule.default_sampler(sampler)
         self.generator = build_generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition,
-                                         text_dropout, latent_config(self.hparams), window)
+                                         text_dropout, latent_config(self.hparams), window, center_tokens)
         # Buffers are the layout's integer token ids and lengths: copied from the model at every
         # update, never averaged (an average of equal integers in float32 can round down).
         self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
@@ -242,6 +250,10 @@ class WeightDiffusion(L.LightningModule):
             # On resume the checkpoint's buffers replace these right after.
             ae.fit_basis(self.generator.flat(dm.train_tokens()).to(self.device))
             self._sync_autoencoder()
+        if self.hparams.center_tokens and dm is not None and stage == "fit":
+            # On resume the checkpoint's center replaces this right after (the same zoo gives the same).
+            self.generator.fit_center(dm.train_tokens())
+            self.ema.module.fit_center(dm.train_tokens())
 
     def _sync_autoencoder(self) -> None:
         """Copy the autoencoder (weights and buffers) into the EMA model, which does not average it."""
@@ -325,6 +337,7 @@ class WeightDiffusion(L.LightningModule):
         tokens = self._train_tokens(x0.shape[1], x0.device)
         if tokens is not None:  # a few windows of each entry: (B, n, D)
             x0 = x0[:, tokens]
+        x0 = self.generator.residual(x0, tokens)  # centred generators diffuse the residual
         latent = self.generator.autoencoder is not None
         if latent:  # the frozen autoencoder's latent (B, K, d) is the diffused sample
             with torch.no_grad():
@@ -368,7 +381,7 @@ class WeightDiffusion(L.LightningModule):
         functional = self._functional_parts()
         if functional is not None and "fx" in batch and self.hparams.functional_loss_weight > 0:
             tokenizer, target_net = functional
-            x0_hat = self.generator.to_tokens(predicted_x0(out, x_t, level, ptype))
+            x0_hat = self.generator.to_tokens(predicted_x0(out, x_t, level, ptype), tokens)
             if tokens is not None:  # the entry's own tokens outside the fitted windows
                 x0_hat = full.repeat_interleave(draws, 0).index_copy(1, tokens, x0_hat)
             params = tokenizer.decode_float(x0_hat)  # name -> (B, *shape), differentiable
