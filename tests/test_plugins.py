@@ -22,7 +22,7 @@ from weightdiff.tasks import get_family, get_task, list_families, make_task
 from weightdiff.tasks.suites import Suite, list_suites, load_suite
 
 REPO = Path(__file__).resolve().parents[1]
-BUILTIN = ["cordigits", "dataset", "digits", "mnist1d", "rotdigits"]
+BUILTIN = ["cordigits", "dataset", "digits", "digits-mlp", "mnist1d", "rotdigits"]
 
 TINYFAM = '''
 from dataclasses import dataclass
@@ -135,7 +135,8 @@ def test_list_families_includes_class_and_function_entry_points(install):
 def test_unknown_family_error_lists_plugin_families(install):
     install("tinyfam", {"tinyfam": "tinyfam:TinyTask"})
     with pytest.raises(TaskStringError, match=r"unknown family 'nofam'; expected one of "
-                                              r"\['cordigits', 'dataset', 'digits', 'mnist1d', 'rotdigits', 'tinyfam'\]"):
+                                              r"\['cordigits', 'dataset', 'digits', 'digits-mlp', 'mnist1d', "
+                                              r"'rotdigits', 'tinyfam'\]"):
         get_task("nofam:k=1")
 
 
@@ -158,7 +159,8 @@ def test_broken_plugin_is_one_error_naming_entry_point_and_package(install, valu
     with pytest.raises(TaskFamilyError, match="tinybroken 0.1"):
         list_families()
     assert get_task("rotdigits:angle=40").name == "rotdigits:angle=40,flip=0"  # the others still work
-    with pytest.raises(TaskStringError, match=r"expected one of \['cordigits', 'dataset', 'digits', 'mnist1d', 'rotdigits'\]"):
+    with pytest.raises(TaskStringError, match=r"expected one of \['cordigits', 'dataset', 'digits', 'digits-mlp', "
+                                                r"'mnist1d', 'rotdigits'\]"):
         get_task("nofam")
 
 
@@ -290,11 +292,12 @@ def test_heldout_tasks_and_generator_exclude_each_other():
 
 
 # ------------------------------------------------------------------------------- benchmark suites
-def test_shipped_suites_are_the_four_benchmarks():
-    assert list_suites() == ["adapt-lora", "cordigits-lora", "digits-cnn", "mnist1d-cnn"]
+def test_shipped_suites_are_the_five_benchmarks():
+    assert list_suites() == ["adapt-lora", "cordigits-lora", "digits-cnn", "digits-mlp", "mnist1d-cnn"]
     assert [(s.name, s.kind, s.family, s.baseline_condition) for s in map(load_suite, list_suites())] == [
         ("adapt-lora", "lora", "rotdigits", "code"), ("cordigits-lora", "lora", "cordigits", "text"),
-        ("digits-cnn", "full", "digits", "code"), ("mnist1d-cnn", "full", "mnist1d", "code")]
+        ("digits-cnn", "full", "digits", "code"), ("digits-mlp", "full", "digits-mlp", "code"),
+        ("mnist1d-cnn", "full", "mnist1d", "code")]
 
 
 def test_shipped_suites_are_declared_package_data():
@@ -317,7 +320,8 @@ def test_suite_file_of_ones_own_for_a_plugin_family(install, tmp_path):
 
 def test_unknown_suite_lists_the_shipped_ones():
     with pytest.raises(BenchmarkError, match=r"unknown suite 'adapt-loar'; expected one of \['adapt-lora', "
-                                             r"'cordigits-lora', 'digits-cnn', 'mnist1d-cnn'\] or the path of a suite .yaml file"):
+                                             r"'cordigits-lora', 'digits-cnn', 'digits-mlp', 'mnist1d-cnn'\] or the path of a "
+                                             r"suite .yaml file"):
         load_suite("adapt-loar")
 
 

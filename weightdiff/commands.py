@@ -289,8 +289,8 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
     Writes results.json, results.md, predictions/*.npz and PNG plots under --out.
 
     Args:
-        suite: a shipped suite (digits-cnn, mnist1d-cnn, adapt-lora) or a suite YAML file
-            (weightdiff.tasks.suites).
+        suite: a shipped suite (digits-cnn, mnist1d-cnn, digits-mlp, adapt-lora, cordigits-lora) or a
+            suite YAML file (weightdiff.tasks.suites).
         zoo: zoo directory (its training split is what the generator saw).
         out: output directory.
         model: exported generator directory (null: the baselines alone), or a list of them, e.g.
