@@ -194,6 +194,7 @@ def test_param_codec_round_trip():
 
 
 def test_mlp_hypernet_loss_goes_down():
+    torch.manual_seed(0)  # the base network's initialisation: independent of which tests ran before
     tasks = [get_task(f"rotdigits:angle={a},flip=0") for a in (-60, 0, 60)]
     base = tasks[0].build_network()
     target = Target.lora(base, tasks[0].default_lora_config())
@@ -203,7 +204,7 @@ def test_mlp_hypernet_loss_goes_down():
     conds = torch.stack([t.code() for t in tasks for _ in range(2)])
     row_task = torch.tensor([i for i in range(3) for _ in range(2)])
     data = [(t.data().x_train, t.data().y_train) for t in tasks]
-    cfg = HypernetTrainConfig(steps=60, lr=3e-3, batch_size=6, functional_batch=32, hidden=64,
+    cfg = HypernetTrainConfig(steps=150, lr=3e-3, batch_size=6, functional_batch=32, hidden=64,
                               functional_loss_weight=1.0)
     model, history = train_mlp_hypernet(target, codec, conds, codec.flatten(params), row_task, data, cfg)
     first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
@@ -354,3 +355,31 @@ def test_full_suite_benchmark_reports_one_step_row_evaluations_and_basins(tiny_z
     assert r["basins_covered"] == 2  # samples are copies of entries of both runs
     assert r["within_run_spacing"] > 0
     assert "generated one-step" in (tmp_path / "bench" / "results.md").read_text()
+
+
+def test_a_one_condition_hypernetwork_with_a_huge_head_is_trained_as_its_one_output(digits, monkeypatch):
+    """One distinct training condition: an MLP's output is one vector; above MAX_HEAD_WEIGHTS it is that vector."""
+    import weightdiff.evaluate.hypernet as hypernet
+
+    target = Target.full(digits.build_network())
+    params = _random_nets(digits, 6)
+    codec = ParamCodec.fit(params)
+    conds = torch.ones(6, 3)
+    data = [(digits.data().x_train, digits.data().y_train)]
+    cfg = HypernetTrainConfig(steps=40, lr=3e-2, batch_size=6, functional_batch=32, hidden=64)
+    big = 64 * codec.num_params
+    monkeypatch.setattr(hypernet, "MAX_HEAD_WEIGHTS", big)  # not above: the MLP itself
+    model, _ = train_mlp_hypernet(target, codec, conds, codec.flatten(params), torch.zeros(6, dtype=torch.long),
+                                  data, cfg)
+    assert not model.constant
+    monkeypatch.setattr(hypernet, "MAX_HEAD_WEIGHTS", big - 1)
+    model, history = train_mlp_hypernet(target, codec, conds, codec.flatten(params),
+                                        torch.zeros(6, dtype=torch.long), data, cfg)
+    assert model.constant and sum(p.numel() for p in model.parameters()) == codec.num_params
+    # random networks: the weight loss is mostly irreducible; the task loss of the one vector falls
+    assert sum(history[-5:]) / 5 < sum(history[:5]) / 5 - 0.05 and model.value.abs().amax() > 0
+    assert torch.equal(model(conds[:2])[0], model.value.detach()) and model(conds).shape == (6, codec.num_params)
+    varied = torch.randn(6, 3)  # distinct conditions: never collapsed, whatever the head's size
+    model, _ = train_mlp_hypernet(target, codec, varied, codec.flatten(params), torch.zeros(6, dtype=torch.long),
+                                  data, HypernetTrainConfig(steps=2, hidden=64))
+    assert not model.constant
