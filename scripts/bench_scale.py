@@ -15,10 +15,12 @@ depend on what it learnt, but its samples here are not trained networks.
 Writes JSON with ``sizes`` (a list of ``{"params", "seconds", "peak_rss_bytes", ...}``) and
 ``slope`` (least-squares slope of log seconds on log params over the sizes >= ``--slope-from``),
 and a log-log PNG beside it. ``--generator`` also times a trained windowed generator (the
-``digits-mlp`` one) through :func:`weightdiff.sampling.sample`, its real path. ``--whole`` also measures, up to ``--whole-max-params``, the same
-generator sampled in one piece (every window at once, decoded at the end), for comparison.
+``digits-mlp`` one) through :func:`weightdiff.sampling.sample`, its real path. ``--whole`` also
+measures, up to ``--whole-max-params``, the same generator sampled in one piece (every window at
+once, decoded at the end), for comparison.
 
-    python scripts/bench_scale.py --json runs/bench_scale.json --threads 1
+    python scripts/bench_scale.py --json runs/bench_scale.json --threads 1 --whole \
+        --generator runs/digits-mlp/generator
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, required=True, help="where to write the results (a PNG goes beside it)")
-    parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES[:5]), choices=ARCHITECTURES)
+    parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     parser.add_argument("--token-size", type=int, default=1024)
     parser.add_argument("--window", type=int, default=64, help="tokens per attention window")
     parser.add_argument("--windows-per-span", type=int, default=4, help="windows denoised together")

@@ -248,3 +248,31 @@ def test_a_streamed_sample_equals_the_whole_sequence_sample_and_loads_strictly(w
         assert (folder / "sample.json").is_file()
     assert not torch.equal(load_file(str(dirs[0] / "model.safetensors"))["conv1.weight"],
                            load_file(str(dirs[1] / "model.safetensors"))["conv1.weight"])
+
+
+def test_window_by_window_sampling_never_runs_the_denoiser_on_more_than_a_span(monkeypatch, tmp_path):
+    """Memory bounded by a span: on a synthetic layout of many windows the denoiser only ever sees
+    one span of tokens (and so do the decoder and the writer), never the whole target."""
+    from weightdiff.weights.layout import TokenLayout
+
+    shapes = {f"layer{i}.weight": ((37, 29), torch.float32) for i in range(12)}  # 12 x 34 tokens of 32
+    lay = TokenLayout.from_shapes(shapes, 32)
+    tok = WeightTokenizer(lay)
+    net = _generator(tok, window=8)
+    seen = []
+    forward = WeightDiT.forward
+    monkeypatch.setattr(WeightDiT, "forward",
+                        lambda self, x, *a, **k: seen.append(x.shape[1]) or forward(self, x, *a, **k))
+    decoded = []
+    span_decode = decode_span
+    monkeypatch.setattr("weightdiff.weights.stream.decode_span",
+                        lambda layout, tokens, start: decoded.append(tokens.shape[1])
+                        or span_decode(layout, tokens, start))
+    with StreamingWeightWriter(tmp_path / "m.safetensors", lay) as writer:
+        for start, tokens in sample_windows(net, torch.zeros(1, 3), [0, 1], ScheduleConfig(), steps=3,
+                                            sampler="ddim", windows_per_span=2):
+            assert tokens.shape[:2] == (2, min(16, lay.num_tokens - start))
+            writer.write_tokens(tokens[0], start)
+    assert set(load_file(str(tmp_path / "m.safetensors"))) == set(shapes)
+    assert lay.num_tokens == 408 and max(seen) == 16 and len(seen) == 3 * 26  # 26 spans x 3 steps
+    assert max(decoded) == 16 and sum(decoded) == lay.num_tokens

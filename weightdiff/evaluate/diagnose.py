@@ -325,7 +325,8 @@ def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] |
                               "measure yet (judge it with `weightdiff benchmark`)")
     if net.config.center:
         raise WeightDiffError(f"{gen.path}: this generator diffuses residuals from the zoo's mean token "
-                              "(center_tokens), which diagnose does not measure yet (judge it with `weightdiff benchmark`)")
+                              "(center_tokens), which diagnose does not measure yet (judge it with "
+                              "`weightdiff benchmark`)")
     if paths is None:
         paths = [(gen.schedule.default_sampler(), steps) for steps in DEFAULT_PATH_STEPS]
     for sampler, _ in paths:  # before the noise levels: a wrong sampler fails at once

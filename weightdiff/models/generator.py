@@ -241,7 +241,7 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         return sample * scale + center
 
     def residual(self, x0: torch.Tensor, tokens: slice | torch.Tensor | None = None) -> torch.Tensor:
-        """(centred) Weight tokens → the diffused residual ``(x0 - center) / scale`` (inverse of :meth:`to_tokens`)."""
+        """(centred) Weight tokens → the diffused residual ``(x0 - center) / scale`` (:meth:`to_tokens` inverted)."""
         if not self.config.center:
             return x0
         center, scale = self._centering(tokens)

@@ -203,7 +203,8 @@ class StreamingWeightWriter:
         values = values.detach().cpu().reshape(-1)
         p1 = p0 + values.numel()
         if not 0 <= p0 <= p1 <= self.layout.num_params:
-            raise LayoutMismatchError(f"flat span [{p0}, {p1}) is outside the layout's {self.layout.num_params} entries")
+            raise LayoutMismatchError(f"flat span [{p0}, {p1}) is outside the layout's "
+                                      f"{self.layout.num_params} entries")
         finite = values.numel() == 0 or bool(torch.isfinite(values.sum(dtype=torch.float64)))
         for spec, a, b in _overlaps(self.layout, p0, p1):
             part = values[spec.offset + a - p0:spec.offset + b - p0]
