@@ -383,3 +383,19 @@ def test_a_one_condition_hypernetwork_with_a_huge_head_is_trained_as_its_one_out
     model, _ = train_mlp_hypernet(target, codec, varied, codec.flatten(params), torch.zeros(6, dtype=torch.long),
                                   data, HypernetTrainConfig(steps=2, hidden=64))
     assert not model.constant
+
+
+def test_comparison_space_without_alignment_measures_networks_as_they_are(digits):
+    """One-parent zoos: distances are plain z-scored RMS distances over the tensors as they are."""
+    target = Target.full(digits.build_network())
+    zoo = _random_nets(digits, 4)
+    plain = ComparisonSpace(target, zoo, align=False)
+    assert plain.spec is None and plain.refine == 0
+    one = {k: v[:1] for k, v in zoo.items()}
+    scale = {k: v.float().std() for k, v in zoo.items()}
+    pts = torch.cat([(v / scale[k]).flatten(1) for k, v in zoo.items()], 1).double()
+    want = (pts[1:] - pts[:1]).norm(dim=1).min() / pts.shape[1] ** 0.5
+    assert float(plain.nearest_distance(one, exclude=[0])[0]) == pytest.approx(float(want), rel=1e-5)
+    assert float(plain.nearest_distance(one)[0]) == 0.0
+    # aligned, random networks come closer than as they are (their units are matched first)
+    assert float(ComparisonSpace(target, zoo).nearest_distance(one, exclude=[0])[0]) < float(want)

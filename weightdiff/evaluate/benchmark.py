@@ -317,6 +317,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         runs = [r["run_id"] for r in z.rows]
         results["runs_in_zoo"] = len(set(runs))
         results["within_run_spacing"] = z.space.within_group_spacing(runs)
+        results["hidden_units_aligned"] = not z.one_parent  # one parent: its units already correspond
         results["basins_covered"] = len(set(generated_runs)) if gen is not None else None
 
     sgd: dict[str, dict[str, float]] = {}

@@ -77,22 +77,27 @@ class ComparisonSpace:
     gives an upper bound of the true minimum over permutations, so two are combined: every
     model and zoo checkpoint aligned to one reference checkpoint (cheap, all pairs), then, for the
     ``refine`` nearest candidates of each model, the model aligned to that candidate directly;
-    the smaller distance is kept.
+    the smaller distance is kept. ``align=False`` measures full networks as they are: for a zoo
+    whose runs all fine-tune one parent, whose hidden units therefore correspond already (and whose
+    million-weight layers would make weight matching of every pair take hours).
 
     Args:
         target: the target network.
         zoo_params: the zoo's checkpoints ``{name: (Z, *shape)}`` that define the space.
         refine: candidates re-aligned pairwise per model (full networks).
+        align: (full networks) permute hidden units before measuring.
     """
 
-    def __init__(self, target: Target, zoo_params: Mapping[str, torch.Tensor], refine: int = 5) -> None:
+    def __init__(self, target: Target, zoo_params: Mapping[str, torch.Tensor], refine: int = 5,
+                 align: bool = True) -> None:
         self.target = target
         self.kind = target.kind
-        self.refine = refine
+        self.align = align
+        self.refine = refine if align else 0
         self.spec: PermutationSpec | None = None
         self.reference: dict[str, torch.Tensor] | None = None
         self.zoo_params = {k: v.float() for k, v in zoo_params.items()}
-        if self.kind == "full":
+        if self.kind == "full" and align:
             first = {k: v[0] for k, v in self.zoo_params.items()}
             self.spec = sequential_permutation_spec(first)
             self.reference = align_full(first, first, self.spec)
@@ -108,6 +113,8 @@ class ComparisonSpace:
             merged = vmap(self.target.merged_params)(dict(params))  # base name -> (S, *shape)
             base = dict(self.target.module.named_parameters())
             return {name: merged[name] - base[name] for name in self._lora_names}
+        if not self.align:
+            return {k: v.float() for k, v in params.items()}
         assert self.reference is not None
         return self._aligned(params, [self.reference] * next(iter(params.values())).shape[0])
 

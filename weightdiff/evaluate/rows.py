@@ -104,9 +104,11 @@ class ZooState:
         log.info("loading %d training checkpoints", len(self.rows))
         self.params = stack_params([zoo.load(r["id"]) for r in self.rows])     # (Z, *shape)
         self.target.check(self.params, "zoo checkpoints", batched=True)
-        self.canon, _ = canonical_params(self.params, self.kind)
+        # Runs that all fine-tune one parent keep its hidden units in order: nothing to align.
+        self.one_parent = self.kind == "full" and int((getattr(zoo, "recipe", None) or {}).get("parents") or 0) == 1
+        self.canon = self.params if self.one_parent else canonical_params(self.params, self.kind)[0]
         self.codec = ParamCodec.fit(self.canon)
-        self.space = ComparisonSpace(self.target, self.params)
+        self.space = ComparisonSpace(self.target, self.params, align=not self.one_parent)
         self.spacing = self.space.spacing()
         self.index: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(self.rows):
