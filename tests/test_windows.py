@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests._tolerance import network_tol, steps_tol
-from weightdiff.errors import LayoutMismatchError, NonFiniteWeightsError
+from weightdiff.errors import LayoutMismatchError, NonFiniteWeightsError, WeightFileError
 from weightdiff.models.dit import WeightDiT
 from weightdiff.models.generator import WeightGenerator, sample_tokens, seeded_noise
 from weightdiff.models.schedule import ScheduleConfig
@@ -168,6 +168,12 @@ def test_read_span_reads_a_safetensors_file_piece_by_piece(tmp_path):
     for a, b in spans(tok.layout.num_tokens, 3):
         p0, p1 = token_span(tok.layout, a, b)
         assert torch.equal(read_span(tmp_path / "m.safetensors", tok.layout, p0, p1), flat[p0:p1])
+    save_file({k: v for k, v in sd.items() if k != "b.weight"}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(WeightFileError, match=r"short.safetensors has no tensor 'b.weight'"):
+        read_span(tmp_path / "short.safetensors", tok.layout, 0, tok.layout.num_params)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightFileError, match="bad.safetensors is not a readable safetensors file"):
+        read_span(tmp_path / "bad.safetensors", tok.layout, 0, 4)
 
 
 # ------------------------------------------------------------------------------ the writer

@@ -22,13 +22,14 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from weightdiff.errors import LayoutMismatchError, NonFiniteWeightsError, WeightFileError
 from weightdiff.io import atomic_path
@@ -104,16 +105,14 @@ def read_span(path: str | os.PathLike, layout: TokenLayout, p0: int, p1: int) ->
                 else:  # a scalar has no rows to slice
                     block, first = fh.get_tensor(spec.name).reshape(-1), 0
                 out[spec.offset + a - p0:spec.offset + b - p0] = block[a - first:b - first].to(torch.float32)
-    except (OSError, RuntimeError) as exc:  # safetensors raises its errors as these
+    except (OSError, RuntimeError, SafetensorError) as exc:
         raise WeightFileError(f"{path} is not a readable safetensors file: {exc}") from None
     return out
 
 
 def _row_size(shape: tuple[int, ...]) -> int:
-    size = 1
-    for s in shape[1:]:
-        size *= s
-    return size
+    """Entries per leading-dimension row of a tensor of ``shape``."""
+    return math.prod(shape[1:])
 
 
 def _row_range(shape: tuple[int, ...], a: int, b: int) -> tuple[int, int]:
