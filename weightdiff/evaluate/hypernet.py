@@ -186,7 +186,7 @@ class MLPHypernet(nn.Module):
         super().__init__()
         self.constant = constant
         if constant:
-            self.value = nn.Parameter(torch.zeros(num_params))  # the mean checkpoint, as the head's zero start
+            self.value = nn.Parameter(torch.zeros(num_params))  # set to the zoo's mean by train_mlp_hypernet
             self.register_buffer("cond_mean", torch.zeros(cond_dim))
             self.register_buffer("cond_std", torch.ones(cond_dim))
             return
@@ -249,6 +249,8 @@ def train_mlp_hypernet(target: Target, codec: ParamCodec, conds: torch.Tensor, f
         # that vector when the head would be too large to train on this machine.
         constant = bool((conds == conds[:1]).all()) and config.hidden * flat.shape[1] > MAX_HEAD_WEIGHTS
         model = MLPHypernet(conds.shape[1], flat.shape[1], config.hidden, config.depth, constant=constant)
+    if constant:  # start from the zoo's mean checkpoint: the one output that fits the weight loss best
+        model.value.data.copy_(flat.mean(0))
     scaler = Standardizer(conds)
     model.cond_mean.copy_(scaler.mean.float())
     model.cond_std.copy_(scaler.std.float())
@@ -270,7 +272,10 @@ def train_mlp_hypernet(target: Target, codec: ParamCodec, conds: torch.Tensor, f
                 pick = torch.randint(x.shape[0], (config.functional_batch,), generator=gen)
                 xs.append(x[pick])
                 ys.append(y[pick])
-            logits = target.forward_each(codec.unflatten(pred), torch.stack(xs))  # (B, n, C)
+            if constant:  # B copies of one network: run it once on all B · n inputs (the same mean)
+                logits = target.forward_each(codec.unflatten(pred[:1]), torch.cat(xs)[None])  # (1, B · n, C)
+            else:
+                logits = target.forward_each(codec.unflatten(pred), torch.stack(xs))  # (B, n, C)
             ce = F.cross_entropy(logits.flatten(0, 1), torch.stack(ys).flatten())
             loss = loss + config.functional_loss_weight * ce
         opt.zero_grad(set_to_none=True)
