@@ -320,8 +320,8 @@ def test_suite_file_of_ones_own_for_a_plugin_family(install, tmp_path):
 
 def test_unknown_suite_lists_the_shipped_ones():
     with pytest.raises(BenchmarkError, match=r"unknown suite 'adapt-loar'; expected one of \['adapt-lora', "
-                                             r"'cordigits-lora', 'digits-cnn', 'digits-mlp', 'mnist1d-cnn'\] or the path of a "
-                                             r"suite .yaml file"):
+                                             r"'cordigits-lora', 'digits-cnn', 'digits-mlp', 'mnist1d-cnn'\] or the "
+                                             r"path of a suite .yaml file"):
         load_suite("adapt-loar")
 
 

@@ -546,8 +546,9 @@ class WeightTokenizer:
         :class:`_Span`'s add (in the computation dtype of :func:`~weightdiff.kernels.unpack`, cast
         to the tensor's dtype on store), in pieces of :data:`CHECK_CHUNK_NUMEL` each summed while
         still in cache; the small ones are unpacked for the whole batch by one
-        :func:`~weightdiff.kernels.unpack` call (:class:`_SmallPlan`) and copied out per row. NaN/Inf propagate into the sums, so one check
-        of them finds any, and only then is the culprit counted exactly.
+        :func:`~weightdiff.kernels.unpack` call (:class:`_SmallPlan`) and copied out per row.
+        NaN/Inf propagate into the sums, so one check of them finds any, and only then is the
+        culprit counted exactly.
         """
         lay = self.layout
         kept = self._check_base(base)
