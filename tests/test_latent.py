@@ -182,7 +182,7 @@ def test_noise_draws_repeat_each_entry_with_its_own_condition_and_task_batch(tin
                              functional_loss_weight=0.0)
     seen = {}
 
-    def spy(x_t, t, c, context=None, context_mask=None):
+    def spy(x_t, t, c, context=None, context_mask=None, tokens=None):
         seen["x_t"], seen["c"] = x_t, c
         return torch.zeros_like(x_t)
 

@@ -23,14 +23,12 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from weightdiff.models.schedule import ScheduleConfig, SamplerName, denoise
-
-if TYPE_CHECKING:
-    from weightdiff.models.generator import WeightGenerator
 
 #: Window indices per sample seed: window ``w`` of seed ``s`` draws from ``s * SEED_STRIDE + w``.
 SEED_STRIDE = 1_000_003
@@ -85,10 +83,13 @@ def spans(num_tokens: int, window: int, windows_per_span: int = 1) -> list[tuple
 
 
 @torch.no_grad()
-def sample_windows(net: WeightGenerator, raw_cond: Any, seeds: Sequence[int], schedule: ScheduleConfig, *,
+def sample_windows(net: nn.Module, raw_cond: Any, seeds: Sequence[int], schedule: ScheduleConfig, *,
                    steps: int, sampler: SamplerName, guidance: float = 1.0, temperature: float = 1.0,
                    windows_per_span: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
     """Generate one sample per seed for a one-row raw condition, a span of windows at a time.
+
+    ``net`` is a windowed :class:`~weightdiff.models.generator.WeightGenerator` (not imported here:
+    the generator imports this module for its noise).
 
     Yields ``(start, tokens (S, n, D))`` for consecutive spans ``[start, start + n)`` covering the
     layout, on the CPU, 0 on padding. Only one span's tokens (and the DiT's activations for it)
