@@ -373,7 +373,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                 "nn_spacing": z.spacing},
         "hypernetworks": hyper,
         "notes": _notes(kind, gen, from_description, num, metric, spec.baseline_condition,
-                        adapt.record() if adapt is not None else None),
+                        adapt.record() if adapt is not None else None, aligned=not z.one_parent),
         "per_task": per_task,
         "seconds": time.perf_counter() - t_start,
     })
@@ -491,7 +491,8 @@ def _by_kind_round_robin(tasks: Sequence[str], kinds: dict[str, str]) -> list[st
 
 
 def _notes(kind: str, gen: Any, from_description: bool, num: int, metric: Metric,
-           baseline_condition: str = "code", adaptation: Mapping[str, Any] | None = None) -> list[str]:
+           baseline_condition: str = "code", adaptation: Mapping[str, Any] | None = None,
+           aligned: bool = True) -> list[str]:
     notes = []
     if baseline_condition == "text":
         read = "the sentence embeddings of the tasks' descriptions (the held-out description when the run uses one)"
@@ -520,8 +521,9 @@ def _notes(kind: str, gen: Any, from_description: bool, num: int, metric: Metric
         "task's own checkpoints).",
         f"Linear (ridge, alpha by leave-tasks-out CV) and MLP hypernetworks map {read_one} to canonicalised "
         f"weights; the MLP is trained with {mlp_loss}.",
-        "Average and gaussian use canonicalised checkpoints (LoRA SVD gauge / hidden units aligned to a reference); "
-        "average is per task on seen tasks and over all training checkpoints on unseen tasks.",
+        ("Average and gaussian use canonicalised checkpoints (LoRA SVD gauge / hidden units aligned to a reference); "
+         if aligned else "Average and gaussian use the checkpoints as they are (one parent: their hidden units "
+         "correspond); ") + "average is per task on seen tasks and over all training checkpoints on unseen tasks.",
         f"Noise-added: up to {num} checkpoints of the own (seen) or nearest (unseen) training task, plus Gaussian "
         "noise at the given fraction of each tensor's std.",
     ]

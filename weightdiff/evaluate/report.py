@@ -219,8 +219,10 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                      f"{results.get('basins_covered', '–')} of the zoo's {results['runs_in_zoo']} independent runs; "
                      f"within-run spacing {_fmt(results.get('within_run_spacing'))}")
     parts.append("")
+    aligned = ("after hidden-unit alignment (full networks)" if results.get("hidden_units_aligned", True) else
+               "with hidden units as they are (every run fine-tunes one parent, whose units they keep)")
     distance = ("*Distance*: RMS distance to the nearest training checkpoint in the zoo's per-tensor z-scored "
-                "space, after hidden-unit alignment (full networks) or on merged ΔW = scaling·B·A (LoRA); *spacing* "
+                f"space, {aligned} or on merged ΔW = scaling·B·A (LoRA); *spacing* "
                 "is the median nearest-neighbour distance among training checkpoints.")
     if metric.name == "accuracy":
         parts += ["Accuracies are on each task's test split. *Wrong-set IoU*: largest IoU between a model's set of "
