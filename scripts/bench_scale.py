@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
         "slope_from": args.slope_from,
         "whole": whole,
         "trained": trained,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "one", "scratch")},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                     if k not in ("json", "one", "scratch")},
         "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
