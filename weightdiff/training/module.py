@@ -253,7 +253,8 @@ class WeightDiffusion(L.LightningModule):
         if self.hparams.center_tokens and dm is not None and stage == "fit":
             # On resume the checkpoint's center replaces this right after (the same zoo gives the same).
             self.generator.fit_center(dm.train_tokens())
-            self.ema.module.fit_center(dm.train_tokens())
+            self.ema.module.token_center.copy_(self.generator.token_center)
+            self.ema.module.token_scale.copy_(self.generator.token_scale)
 
     def _sync_autoencoder(self) -> None:
         """Copy the autoencoder (weights and buffers) into the EMA model, which does not average it."""
