@@ -47,7 +47,7 @@ def test_factors_agree_with_name() -> None:
 
 
 def test_families_and_kinds() -> None:
-    assert list_families() == ["cordigits", "dataset", "digits", "digits-mlp", "mnist1d", "rotdigits"]
+    assert list_families() == ["cordigits", "dataset", "dataset-net", "digits", "digits-mlp", "mnist1d", "rotdigits"]
     assert get_task("digits").kind == "full"
     assert get_task("mnist1d").kind == "full"
     rot = get_task("rotdigits:angle=10")

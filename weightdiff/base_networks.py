@@ -8,6 +8,13 @@ ways, as a YAML/JSON mapping (the ``class_path``/``init_args`` form is Lightning
 
     pretrained: path/to/hf_folder           # config.json + model.safetensors, loaded offline
     auto_class: AutoModel                   # a transformers auto class (default AutoModel)
+    output: pooler_output                   # optional: the output key scored (default: logits)
+    pad_token_id: 0                         # optional: default the config's; null for no mask
+
+How the base is *called* (:class:`BaseCall`, read by :func:`base_call`) is part of the spec too:
+integer inputs (token ids) get ``attention_mask = (x != pad_token_id)``, so padded sequences are
+encoded as the tokenizer meant them, and an output mapping is scored on its ``output`` key (by
+default ``logits`` when it has them, else the output itself).
 
 :func:`build_base` instantiates it: a ``class_path`` module with its own initial weights (the
 trained ones are loaded afterwards, strictly), a ``pretrained`` one with
@@ -21,7 +28,7 @@ it back (``None`` for zoos whose base is a task family's network).
 from __future__ import annotations
 
 import contextlib
-import importlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -36,12 +43,82 @@ from torch import nn
 
 from weightdiff.errors import TargetMismatchError, WeightFileError
 from weightdiff.io import atomic_path, read_json, write_json
+from weightdiff.tasks.base import import_object
 
 BASE_SPEC_FILE = "base_spec.json"
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
 DEFAULT_AUTO_CLASS = "AutoModel"
-_FIELDS = ("class_path", "init_args", "pretrained", "auto_class")
+_FIELDS = ("class_path", "init_args", "pretrained", "auto_class", "output", "pad_token_id")
+FROM_CONFIG = "config"  # pad_token_id: the network's config.pad_token_id
+CALL_ATTR = "_weightdiff_call"  # where build_base leaves a module's BaseCall
+
+
+@dataclass(frozen=True)
+class BaseCall:
+    """How a base network is called on a task's inputs, and which output is scored.
+
+    Attributes:
+        output: key of the output mapping that is scored, or None: ``logits`` when the output
+            has them, else the output itself.
+        pad_token_id: integer inputs equal to it are masked out with an ``attention_mask``, or
+            None: no mask is passed.
+    """
+
+    output: str | None = None
+    pad_token_id: int | None = None
+
+    def _masks(self, x: Any) -> bool:
+        return (self.pad_token_id is not None and torch.is_tensor(x) and not x.is_floating_point()
+                and x.dtype != torch.bool and x.dim() >= 2)
+
+    def kwargs(self, x: Any) -> dict[str, torch.Tensor]:
+        """The keyword inputs besides ``x``: an ``attention_mask`` for integer token ids ``(N, L)``."""
+        return {"attention_mask": (x != self.pad_token_id).long()} if self._masks(x) else {}
+
+    def pads(self, x: Any) -> bool:
+        """Whether ``x`` holds padding that the mask hides (checked on real, unbatched tensors)."""
+        return self._masks(x) and bool((x == self.pad_token_id).any())
+
+    def select(self, out: Any) -> Any:
+        """The scored part of a network's output.
+
+        Raises:
+            TargetMismatchError: ``output`` is set and the output has no such key.
+        """
+        if self.output is not None:
+            if not (isinstance(out, Mapping) and self.output in out):
+                keys = sorted(out) if isinstance(out, Mapping) else f"a {type(out).__name__}, not a mapping"
+                raise TargetMismatchError(f"base network: its output has no '{self.output}' (the base spec's "
+                                          f"'output'); it has {keys}")
+            return out[self.output]
+        return out["logits"] if isinstance(out, Mapping) and "logits" in out else out
+
+    def __call__(self, module: nn.Module, x: Any) -> Any:
+        """``module`` on inputs ``x`` (masked where they hold padding), its scored output."""
+        return self.select(module(x, **(self.kwargs(x) if self.pads(x) else {})))
+
+
+def _config_pad_id(module: nn.Module) -> int | None:
+    """``config.pad_token_id`` of a network whose forward takes an ``attention_mask``, else None."""
+    pad = getattr(getattr(module, "config", None), "pad_token_id", None)
+    if not isinstance(pad, int) or isinstance(pad, bool):
+        return None
+    try:
+        accepts = "attention_mask" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return pad if accepts else None
+
+
+def base_call(module: nn.Module) -> BaseCall:
+    """How ``module`` is called: as its spec said (:func:`build_base`), else the defaults.
+
+    The defaults mask the padding of a network that has a ``config.pad_token_id`` and takes an
+    ``attention_mask`` (a Hugging Face encoder), and score ``logits`` when the output has them.
+    """
+    recorded = getattr(module, CALL_ATTR, None)
+    return recorded if isinstance(recorded, BaseCall) else BaseCall(pad_token_id=_config_pad_id(module))
 
 
 @dataclass(frozen=True)
@@ -54,12 +131,18 @@ class BaseSpec:
         pretrained: a local Hugging Face model folder holding ``config.json`` and ``model.safetensors``.
         auto_class: the ``transformers`` auto class that loads ``pretrained`` (``AutoModel``,
             ``AutoModelForSequenceClassification``, ...).
+        output: the key of the output mapping that is scored (e.g. ``pooler_output`` of a model
+            without a head), or None: ``logits`` when present, else the output.
+        pad_token_id: the token id masked out of integer inputs, ``"config"`` (default) for the
+            network's ``config.pad_token_id`` where it has one, or None for no mask.
     """
 
     class_path: str | None = None
     init_args: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     auto_class: str = DEFAULT_AUTO_CLASS
+    output: str | None = None
+    pad_token_id: int | str | None = FROM_CONFIG
 
     @property
     def kind(self) -> str:
@@ -84,7 +167,7 @@ class BaseSpec:
         if has_class == has_folder:
             raise TargetMismatchError(f"{source}: expected exactly one of 'class_path' and 'pretrained', "
                                       f"got {'both' if has_class else 'neither'}")
-        for name in ("class_path", "pretrained", "auto_class"):
+        for name in ("class_path", "pretrained", "auto_class", "output"):
             value = data.get(name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise TargetMismatchError(f"{source}: field '{name}' expected a non-empty string, got {value!r}")
@@ -96,6 +179,11 @@ class BaseSpec:
                                       f"configured by its {HF_CONFIG_FILE}")
         if has_class and data.get("auto_class") is not None:
             raise TargetMismatchError(f"{source}: field 'auto_class' is for 'pretrained'; got it with 'class_path'")
+        pad = data.get("pad_token_id", FROM_CONFIG)
+        if pad != FROM_CONFIG and pad is not None and not (isinstance(pad, int) and not isinstance(pad, bool)
+                                                            and pad >= 0):
+            raise TargetMismatchError(f"{source}: field 'pad_token_id' expected a token id (a whole number >= 0), "
+                                      f"null (no attention mask) or {FROM_CONFIG!r}, got {pad!r}")
         pretrained = data.get("pretrained")
         if pretrained is not None:
             folder = Path(pretrained).expanduser()
@@ -103,13 +191,26 @@ class BaseSpec:
                 folder = relative_to / folder
             pretrained = str(folder)
         return cls(class_path=data.get("class_path"), init_args=dict(init_args), pretrained=pretrained,
-                   auto_class=data.get("auto_class") or DEFAULT_AUTO_CLASS)
+                   auto_class=data.get("auto_class") or DEFAULT_AUTO_CLASS, output=data.get("output"),
+                   pad_token_id=pad)
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as JSON (only the fields of its kind)."""
+        """The spec as JSON (only the fields of its kind; the call fields only where not default)."""
         if self.class_path is not None:
-            return {"class_path": self.class_path, "init_args": dict(self.init_args)}
-        return {"pretrained": self.pretrained, "auto_class": self.auto_class}
+            out: dict[str, Any] = {"class_path": self.class_path, "init_args": dict(self.init_args)}
+        else:
+            out = {"pretrained": self.pretrained, "auto_class": self.auto_class}
+        if self.output is not None:
+            out["output"] = self.output
+        if self.pad_token_id != FROM_CONFIG:
+            out["pad_token_id"] = self.pad_token_id
+        return out
+
+    def call(self, module: nn.Module) -> BaseCall:
+        """How this spec's ``module`` is called (``pad_token_id`` ``"config"`` read from it)."""
+        pad = _config_pad_id(module) if self.pad_token_id == FROM_CONFIG else self.pad_token_id
+        assert pad is None or isinstance(pad, int)
+        return BaseCall(output=self.output, pad_token_id=pad)
 
 
 def read_base_spec(path: str | os.PathLike) -> BaseSpec:
@@ -136,18 +237,13 @@ def hf_folder(path: str | os.PathLike) -> bool:
 
 
 def _import_class(class_path: str, source: str) -> type[nn.Module]:
-    module_name, _, name = class_path.rpartition(".")
-    if not module_name:
-        raise TargetMismatchError(f"{source}: class_path {class_path!r} is not a dotted path 'package.module.Class'")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TargetMismatchError(f"{source}: class_path {class_path!r}: module {module_name!r} cannot be "
-                                  f"imported ({exc})") from None
-    cls = getattr(module, name, None)
+        cls = import_object(class_path)
+    except LookupError as exc:
+        raise TargetMismatchError(f"{source}: class_path {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        found = "nothing" if cls is None else f"a {type(cls).__name__}"
-        raise TargetMismatchError(f"{source}: class_path {class_path!r} names {found}, expected an nn.Module subclass")
+        raise TargetMismatchError(f"{source}: class_path {class_path!r} names a {type(cls).__name__}, expected an "
+                                  "nn.Module subclass")
     return cls
 
 
@@ -191,7 +287,7 @@ def _from_pretrained(spec: BaseSpec, source: str) -> nn.Module:
 
 
 def build_base(spec: BaseSpec, source: str = "base spec") -> nn.Module:
-    """The base network of ``spec``, frozen and in eval mode.
+    """The base network of ``spec``, frozen and in eval mode, carrying its :class:`BaseCall`.
 
     A ``class_path`` module has its constructor's initial weights (load the trained ones with
     :func:`weightdiff.targets.load_base_network`); a ``pretrained`` one its folder's weights.
@@ -211,6 +307,7 @@ def build_base(spec: BaseSpec, source: str = "base spec") -> nn.Module:
         except TypeError as exc:
             raise TargetMismatchError(f"{source}: init_args {spec.init_args!r} do not fit {spec.class_path}: "
                                       f"{exc}") from None
+    setattr(module, CALL_ATTR, spec.call(module))
     return module.eval().requires_grad_(False)
 
 

@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 from torch.func import functional_call, vmap
 
-from weightdiff.base_networks import BaseSpec, build_base
+from weightdiff.base_networks import BaseCall, BaseSpec, base_call, build_base
 from weightdiff.errors import TargetMismatchError, WeightFileError
 from weightdiff.io import load_weights, read_json, save_weights, write_json
 from weightdiff.tasks import get_task
@@ -167,6 +167,7 @@ class Target:
                  lora_config: LoraConfig | None = None) -> None:
         self.kind = kind
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.call: BaseCall = base_call(self.module)  # attention mask of token ids, the output scored
         self.lora_config = lora_config
         self._slots: list[_LoraSlot] = []
         self._names: dict[str, str] = {}  # adapter key -> its parameter in the LoRA-injected network
@@ -378,8 +379,9 @@ class Target:
               kwargs: Mapping[str, Any] | None = None) -> Any:
         """The network on ``args`` with one sample's tensors (no S dimension) substituted.
 
-        An output mapping with ``logits`` (a Hugging Face ``...ForSequenceClassification`` model's
-        ``ModelOutput``) gives just its logits, so the task metrics score it as any classifier.
+        The base's :class:`~weightdiff.base_networks.BaseCall` picks the scored output: by default
+        the ``logits`` of an output mapping that has them (a Hugging Face
+        ``...ForSequenceClassification`` model), so the task metrics score it as any classifier.
         """
         if self.kind == "full":
             out = functional_call(self.module, dict(params), args, kwargs)
@@ -387,7 +389,11 @@ class Target:
             assert self._net is not None
             # h = W0 x + scaling · B A x in each injected layer: the base W0 is shared, never copied per sample
             out = functional_call(self._net, {self._names[k]: v for k, v in params.items()}, args, kwargs)
-        return out["logits"] if isinstance(out, Mapping) and "logits" in out else out
+        return self.call.select(out)
+
+    def _mask(self, x: Any) -> dict[str, torch.Tensor]:
+        """The ``attention_mask`` of inputs that hold padding (none without: the same function)."""
+        return self.call.kwargs(x) if self.call.pads(x) else {}
 
     def forward_batched(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> Any:
         """Outputs of S weight sets on one input batch.
@@ -405,6 +411,7 @@ class Target:
             differentiable with respect to ``params``.
         """
         self.check(params, batched=True)
+        kwargs = {**self._mask(x), **kwargs}
         return vmap(lambda p: self._call(p, (x,), kwargs))(dict(params))  # (S, N, C)
 
     def forward_each(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> Any:
@@ -418,6 +425,9 @@ class Target:
             logits ``(S, N, C)``; differentiable with respect to ``params``.
         """
         self.check(params, batched=True)
+        if self.call.pads(x):  # transformers inspects a padding mask's values, which vmap cannot batch
+            return torch.stack([self._call({k: v[s] for k, v in params.items()}, (x[s],), self._mask(x[s]))
+                                for s in range(len(x))])
         return vmap(lambda p, xs: self._call(p, (xs,)))(dict(params), x)  # (S, N, C): row s on weight set s
 
     @torch.no_grad()

@@ -35,6 +35,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 from tqdm.auto import tqdm
 
+from weightdiff.base_networks import base_call
 from weightdiff.evaluate.fewshot import DEFAULT_KS, few_shot_sgd, lora_settings, recipe_value
 from weightdiff.tasks import Task, get_task
 from weightdiff.weights.canonical import canonicalize_lora
@@ -98,11 +99,6 @@ def norm_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """A network's class outputs: the ``logits`` of a Hugging Face ``ModelOutput``, else the output itself."""
-    return out["logits"] if isinstance(out, Mapping) and "logits" in out else out
-
-
 def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy (nats) of the softmax of ``logits (N, C)``: ``-mean_n Σ_c p log p`` (TENT eq. 1)."""
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -150,18 +146,19 @@ def tent(base_module: nn.Module, x_unlabelled: torch.Tensor, x_test: torch.Tenso
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
+    call = base_call(module)  # attention mask of padded token ids; a ModelOutput's logits
     with torch.no_grad():
-        before = float(mean_entropy(_logits(module(x_unlabelled))))
+        before = float(mean_entropy(call(module, x_unlabelled)))
     for _ in range(steps):
-        loss = mean_entropy(_logits(module(x_unlabelled)))
+        loss = mean_entropy(call(module, x_unlabelled))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     module.requires_grad_(False)
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        after = float(mean_entropy(_logits(module(x_unlabelled))))
-        logits = torch.cat([_logits(module(x_test[i:i + chunk_size])) for i in range(0, x_test.shape[0], chunk_size)])
+        after = float(mean_entropy(call(module, x_unlabelled)))
+        logits = torch.cat([call(module, x_test[i:i + chunk_size]) for i in range(0, x_test.shape[0], chunk_size)])
     return TentResult(predictions=logits.argmax(-1), logits=logits, module=module, entropy_before=before,
                       entropy_after=after, seconds=seconds, num_params=sum(p.numel() for p in params))
 
@@ -237,6 +234,7 @@ def train_multitask_lora(tasks: Sequence[Task | str], base_module: nn.Module, re
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
+        call = base_call(base_module)
         model = get_peft_model(copy.deepcopy(base_module).requires_grad_(False), config)
         model.eval()  # no dropout/BN, as the zoo's adapters train
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=hp["lr"])
@@ -247,7 +245,7 @@ def train_multitask_lora(tasks: Sequence[Task | str], base_module: nn.Module, re
                 perm, pos = torch.randperm(len(y), generator=gen), 0
             idx = perm[pos:pos + batch_size].to(device)
             pos += batch_size
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(call(model, x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -21,7 +21,7 @@ from weightdiff.tasks.base import (
     register_family,
 )
 from weightdiff.tasks.cordigits import CorDigitsTask
-from weightdiff.tasks.dataset import DatasetTask, register_task_file
+from weightdiff.tasks.dataset import DatasetNetworkTask, DatasetTask, register_task_file
 from weightdiff.tasks.digits import DigitsTask
 from weightdiff.tasks.digitsmlp import DigitsMLPTask
 from weightdiff.tasks.mnist1d import MNIST1DTask
@@ -29,7 +29,7 @@ from weightdiff.tasks.metrics import METRICS, Metric, get_metric
 from weightdiff.tasks.rotdigits import RotDigitsTask, rotate_images
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "METRICS", "CorDigitsTask", "DatasetTask", "DigitsTask", "Factor", "MNIST1DTask", "Metric",
+    "ENTRY_POINT_GROUP", "METRICS", "CorDigitsTask", "DatasetNetworkTask", "DatasetTask", "DigitsTask", "Factor", "MNIST1DTask", "Metric",
     "DigitsMLPTask", "RotDigitsTask", "Task", "TaskData", "canonical_name", "get_family", "get_task", "get_metric",
     "list_families", "make_task", "register_family", "register_task_file", "rotate_images",
 ]

@@ -13,6 +13,7 @@ and ``task.name`` always agree and ``get_task(task.name) == task``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import math
 import re
@@ -249,6 +250,25 @@ ENTRY_POINT_GROUP = "weightdiff.tasks"
 _FAMILIES: dict[str, type[Task]] = {}
 _LOADED_ENTRY_POINTS: set[tuple[str, str, str]] = set()  # (package, name, value) registered already
 _SCANNED_ALL = False  # every installed entry point has been loaded once
+
+
+def import_object(path: str) -> Any:
+    """The object a dotted path ``package.module.name`` names (a class, a function, ...).
+
+    Raises:
+        LookupError: the path is not dotted, its module cannot be imported or has no such name;
+            the message says which.
+    """
+    module_name, _, name = path.rpartition(".")
+    if not module_name or not name:
+        raise LookupError(f"{path!r} is not a dotted path 'package.module.Name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise LookupError(f"{path!r}: module {module_name!r} cannot be imported ({exc})") from None
+    if not hasattr(module, name):
+        raise LookupError(f"{path!r}: module {module_name!r} has no {name!r}")
+    return getattr(module, name)
 
 
 def register_family(cls: type[Task]) -> type[Task]:

@@ -16,6 +16,7 @@ canonical while the files they stand for live beside the zoo. A task file::
       - name: toy-regression
         dataset: {class_path: mypkg.data.make_toy, init_args: {n: 200}}
         metric: mse
+        network: {class_path: mypkg.nets.SmallMLP, init_args: {width: 32}}   # for dataset-net tasks
 
 ``data`` holds the six tensors ``x_train, y_train, x_val, y_val, x_test, y_test`` (safetensors,
 or ``.npz`` read with ``allow_pickle=False``, so no file can run code); ``dataset`` names a
@@ -28,8 +29,11 @@ Task files are registered with :func:`register_task_file`, or listed in the envi
 variable :data:`TASK_FILES_ENV` (paths separated by ``os.pathsep``), read the first time a
 dataset task is asked for. A name registered twice must mean the same task.
 
-The family has no network of its own: its zoo's recorded base network is used, so
-:meth:`DatasetTask.build_network` raises.
+Two families read the same task files. ``dataset:name=NAME`` (:class:`DatasetTask`) is a LoRA
+family with no network of its own: its zoo's recorded base network is used, so its
+:meth:`~DatasetTask.build_network` raises. ``dataset-net:name=NAME`` (:class:`DatasetNetworkTask`)
+is a full family whose checkpoints are whole networks of the entry's ``network`` (any
+``nn.Module`` by ``class_path`` + ``init_args``), built from its own seeded initialisation.
 """
 
 from __future__ import annotations
@@ -52,14 +56,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from weightdiff.errors import TaskStringError, WeightDiffError
-from weightdiff.tasks.base import Factor, Task, TaskData, register_family
+from weightdiff.tasks.base import Factor, Task, TaskData, import_object, register_family
 from weightdiff.tasks.metrics import METRICS, Metric, get_metric
 
 TASK_FILES_ENV = "WEIGHTDIFF_TASK_FILES"
 SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 _DATA_SUFFIXES = (".safetensors", ".npz")
 _FIELDS = ("name", "num_classes", "data", "sha256", "dataset", "metric", "descriptions", "heldout_description",
-           "code", "input_shape")
+           "code", "input_shape", "network")
 
 
 class DatasetTaskError(WeightDiffError):
@@ -83,6 +87,8 @@ class DatasetSpec:
         heldout_description: a description unlike the others, or None.
         code: the numeric task code, or None (a constant).
         input_shape: shape of one input, or None (read from the data).
+        network: ``(class_path, init_args as JSON)`` of the whole network a ``dataset-net`` task
+            trains, or None.
     """
 
     name: str
@@ -97,12 +103,13 @@ class DatasetSpec:
     heldout_description: str | None = None
     code: tuple[float, ...] | None = None
     input_shape: tuple[int, ...] | None = None
+    network: tuple[str, str] | None = None
 
     def identity(self) -> tuple[Any, ...]:
         """Everything that defines the task (not where it was read from)."""
         return (self.num_classes, self.metric, self.descriptions, self.data, self.sha256, self.class_path,
                 json.dumps(dict(self.init_args), sort_keys=True, default=str), self.heldout_description, self.code,
-                self.input_shape)
+                self.input_shape, self.network)
 
 
 _SPECS: dict[str, DatasetSpec] = {}
@@ -158,6 +165,13 @@ def _spec(entry: Any, where: str, folder: Path) -> DatasetSpec:
     if shape is not None and not (isinstance(shape, list) and all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
         raise fail("input_shape", f"= {shape!r}; expected a list of positive whole numbers")
+    network = entry.get("network")
+    if network is not None:
+        if not isinstance(network, Mapping) or not isinstance(network.get("class_path"), str) \
+                or "." not in network["class_path"] or set(network) - {"class_path", "init_args"} \
+                or not isinstance(network.get("init_args") or {}, Mapping):
+            raise fail("network", f"= {network!r}; expected {{class_path: 'module.Class', init_args: {{...}}}}")
+        network = (network["class_path"], json.dumps(dict(network.get("init_args") or {}), sort_keys=True))
     data, dataset = entry.get("data"), entry.get("dataset")
     if (data is None) == (dataset is None):
         raise DatasetTaskError(f"{where}: give exactly one of 'data' (a .safetensors or .npz file) and 'dataset' "
@@ -184,7 +198,7 @@ def _spec(entry: Any, where: str, folder: Path) -> DatasetSpec:
     return DatasetSpec(name=name, source=where, num_classes=num_classes, metric=metric,
                        descriptions=tuple(descriptions), heldout_description=held,
                        code=tuple(float(c) for c in code) if code is not None else None,
-                       input_shape=tuple(shape) if shape is not None else None, **fields)
+                       input_shape=tuple(shape) if shape is not None else None, network=network, **fields)
 
 
 def register_task_file(path: str | os.PathLike) -> list[str]:
@@ -384,4 +398,39 @@ class DatasetTask(Task):
 
     def build_network(self) -> nn.Module:
         raise DatasetTaskError(f"task '{self.name}' has no network of its own: a dataset task is evaluated on the "
-                               "base network its zoo records (pass --base, or use the zoo's base/)")
+                               "base network its zoo records (pass --base, or use the zoo's base/); whole networks of "
+                               f"the entry's 'network' are task 'dataset-net:name={self.factors['name']}'")
+
+
+@register_family
+@dataclass(frozen=True)
+class DatasetNetworkTask(DatasetTask):
+    """A dataset task whose checkpoints are whole networks of its task file's ``network``."""
+
+    family_name: ClassVar[str] = "dataset-net"
+    kind: ClassVar[str] = "full"
+
+    def build_network(self) -> nn.Module:
+        """A fresh ``network`` of the task file, with its constructor's (seeded) initial weights.
+
+        Raises:
+            DatasetTaskError: the entry has no ``network``, or it cannot be built (naming the
+                task file's entry).
+        """
+        spec = self.spec
+        where = f"{spec.source}.network"
+        if spec.network is None:
+            raise DatasetTaskError(f"{spec.source}: task '{self.name}' is a whole-network task, but its entry has "
+                                   "no 'network' {class_path, init_args}")
+        class_path, init_args = spec.network[0], json.loads(spec.network[1])
+        try:
+            cls = import_object(class_path)
+        except LookupError as exc:
+            raise DatasetTaskError(f"{where}: class_path {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise DatasetTaskError(f"{where}: class_path {class_path!r} names a {type(cls).__name__}, expected an "
+                                   "nn.Module subclass")
+        try:
+            return cls(**init_args)
+        except TypeError as exc:
+            raise DatasetTaskError(f"{where}: init_args {init_args!r} do not fit {class_path}: {exc}") from None

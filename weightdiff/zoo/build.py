@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from weightdiff.base_networks import HF_WEIGHTS_FILE, BaseSpec, build_base, record_base_spec, recorded_base_spec
+from weightdiff.base_networks import HF_WEIGHTS_FILE, BaseSpec, base_call, build_base, record_base_spec, recorded_base_spec
 from weightdiff.errors import OutputPathError, RecipeError, TargetMismatchError, WeightDiffError, ZooBuildError
 from weightdiff.io import (atomic_path, check_finite, check_writable, load_weights, read_json, save_weights,
                            sha256_file, write_json)
@@ -91,11 +91,12 @@ class LogitsOf(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        if not (isinstance(out, Mapping) and "logits" in out):
+        out = base_call(self.net)(self.net, x)  # with the attention mask of padded token ids
+        if not torch.is_tensor(out):
             raise TargetMismatchError(f"{type(self.net).__name__} returns a {type(out).__name__} without 'logits'; "
-                                      "name an auto class with a head, e.g. AutoModelForSequenceClassification")
-        return out["logits"]  # (N, C)
+                                      "name an auto class with a head, e.g. AutoModelForSequenceClassification, "
+                                      "or the output to score with 'output' in the base spec")
+        return out  # (N, C)
 
 
 _PEFT_PREFIX = "base_model.model."  # get_peft_model_state_dict keys of a PeftModel start so
@@ -269,7 +270,7 @@ class _Builder:
     def target(self) -> Any:
         if self._target is None:
             if self.recipe.kind == "full":
-                self._target = Target.build("full", self.recipe.family)
+                self._target = Target.build("full", self.recipe.build_network())
             else:
                 config = self.recipe.lora_config()
                 spec = self.recipe.base_spec()

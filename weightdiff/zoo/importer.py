@@ -27,6 +27,7 @@ from peft import LoraConfig
 
 from weightdiff.base_networks import (
     BaseSpec,
+    base_call,
     build_base,
     hf_folder,
     read_base_spec,
@@ -243,7 +244,7 @@ def plan_import(manifest: str | os.PathLike, base: str | os.PathLike | None, nam
                 target = Target.build("lora", base_module, base_state=base_state, lora_config=recipe.lora_config(),
                                       source=base_file)
             else:
-                target = Target.build("full", family)
+                target = Target.build("full", recipe.build_network())
         first, ref_shapes, ref_cfg = reference
         if shapes != ref_shapes:
             diff = sorted(set(shapes) ^ set(ref_shapes)) or sorted(k for k in shapes if shapes[k] != ref_shapes[k])
@@ -260,6 +261,16 @@ def plan_import(manifest: str | os.PathLike, base: str | os.PathLike | None, nam
         except WeightDiffError as exc:
             network = "the family's network" if spec is None else f"the base network ({spec.kind})"
             raise m.error(row.line, "path", f"does not fit {network}: {exc}") from None
+        if row is rows[0]:
+            problem = _scored_output_problem(target, row, tensors)
+            if problem is not None:
+                source = (f"--base-config {base_config}" if base_config is not None else f"--base {base}"
+                          if base is not None else f"family '{family}'")
+                if any(_unmeasured(r) for r in rows):  # a score would have to be measured
+                    raise ManifestError(f"{source}: {problem}; or give every row's metrics in the manifest")
+                log.warning("%s: %s. The manifest gives every row's metrics, so the import goes on, but "
+                            "weightdiff cannot evaluate these networks or train with the functional loss", source,
+                            problem)
         row.source_sha256 = sha256_file(row.weights)
         row.config_sha256 = sha256_file(row.config) if row.config is not None else None
         if row.source_sha256 in seen:
@@ -267,6 +278,38 @@ def plan_import(manifest: str | os.PathLike, base: str | os.PathLike | None, nam
                                             f"line {seen[row.source_sha256]} (duplicate row)")
         seen[row.source_sha256] = row.line
     return ImportPlan(rows, family, kind, target, recipe, base_state, base_file, spec)
+
+
+def _unmeasured(row: ImportRow) -> list[str]:
+    """The scores the import would measure for ``row``: those of its task's metric that it lacks."""
+    metric = get_task(row.task).metric
+    names = METRIC_FIELDS if metric.name == "accuracy" else tuple(f"{s}_{metric.name}" for s in ("train", "val", "test"))
+    return [n for n in names if n not in row.metrics]
+
+
+def _scored_output_problem(target: Target, row: ImportRow, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why the task's metric cannot score the network's output (checked on one input), or None.
+
+    The output must be a tensor (not, e.g., the ``ModelOutput`` of a model without a head), and
+    ``(N, num_classes)`` logits for a classification metric.
+    """
+    task = get_task(row.task)
+    x = task.data().split("val")[0][:1]
+    with torch.no_grad():
+        try:
+            out = target.forward_batched({k: v[None] for k, v in tensors.items()}, x)
+        except WeightDiffError as exc:
+            return str(exc)
+    hint = ("name the output to score with 'output' in the base config (e.g. output: pooler_output), or load a "
+            "model with a head (e.g. auto_class: AutoModelForSequenceClassification)")
+    if not torch.is_tensor(out):
+        keys = f" with {sorted(out)}" if isinstance(out, Mapping) else ""
+        return (f"the network returns a {type(out).__name__}{keys}, not a tensor that metric "
+                f"'{task.metric.name}' of task {row.task!r} can score; {hint}")
+    if task.metric.classification and (out.dim() != 3 or out.shape[-1] != task.num_classes):
+        return (f"the network's output has shape {tuple(out.shape[1:])} on one input, but task {row.task!r} "
+                f"scores logits (1, {task.num_classes}); {hint}")
+    return None
 
 
 def _number_entries(m: Manifest, rows: list[ImportRow]) -> None:
@@ -345,39 +388,36 @@ def _check_existing(zoo_dir: Path, meta: dict[str, Any]) -> None:
 
 
 def _measured(plan: ImportPlan, row: ImportRow, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The row's metrics, with the accuracies it lacks measured on its task's splits."""
+    """The row's metrics, with the scores it lacks measured on its task's splits.
+
+    Accuracy tasks measure :data:`METRIC_FIELDS`; a task scored by another metric measures
+    ``{split}_{metric}`` (e.g. ``test_mse``), the mean of its per-example scores.
+    """
     metrics = dict(row.metrics)
-    data = get_task(row.task).data()
+    task = get_task(row.task)
+    data, metric = task.data(), task.metric
     params = {k: v[None] for k, v in tensors.items()}  # (1, ...): the target's batched evaluation
-    for name in METRIC_FIELDS:
-        if name not in metrics:
-            metrics[name] = float(plan.target.accuracy(params, *data.split(name.removesuffix("_acc")))[0])
+    for name in _unmeasured(row):
+        x, y = data.split(name.rpartition("_")[0])
+        if metric.name == "accuracy":
+            metrics[name] = float(plan.target.accuracy(params, x, y)[0])
+        else:
+            with torch.no_grad():
+                metrics[name] = float(metric.per_example(plan.target.forward_batched(params, x), y).mean())
     return metrics
 
 
-class _LogitsOf(torch.nn.Module):
-    """``module`` returning the ``logits`` of its output mapping."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.module(*args, **kwargs)["logits"]
-
-
 def _base_metrics(module: torch.nn.Module, data: Any, metric: Any) -> dict[str, float]:
-    """The base network's scores on its family's data, or none when its output is not a tensor.
+    """The base network's scores on its family's data, or none when its scored output is not a tensor.
 
     Accuracy tasks record ``{split}_acc`` on logits (N, C); other metrics record
-    ``{split}_{metric.name}``, the mean of the metric's per-example scores. An output mapping with
-    ``logits`` (a Hugging Face ``...ForSequenceClassification`` model) is scored on them, as
-    :class:`~weightdiff.targets.Target` scores its samples.
+    ``{split}_{metric.name}``, the mean of the metric's per-example scores. The base is called as
+    :class:`~weightdiff.targets.Target` calls it (:func:`~weightdiff.base_networks.base_call`):
+    padded token ids masked, and an output mapping scored on its ``logits`` or the spec's ``output``.
     """
+    call = base_call(module)
     with torch.no_grad():
-        out = module(data.split("val")[0][:1])
-    if isinstance(out, Mapping) and "logits" in out:
-        module, out = _LogitsOf(module), out["logits"]
+        out = call(module, data.split("val")[0][:1])
     if not torch.is_tensor(out) or (metric.name == "accuracy" and out.dim() != 2):
         log.info("base network: its output is a %s, not logits (N, C); no base accuracies recorded",
                  type(out).__name__)
@@ -388,7 +428,7 @@ def _base_metrics(module: torch.nn.Module, data: Any, metric: Any) -> dict[str, 
     with torch.no_grad():
         for split in ("train", "val", "test"):
             x, y = data.split(split)
-            scores[f"{split}_{metric.name}"] = float(metric.per_example(module(x)[None], y).mean())
+            scores[f"{split}_{metric.name}"] = float(metric.per_example(call(module, x)[None], y).mean())
     return scores
 
 

@@ -62,8 +62,11 @@ def validate_row(row: Any, source: str | Path) -> dict[str, Any]:
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ManifestError(f"{source}: field '{name}' expected {_type_names(tp)}, "
                                 f"got {type(value).__name__} {value!r}")
-    for name in METRIC_FIELDS:
+    for name in METRIC_FIELDS:  # the accuracies; a task scored by another metric has {split}_<metric> instead
         value = row["metrics"].get(name)
+        split = name.removesuffix("_acc")
+        if name not in row["metrics"] and any(k.startswith(f"{split}_") for k in row["metrics"]):
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ManifestError(f"{source}: field 'metrics.{name}' expected a number, got {value!r}")
     if row["split"] not in SPLITS:

@@ -205,7 +205,7 @@ class Zoo:
         """The :class:`weightdiff.targets.Target` that evaluates this zoo's weight sets (cached)."""
         if self._target is None:
             if self.kind == "full":
-                self._target = Target.build("full", self.family)
+                self._target = Target.build("full", self.parsed_recipe.build_network())
             else:
                 self._target = Target.build("lora", self._base_network(), base_state=self.base_state(),
                                             lora_config=self.parsed_recipe.lora_config(), source=self.base_file())
@@ -292,7 +292,7 @@ class Zoo:
         """Counts and test accuracy (n/mean/min/max) overall, per split, held-out kind and task."""
         rows = self.rows()
         planned = len(self.planned())
-        acc = lambda rs: _stats(r["metrics"]["test_acc"] for r in rs)  # noqa: E731
+        acc = lambda rs: _stats(r["metrics"]["test_acc"] for r in rs if "test_acc" in r["metrics"])  # noqa: E731
         out: dict[str, Any] = {
             "name": self.name, "kind": self.kind, "family": self.family, "path": str(self.path),
             "entries": len(rows), "planned_entries": planned, "runs": len({r["run_id"] for r in rows}),

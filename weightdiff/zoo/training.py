@@ -29,6 +29,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from weightdiff.base_networks import base_call
 from weightdiff.errors import ZooBuildError
 from weightdiff.tasks import Task, TaskData, get_family, get_task, list_families
 
@@ -56,13 +57,14 @@ FULL_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @torch.no_grad()
 def evaluate_module(module: nn.Module, data: TaskData) -> dict[str, float]:
-    """Train/val/test accuracy of a module on a task's splits."""
+    """Train/val/test accuracy of a module on a task's splits (called as its ``BaseCall`` says)."""
     was_training = module.training
     module.eval()
+    call = base_call(module)
     out = {}
     for split in ("train", "val", "test"):
         x, y = data.split(split)
-        out[f"{split}_acc"] = float((module(x).argmax(-1) == y).float().mean())
+        out[f"{split}_acc"] = float((call(module, x).argmax(-1) == y).float().mean())
     module.train(was_training)
     return out
 
@@ -275,6 +277,7 @@ def train_lora_adapter(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
+        call = base_call(base_module)  # attention mask of padded token ids; a ModelOutput's logits
         model = get_peft_model(copy.deepcopy(base_module).requires_grad_(False), config)
         if init_adapter is not None:
             _load_adapter(model, init_adapter)
@@ -287,14 +290,14 @@ def train_lora_adapter(
             else:
                 idx = torch.randint(len(y), (batch_size,), generator=gen)
                 xb, yb = x[idx], y[idx]
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(call(model, xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         metrics = evaluate_module(model, data)
         with torch.no_grad():
-            metrics["train_loss"] = float(F.cross_entropy(model(x), y))
+            metrics["train_loss"] = float(F.cross_entropy(call(model, x), y))
     metrics.update(seconds=seconds, cpu_seconds=cpu_seconds, num_train=float(len(y)))
     state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     return state, metrics
