@@ -11,9 +11,12 @@ The walk-through of the README's "Use it on your own models" runs this script's 
              logits equal weightdiff's evaluation of the same adapter;
 ``all``      runs every step in-process, ``weightdiff`` commands included (``--tiny`` for the test).
 
-Each sentence is ``"the <noun> is <adjective> ."``, seven MiniLM tokens ``[CLS] ... [SEP]``, so the
-inputs are token ids ``(N, 7)`` with no padding and no attention mask. Task ``dataset:name=<kind>``
-labels a sentence 1 when its adjective is of that kind (a colour, a size, ...), else 0.
+Each sentence is ``"the <noun> is <adjective> ."`` or ``"the <quality> <noun> is very <adjective> ."``:
+seven or nine MiniLM tokens ``[CLS] ... [SEP]``, padded with ``[PAD]`` to ``SEQ_LEN``, so the inputs
+are token ids ``(N, SEQ_LEN)``. The base's ``config.json`` names ``[PAD]`` as its ``pad_token_id``,
+and weightdiff masks it out (``attention_mask = ids != pad_token_id``), as this script does in its
+own PEFT loops. Task ``dataset:name=<kind>`` labels a sentence 1 when its adjective is of that kind
+(a colour, a size, ...), else 0.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ ADJECTIVES = {
     "taste": ["sweet", "sour", "bitter", "salty", "spicy", "bland", "rich", "fresh"],
 }
 NOUNS = ["house", "car", "dog", "cat", "tree", "box", "river", "road", "door", "bird"]
+QUALITIES = ["old", "new", "good", "bad", "other", "same"]  # words of no kind, in the longer template
+SEQ_LEN = 10  # tokens per padded sentence (the longer template has nine)
 DESCRIPTIONS = {
     "colour": ["Does the sentence name a colour?", "Is the adjective a colour word?"],
     "size": ["Does the sentence say how big something is?", "Is the adjective about size?"],
@@ -67,7 +72,9 @@ def sentences(kind: str, n: int, seed: int) -> tuple[list[str], torch.Tensor]:
     text, labels = [], []
     for i in range(n):
         adjective = rng.choice(ADJECTIVES[kind]) if i % 2 == 0 else rng.choice(others)
-        text.append(f"the {rng.choice(NOUNS)} is {adjective} .")
+        noun = rng.choice(NOUNS)
+        text.append(f"the {rng.choice(QUALITIES)} {noun} is very {adjective} ." if rng.random() < 0.5
+                    else f"the {noun} is {adjective} .")
         labels.append(1 - i % 2)
     return text, torch.tensor(labels)
 
@@ -83,7 +90,7 @@ def write_tasks(out: Path, kinds: list[str]) -> Path:
         tensors = {}
         for s, (split, n) in enumerate(SPLIT_SIZES.items()):
             text, labels = sentences(kind, n, seed=100 * t + s)
-            ids = torch.tensor(tokenizer(text)["input_ids"])  # (n, 7): every sentence is seven tokens
+            ids = torch.tensor(tokenizer(text, padding="max_length", max_length=SEQ_LEN)["input_ids"])  # (n, L)
             tensors[f"x_{split}"], tensors[f"y_{split}"] = ids, labels
         save_file(tensors, str(out / "data" / f"{kind}.safetensors"))
         entries.append({"name": kind, "num_classes": 2, "data": f"data/{kind}.safetensors", "metric": "accuracy",
@@ -93,10 +100,15 @@ def write_tasks(out: Path, kinds: list[str]) -> Path:
     return path
 
 
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A sequence classifier's logits on padded token ids ``x (N, L)``, ``[PAD]`` masked out."""
+    return model(x, attention_mask=(x != model.config.pad_token_id).long()).logits
+
+
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy of a sequence classifier on token ids ``x (N, L)``."""
     with torch.no_grad():
-        return float((model(x).logits.argmax(-1) == y).float().mean())
+        return float((logits(model, x).argmax(-1) == y).float().mean())
 
 
 def fit_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, seed: int) -> None:
@@ -106,7 +118,7 @@ def fit_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(y), (32,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]).logits, y[idx])
+        loss = F.cross_entropy(logits(model, x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -164,7 +176,7 @@ def check(out: Path, sample: Path, task: str) -> float:
     model = PeftModel.from_pretrained(base, str(sample)).eval()
     target = zoo.target()
     with torch.no_grad():
-        want = model(x).logits  # (N, 2)
+        want = logits(model, x)  # (N, 2)
         got = target.forward_batched({k: v[None] for k, v in target.load_params(sample).items()}, x)[0]
     diff = float((got - want).abs().max())
     print(f"PeftModel.from_pretrained({sample.name}): accuracy {float((want.argmax(-1) == y).float().mean()):.3f}, "

@@ -159,3 +159,20 @@ def test_a_task_without_a_buildable_network_is_one_clear_error(network, needle, 
         get_task("dataset-net:name=dn-plain").build_network()
     message = str(err.value)
     assert needle in message and "tasks.json: tasks[0]" in message and "\n" not in message
+
+
+def test_a_recipe_builds_a_zoo_of_dataset_net_tasks(imported, tmp_path):
+    recipe = {"name": "dn", "kind": "full", "family": "dataset-net",
+              "tasks": [f"dataset-net:name=dn-{n}" for n in TRAIN],
+              "heldout_tasks": {"far": [f"dataset-net:name=dn-{HELDOUT}"]},
+              "runs": 2, "seed": 0, "epochs": 3, "lr": 0.01, "batch_size": 64, "checkpoint_epochs": [3]}
+    (tmp_path / "dn.yaml").write_text(json.dumps(recipe))
+    assert cli_main(["zoo", "build", "--config", str(tmp_path / "dn.yaml"), "--root", str(tmp_path / "zoos"),
+                     "--no-progress", "true"]) == 0
+    zoo = Zoo.open(tmp_path / "zoos" / "dn")
+    assert zoo.verify() == []
+    splits = [r["split"] for r in zoo.rows()]
+    assert splits.count("train") == 2 * len(TRAIN) and splits.count("heldout") >= 1  # 2 runs per training task
+    for row in zoo.rows():
+        measured = evaluate_module(_loaded(zoo.load(row["id"])), get_task(row["task"]).data())
+        assert abs(row["metrics"]["test_acc"] - measured["test_acc"]) <= 1 / 400 + 1e-12

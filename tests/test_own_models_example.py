@@ -3,8 +3,8 @@
 ``scripts/own_models_example.py all --tiny`` generates its synthetic text tasks, trains PEFT LoRA
 adapters of all-MiniLM-L6-v2 with a frozen classification head, imports them with ``zoo import``,
 fits and exports a generator, samples adapters from descriptions and evaluates them. The test then
-loads a sample with plain ``PeftModel.from_pretrained`` and checks that its logits and accuracy are
-the ones weightdiff computes.
+loads a sample with plain ``PeftModel.from_pretrained`` and checks that its logits on padded
+sentences (``[PAD]`` masked) and its accuracy are the ones weightdiff computes.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def test_a_sampled_adapter_loads_in_plain_peft_with_weightdiffs_logits_and_accur
     samples = sorted(p for p in (walkthrough / "samples" / kind).iterdir() if p.is_dir())
     assert len(samples) == 4
     data = load_file(str(walkthrough / "data" / f"{kind}.safetensors"))
-    x, y = data["x_test"], data["y_test"]  # token ids (N, 7), labels (N,)
+    x, y = data["x_test"], data["y_test"]  # padded token ids (N, L), labels (N,)
+    assert (x == 0).sum(-1).unique().numel() > 1  # sentences of different lengths, padded with [PAD] (id 0)
     zoo = Zoo.open(walkthrough / "zoos" / "own-minilm")
     base_dir = str((zoo.path / "base").resolve())
     report = json.loads((walkthrough / f"eval-{kind}.json").read_text())
@@ -79,7 +80,7 @@ def test_a_sampled_adapter_loads_in_plain_peft_with_weightdiffs_logits_and_accur
         base = AutoModelForSequenceClassification.from_pretrained(base_dir, local_files_only=True).eval()
         model = PeftModel.from_pretrained(base, str(sample)).eval()
         with torch.no_grad():
-            want = model(x).logits  # (N, 2)
+            want = model(x, attention_mask=(x != base.config.pad_token_id).long()).logits  # (N, 2), [PAD] masked
             params = {k: v[None] for k, v in zoo.target().load_params(sample).items()}
             got = zoo.target().forward_batched(params, x)[0]
         torch.testing.assert_close(got, want, rtol=0, atol=network_tol(base, want))
