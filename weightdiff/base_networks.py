@@ -43,7 +43,7 @@ from torch import nn
 
 from weightdiff.errors import TargetMismatchError, WeightFileError
 from weightdiff.io import atomic_path, read_json, write_json
-from weightdiff.tasks.base import import_object
+from weightdiff.tasks.base import import_module_class
 
 BASE_SPEC_FILE = "base_spec.json"
 HF_CONFIG_FILE = "config.json"
@@ -236,17 +236,6 @@ def hf_folder(path: str | os.PathLike) -> bool:
     return (path / HF_CONFIG_FILE).is_file() and (path / HF_WEIGHTS_FILE).is_file()
 
 
-def _import_class(class_path: str, source: str) -> type[nn.Module]:
-    try:
-        cls = import_object(class_path)
-    except LookupError as exc:
-        raise TargetMismatchError(f"{source}: class_path {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TargetMismatchError(f"{source}: class_path {class_path!r} names a {type(cls).__name__}, expected an "
-                                  "nn.Module subclass")
-    return cls
-
-
 @contextlib.contextmanager
 def _model_files_only(folder: Path) -> Iterator[Path]:
     """``folder`` itself, or, when it also holds an ``adapter_config.json`` (a generator's or a
@@ -301,7 +290,7 @@ def build_base(spec: BaseSpec, source: str = "base spec") -> nn.Module:
     if spec.class_path is None:
         module = _from_pretrained(spec, source)
     else:
-        cls = _import_class(spec.class_path, source)
+        cls = import_module_class(spec.class_path, source, TargetMismatchError)
         try:
             module = cls(**spec.init_args)
         except TypeError as exc:

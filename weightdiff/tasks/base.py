@@ -271,6 +271,23 @@ def import_object(path: str) -> Any:
     return getattr(module, name)
 
 
+def import_module_class(class_path: str, source: str, error: type[Exception]) -> type[nn.Module]:
+    """The ``nn.Module`` subclass ``class_path`` names.
+
+    Raises:
+        error: (the caller's error type) the path does not import, or names no module class;
+            the message starts with ``source``.
+    """
+    try:
+        cls = import_object(class_path)
+    except LookupError as exc:
+        raise error(f"{source}: class_path {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise error(f"{source}: class_path {class_path!r} names a {type(cls).__name__}, expected an nn.Module "
+                    "subclass")
+    return cls
+
+
 def register_family(cls: type[Task]) -> type[Task]:
     """Class decorator adding a :class:`Task` subclass to the registry under ``family_name``."""
     if not (isinstance(cls, type) and issubclass(cls, Task)):

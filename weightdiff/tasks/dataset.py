@@ -56,7 +56,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from weightdiff.errors import TaskStringError, WeightDiffError
-from weightdiff.tasks.base import Factor, Task, TaskData, import_object, register_family
+from weightdiff.tasks.base import Factor, Task, TaskData, import_module_class, register_family
 from weightdiff.tasks.metrics import METRICS, Metric, get_metric
 
 TASK_FILES_ENV = "WEIGHTDIFF_TASK_FILES"
@@ -423,13 +423,7 @@ class DatasetNetworkTask(DatasetTask):
             raise DatasetTaskError(f"{spec.source}: task '{self.name}' is a whole-network task, but its entry has "
                                    "no 'network' {class_path, init_args}")
         class_path, init_args = spec.network[0], json.loads(spec.network[1])
-        try:
-            cls = import_object(class_path)
-        except LookupError as exc:
-            raise DatasetTaskError(f"{where}: class_path {exc}") from None
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise DatasetTaskError(f"{where}: class_path {class_path!r} names a {type(cls).__name__}, expected an "
-                                   "nn.Module subclass")
+        cls = import_module_class(class_path, where, DatasetTaskError)
         try:
             return cls(**init_args)
         except TypeError as exc:
