@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -282,3 +284,28 @@ def test_window_by_window_sampling_never_runs_the_denoiser_on_more_than_a_span(m
     assert set(load_file(str(tmp_path / "m.safetensors"))) == set(shapes)
     assert lay.num_tokens == 408 and max(seen) == 16 and len(seen) == 3 * 26  # 26 spans x 3 steps
     assert max(decoded) == 16 and sum(decoded) == lay.num_tokens
+
+
+def test_diagnose_measures_a_centred_generator_in_its_residual_space(windowed_generator, tmp_path):
+    """The entries are diffused as residuals and scored as tokens: at low noise the posterior-mean
+    oracle returns the training entries themselves, so its accuracy is theirs."""
+    from weightdiff.evaluate.diagnose import diagnose_generator, diffusion_space
+    from weightdiff.models.generator import load_generator
+    from weightdiff.tasks import get_task
+    from weightdiff.zoo import Zoo
+
+    gen = load_generator(windowed_generator)
+    zoo = Zoo.open(Path(gen.config["zoo"]["path"]))
+    report = diagnose_generator(gen, zoo, paths=[("ddim", 2)], max_entries=None, num=2, timesteps=(0, 5, 999))
+    train = report["noise_levels"]["train"]
+    assert train["oracle_mse"][1] < 1e-3  # t = 5: the oracle is the entry itself
+    rows = zoo.rows("train")
+    n_val = get_task(rows[0]["task"]).data().split("val")[1].numel()
+    zoo_acc = sum(r["metrics"]["val_acc"] for r in rows) / len(rows)
+    assert abs(train["oracle_acc"][1] - zoo_acc) <= 1 / n_val  # one near-tie may round the other way
+    into, back = diffusion_space(gen)
+    tokens = gen.tokenizer.encode_batch([zoo.load(rows[0]["id"])])
+    scale = float(tokens.abs().max() + gen.generator.token_center.abs().max())
+    assert torch.allclose(back(into(tokens)), tokens, rtol=0, atol=4 * torch.finfo(torch.float32).eps * scale)
+    assert not torch.allclose(into(tokens), tokens)  # the residual is not the token itself
+    assert len(report["paths"]["ddim-2"]["accuracy"]) == 2

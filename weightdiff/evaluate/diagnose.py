@@ -15,8 +15,12 @@ clean estimate x̂0(x_t, t, c) with two references:
 
 and measures the accuracy of x̂0 in the target network per level. :func:`path_report` follows a
 sampler from noise to sample and reports, per step, the accuracy of the current x̂0 and its
-distance to the nearest training entry (in normalised token space, on valid entries). A model
-whose one-step estimate beats its own multi-step sampler is a regressor, not a generative model.
+distance to the nearest training entry (on valid entries). A model whose one-step estimate beats
+its own multi-step sampler is a regressor, not a generative model.
+
+Everything is measured in the space the generator diffuses in: normalised weight tokens, or for a
+centred generator (``center_tokens``) their residuals ``(x0 - center) / scale``, which are turned
+back into tokens only to be scored in the target network.
 
 Plain torch; no trainer.
 """
@@ -77,8 +81,16 @@ def nearest_distance(x: torch.Tensor, zoo: torch.Tensor, valid: torch.Tensor) ->
     return torch.cdist((x * valid).flatten(1).double(), (zoo * valid).flatten(1).double()).min(1).values.float()
 
 
+def diffusion_space(gen: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """``(into, back)``: weight tokens → what the generator diffuses, and back (identity unless centred)."""
+    net = getattr(gen, "generator", None)
+    if net is None or not net.config.center:
+        return (lambda x: x), (lambda x: x)
+    return net.residual, net.to_tokens
+
+
 class _Entries:
-    """Zoo entries of one split as the generator saw them: tokens (N, L, D) and task names."""
+    """Zoo entries of one split as the generator saw them: diffused tokens (N, L, D) and task names."""
 
     def __init__(self, gen: Any, zoo: Any, split: str) -> None:
         data = gen.config.get("data", {})
@@ -92,7 +104,8 @@ class _Entries:
 
         rows = zoo.rows(split)
         self.tasks = [r["task"] for r in rows]
-        self.tokens = gen.tokenizer.encode_batch([prepared(r) for r in rows]) if rows else torch.empty(0)
+        into = diffusion_space(gen)[0]
+        self.tokens = into(gen.tokenizer.encode_batch([prepared(r) for r in rows])) if rows else torch.empty(0)
 
     def subset(self, limit: int | None, seed: int) -> _Entries:
         """At most ``limit`` entries, drawn without replacement (kept in zoo order)."""
@@ -109,14 +122,16 @@ class _Entries:
 
 
 class _Scorer:
-    """Accuracy of decoded tokens in the target network; one target per task family."""
+    """Accuracy of diffused tokens, decoded, in the target network; one target per task family."""
 
     def __init__(self, gen: Any, split: str = "val") -> None:
         self.gen, self.split = gen, split
+        self._back = diffusion_space(gen)[1]
         self._targets: dict[str, Any] = {}
 
     def __call__(self, tokens: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
-        """Accuracy (N,) of tokens (N, L, D), each on its own task's split."""
+        """Accuracy (N,) of diffused tokens (N, L, D), each on its own task's split."""
+        tokens = self._back(tokens)
         out = torch.empty(tokens.shape[0])
         for name in dict.fromkeys(tasks):
             idx = torch.tensor([i for i, t in enumerate(tasks) if t == name])
@@ -202,12 +217,12 @@ def path_report(gen: Any, zoo_tokens: torch.Tensor, task: str, sample_fn: Callab
     """Accuracy and nearest-zoo distance of x̂0 along one sampler's path.
 
     Args:
-        zoo_tokens: (M, L, D) training tokens (for the nearest-entry distance).
+        zoo_tokens: (M, L, D) training tokens as diffused (for the nearest-entry distance).
         sample_fn: ``(record, noise) -> tokens``: runs the sampler from ``noise`` (num, L, D),
             calling ``record(x_t, t, output)`` at every model evaluation.
     Returns:
         ``{"t": [...], "accuracy": [...], "nearest_distance": [...], "final_accuracy", "final_distance",
-        "zoo_spacing"}`` (distances in normalised token space; spacing = median nearest-neighbour
+        "zoo_spacing"}`` (distances in the diffused space; spacing = median nearest-neighbour
         distance inside the zoo).
     """
     schedule = gen.schedule
@@ -323,10 +338,6 @@ def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] |
         raise WeightDiffError(f"{gen.path}: diagnose measures denoisers of weight tokens against the zoo's "
                               "tokens; this generator diffuses in its autoencoder's latent, which it does not "
                               "measure yet (judge it with `weightdiff benchmark`)")
-    if net.config.center:
-        raise WeightDiffError(f"{gen.path}: this generator diffuses residuals from the zoo's mean token "
-                              "(center_tokens), which diagnose does not measure yet (judge it with "
-                              "`weightdiff benchmark`)")
     if paths is None:
         paths = [(gen.schedule.default_sampler(), steps) for steps in DEFAULT_PATH_STEPS]
     for sampler, _ in paths:  # before the noise levels: a wrong sampler fails at once
