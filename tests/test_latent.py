@@ -11,11 +11,12 @@ import torch
 from tests._tolerance import matmul_tol
 from tests.conftest import export_last, fit_args, fit_tiny
 from weightdiff.cli import main
-from weightdiff.errors import WeightDiffError, WeightFileError
+from weightdiff.errors import WeightFileError
 from weightdiff.models.autoencoder import WeightAutoencoder
 from weightdiff.models.generator import load_generator
 from weightdiff.sampling import WeightDiffusionPipeline
 from weightdiff.training.export import export_checkpoint, read_lightning_checkpoint
+from weightdiff.weights.canonical import canonicalize
 
 AE_STEPS, MSE_STEPS, FIT_STEPS = 30, 15, 50
 LATENT = ["--model.latent_tokens", "2", "--model.latent_dim", "8", "--model.autoencoder_steps", str(AE_STEPS),
@@ -162,12 +163,34 @@ def test_a_latent_generator_samples_decoded_weights_deterministically(latent_gen
     assert main(["evaluate", "--task", TASK, "--weights", str(out)]) == 0
 
 
-def test_diagnose_refuses_a_latent_generator(latent_generator, tiny_lora_zoo, tmp_path, capsys):
-    from weightdiff.evaluate.diagnose import diagnose_generator
+def test_diagnose_measures_a_latent_generator_in_its_latent(latent_generator, tiny_lora_zoo):
+    """Noise levels and paths run on the entries' latents; at low noise the posterior-mean oracle
+    returns those latents, so its accuracy is that of their decodings, computed here directly."""
+    from weightdiff.evaluate.diagnose import diagnose_generator, diffusion_space
+    from weightdiff.tasks import get_task
     from weightdiff.zoo import Zoo
 
-    with pytest.raises(WeightDiffError, match="latent"):
-        diagnose_generator(load_generator(latent_generator), Zoo.open(tiny_lora_zoo))
+    gen, zoo = load_generator(latent_generator), Zoo.open(tiny_lora_zoo)
+    report = diagnose_generator(gen, zoo, paths=[("ddim", 2)], max_entries=None, num=2, timesteps=(0, 5, 999))
+    train = report["noise_levels"]["train"]
+    assert train["oracle_mse"][1] < 1e-3
+    into, back = diffusion_space(gen)
+    rows = zoo.rows("train")
+    canonical = gen.config.get("data", {}).get("canonicalize", True)  # as the datamodule prepared them
+    tokens = gen.tokenizer.encode_batch([canonicalize(zoo.load(r["id"]), "lora") if canonical else zoo.load(r["id"])
+                                         for r in rows])
+    latents = into(tokens)
+    assert latents.shape[1:] == gen.generator.sample_shape
+    decoded = gen.tokenizer.decode_float(back(latents))
+    accs = []
+    for i, row in enumerate(rows):
+        task = get_task(row["task"])
+        x, y = task.data().split("val")
+        accs.append(float(gen.target(task).accuracy({k: v[i:i + 1] for k, v in decoded.items()}, x, y)[0]))
+    n_val = get_task(rows[0]["task"]).data().split("val")[1].numel()
+    assert abs(train["oracle_acc"][1] - sum(accs) / len(accs)) <= 1 / n_val
+    assert len(report["paths"]["ddim-2"]["accuracy"]) == 2
+
 
 
 def test_noise_draws_repeat_each_entry_with_its_own_condition_and_task_batch(tiny_lora_zoo):

@@ -18,9 +18,10 @@ sampler from noise to sample and reports, per step, the accuracy of the current 
 distance to the nearest training entry (on valid entries). A model whose one-step estimate beats
 its own multi-step sampler is a regressor, not a generative model.
 
-Everything is measured in the space the generator diffuses in: normalised weight tokens, or for a
-centred generator (``center_tokens``) their residuals ``(x0 - center) / scale``, which are turned
-back into tokens only to be scored in the target network.
+Everything is measured in the space the generator diffuses in: normalised weight tokens, for a
+centred generator (``center_tokens``) their residuals ``(x0 - center) / scale``, for a latent one
+the autoencoder's latents of the entries; each is turned back into tokens only to be scored in the
+target network (a latent's accuracy is then that of its decoding).
 
 Plain torch; no trainer.
 """
@@ -35,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightdiff.errors import WeightDiffError
 from weightdiff.evaluate.report import _save_figure
 from weightdiff.io import write_json
 from weightdiff.models.schedule import NoiseLevel, as_noise_level, denoise, predicted_x0
@@ -82,11 +82,22 @@ def nearest_distance(x: torch.Tensor, zoo: torch.Tensor, valid: torch.Tensor) ->
 
 
 def diffusion_space(gen: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """``(into, back)``: weight tokens → what the generator diffuses, and back (identity unless centred)."""
+    """``(into, back)``: weight tokens → what the generator diffuses, and back (identity unless
+    centred or latent; the latent of an entry is its autoencoder's encoding without input noise)."""
     net = getattr(gen, "generator", None)
+    if net is not None and net.autoencoder is not None:
+        return net.encode_latent, net.to_tokens
     if net is None or not net.config.center:
         return (lambda x: x), (lambda x: x)
     return net.residual, net.to_tokens
+
+
+def sample_valid(gen: Any) -> torch.Tensor:
+    """The (L, D) mask of the diffused entries that count: weight tokens' padding is out; latents have none."""
+    net = getattr(gen, "generator", None)
+    if net is not None and net.autoencoder is not None:
+        return torch.ones(net.sample_shape, dtype=torch.bool)
+    return gen.tokenizer.layout.valid_mask()
 
 
 class _Entries:
@@ -163,7 +174,7 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
         ``model_mse``, ``identity_mse``, ``oracle_mse`` (train only), ``model_acc``, ``oracle_acc``.
     """
     schedule, ptype = gen.schedule, gen.schedule.prediction_type
-    valid = gen.tokenizer.layout.valid_mask()
+    valid = sample_valid(gen)
     all_train = train_entries if train_entries is not None else _Entries(gen, zoo, "train")
     by_task = {name: all_train.tokens[all_train.of_task(name)] for name in dict.fromkeys(all_train.tasks)}
     splits = {"train": all_train.subset(max_entries, seed)}
@@ -226,7 +237,7 @@ def path_report(gen: Any, zoo_tokens: torch.Tensor, task: str, sample_fn: Callab
         distance inside the zoo).
     """
     schedule = gen.schedule
-    valid = gen.tokenizer.layout.valid_mask()
+    valid = sample_valid(gen)
     steps: list[tuple[float, torch.Tensor]] = []
 
     def record(x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> None:
@@ -309,7 +320,7 @@ def write_report(out: str | Path, report: dict[str, Any]) -> tuple[Path, Path]:
 def sampler_path_fn(gen: Any, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sampler: str,
                     steps: int) -> Callable[..., torch.Tensor]:
     """A ``sample_fn`` for :func:`path_report` that runs :func:`denoise` with ``model_fn`` (x_t, t) -> output."""
-    valid = gen.tokenizer.layout.valid_mask()
+    valid = sample_valid(gen)
 
     def run(record: Callable[..., None], noise: torch.Tensor) -> torch.Tensor:
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -334,10 +345,6 @@ def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] |
         max_entries, num, timesteps, seed: see :func:`noise_level_report` and :func:`path_report`.
     """
     net = gen.generator
-    if net.autoencoder is not None:
-        raise WeightDiffError(f"{gen.path}: diagnose measures denoisers of weight tokens against the zoo's "
-                              "tokens; this generator diffuses in its autoencoder's latent, which it does not "
-                              "measure yet (judge it with `weightdiff benchmark`)")
     if paths is None:
         paths = [(gen.schedule.default_sampler(), steps) for steps in DEFAULT_PATH_STEPS]
     for sampler, _ in paths:  # before the noise levels: a wrong sampler fails at once
