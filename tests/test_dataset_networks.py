@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
+from tests._tolerance import network_tol, sum_tol
 from tests._toy_models import ToyMLP
 from tests.conftest import export_last, fit_tiny
 from weightdiff.cli import main as cli_main
 from weightdiff.evaluate.weights import evaluate_weights
 from weightdiff.io import load_weights, save_weights
-from weightdiff.tasks import get_family, get_task
 from weightdiff.tasks import dataset as dataset_module
+from weightdiff.tasks import get_family, get_task
 from weightdiff.tasks.dataset import DatasetTaskError, register_task_file
 from weightdiff.zoo import Zoo
 from weightdiff.zoo.training import evaluate_module
@@ -176,3 +177,31 @@ def test_a_recipe_builds_a_zoo_of_dataset_net_tasks(imported, tmp_path):
     for row in zoo.rows():
         measured = evaluate_module(_loaded(zoo.load(row["id"])), get_task(row["task"]).data())
         assert abs(row["metrics"]["test_acc"] - measured["test_acc"]) <= 1 / 400 + 1e-12
+
+
+def test_an_import_measures_a_task_scored_by_another_metric_with_that_metric(tmp_path, monkeypatch):
+    """A ``neg_loss`` task: the entry's missing scores are ``{split}_neg_loss``, the mean −CE, not accuracies."""
+    monkeypatch.setattr(dataset_module, "_SPECS", {})
+    path = _write_task_file(tmp_path, names=("plain",))
+    doc = json.loads(path.read_text())
+    doc["tasks"][0]["metric"] = "neg_loss"
+    path.write_text(json.dumps(doc))
+    register_task_file(path)
+    task = "dataset-net:name=dn-plain"
+    net = _train(task, seed=0, steps=40)
+    save_weights(tmp_path / "net.safetensors", net.state_dict())
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "net.safetensors", "task": task, "split": "train",
+                                                  "descriptions": ["digits"]}) + "\n")
+    assert cli_main(["zoo", "import", str(tmp_path / "m.jsonl"), "--name", "nl", "--root", str(tmp_path / "zoos"),
+                     "--no-progress", "true"]) == 0
+    metrics = Zoo.open(tmp_path / "zoos" / "nl").rows()[0]["metrics"]
+    assert {"train_neg_loss", "val_neg_loss", "test_neg_loss"} <= set(metrics) and "test_acc" not in metrics
+    x, y = get_task(task).data().split("val")
+    with torch.no_grad():
+        logits = net(x)
+        want = -float(F.cross_entropy(logits, y))
+    # each example's CE moves by at most 2 max|Δlogit| between the batched and the module forward,
+    # and the two means of n non-negative terms are summed in different orders
+    n = len(y)
+    tol = 2 * network_tol(net, logits) + sum_tol(abs(want) * n, reduction=n, roundings=4) / n
+    assert abs(metrics["val_neg_loss"] - want) <= tol

@@ -398,7 +398,7 @@ def _measured(plan: ImportPlan, row: ImportRow, tensors: dict[str, torch.Tensor]
     data, metric = task.data(), task.metric
     params = {k: v[None] for k, v in tensors.items()}  # (1, ...): the target's batched evaluation
     for name in _unmeasured(row):
-        x, y = data.split(name.rpartition("_")[0])
+        x, y = data.split(name.partition("_")[0])  # "val_neg_loss" -> "val"
         if metric.name == "accuracy":
             metrics[name] = float(plan.target.accuracy(params, x, y)[0])
         else:
