@@ -128,8 +128,9 @@ def _task_file(folder: Path, metric: str, y: torch.Tensor) -> Path:
     save_file({"x_train": x[:4], "y_train": y[:4], "x_val": x[4:8], "y_val": y[4:8], "x_test": x[8:], "y_test": y[8:]},
               str(folder / f"{metric}.safetensors"))
     path = folder / f"{metric}.json"
-    path.write_text(json.dumps({"tasks": [{"name": f"bc-{metric}", "num_classes": int(y.shape[-1]) if y.is_floating_point()
-                                           else 3, "data": f"{metric}.safetensors", "metric": metric,
+    classes = int(y.shape[-1]) if y.is_floating_point() else 3
+    path.write_text(json.dumps({"tasks": [{"name": f"bc-{metric}", "num_classes": classes,
+                                           "data": f"{metric}.safetensors", "metric": metric,
                                            "descriptions": ["a tiny text task"]}]}))
     return path
 

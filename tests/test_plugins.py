@@ -135,8 +135,8 @@ def test_list_families_includes_class_and_function_entry_points(install):
 def test_unknown_family_error_lists_plugin_families(install):
     install("tinyfam", {"tinyfam": "tinyfam:TinyTask"})
     with pytest.raises(TaskStringError, match=r"unknown family 'nofam'; expected one of "
-                                              r"\['cordigits', 'dataset', 'dataset-net', 'digits', 'digits-mlp', 'mnist1d', "
-                                              r"'rotdigits', 'tinyfam'\]"):
+                                              r"\['cordigits', 'dataset', 'dataset-net', 'digits', 'digits-mlp', "
+                                              r"'mnist1d', 'rotdigits', 'tinyfam'\]"):
         get_task("nofam:k=1")
 
 
@@ -159,8 +159,8 @@ def test_broken_plugin_is_one_error_naming_entry_point_and_package(install, valu
     with pytest.raises(TaskFamilyError, match="tinybroken 0.1"):
         list_families()
     assert get_task("rotdigits:angle=40").name == "rotdigits:angle=40,flip=0"  # the others still work
-    with pytest.raises(TaskStringError, match=r"expected one of \['cordigits', 'dataset', 'dataset-net', 'digits', 'digits-mlp', "
-                                                r"'mnist1d', 'rotdigits'\]"):
+    with pytest.raises(TaskStringError, match=r"expected one of \['cordigits', 'dataset', 'dataset-net', "
+                                                r"'digits', 'digits-mlp', 'mnist1d', 'rotdigits'\]"):
         get_task("nofam")
 
 

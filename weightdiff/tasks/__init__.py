@@ -29,7 +29,8 @@ from weightdiff.tasks.metrics import METRICS, Metric, get_metric
 from weightdiff.tasks.rotdigits import RotDigitsTask, rotate_images
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "METRICS", "CorDigitsTask", "DatasetNetworkTask", "DatasetTask", "DigitsTask", "Factor", "MNIST1DTask", "Metric",
-    "DigitsMLPTask", "RotDigitsTask", "Task", "TaskData", "canonical_name", "get_family", "get_task", "get_metric",
+    "ENTRY_POINT_GROUP", "METRICS", "CorDigitsTask", "DatasetNetworkTask", "DatasetTask", "DigitsTask", "Factor",
+    "MNIST1DTask", "Metric", "DigitsMLPTask", "RotDigitsTask", "Task", "TaskData", "canonical_name", "get_family",
+    "get_task", "get_metric",
     "list_families", "make_task", "register_family", "register_task_file", "rotate_images",
 ]

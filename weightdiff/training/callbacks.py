@@ -60,7 +60,8 @@ class SampleEvalCallback(Callback):
             d = dm.conditions.data[name]
             logits = target.forward_batched(params, d.x_val)  # (S, N, C)
             accs.append((logits.argmax(-1) == d.y_val).float().mean().item())
-            zoo_accs.extend(r["metrics"]["val_acc"] for r in dm.zoo.rows() if r["task"] == name and "val_acc" in r["metrics"])
+            zoo_accs.extend(r["metrics"]["val_acc"] for r in dm.zoo.rows()
+                            if r["task"] == name and "val_acc" in r["metrics"])
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")
         return mean(accs), mean(zoo_accs)
 

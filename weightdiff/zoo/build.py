@@ -31,7 +31,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from weightdiff.base_networks import HF_WEIGHTS_FILE, BaseSpec, base_call, build_base, record_base_spec, recorded_base_spec
+from weightdiff.base_networks import (HF_WEIGHTS_FILE, BaseSpec, base_call, build_base, record_base_spec,
+                                      recorded_base_spec)
 from weightdiff.errors import OutputPathError, RecipeError, TargetMismatchError, WeightDiffError, ZooBuildError
 from weightdiff.io import (atomic_path, check_finite, check_writable, load_weights, read_json, save_weights,
                            sha256_file, write_json)

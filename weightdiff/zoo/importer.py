@@ -283,7 +283,8 @@ def plan_import(manifest: str | os.PathLike, base: str | os.PathLike | None, nam
 def _unmeasured(row: ImportRow) -> list[str]:
     """The scores the import would measure for ``row``: those of its task's metric that it lacks."""
     metric = get_task(row.task).metric
-    names = METRIC_FIELDS if metric.name == "accuracy" else tuple(f"{s}_{metric.name}" for s in ("train", "val", "test"))
+    names = (METRIC_FIELDS if metric.name == "accuracy"
+             else tuple(f"{split}_{metric.name}" for split in ("train", "val", "test")))
     return [n for n in names if n not in row.metrics]
 
 

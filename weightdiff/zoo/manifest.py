@@ -23,6 +23,7 @@ from typing import Any
 
 from weightdiff.errors import ManifestError, WeightFileError
 from weightdiff.io import read_json, safetensors_extent, sha256_file
+from weightdiff.tasks.metrics import METRICS
 
 FORMAT_VERSION = 1
 ZOO_FILE = "zoo.json"
@@ -65,7 +66,7 @@ def validate_row(row: Any, source: str | Path) -> dict[str, Any]:
     for name in METRIC_FIELDS:  # the accuracies; a task scored by another metric has {split}_<metric> instead
         value = row["metrics"].get(name)
         split = name.removesuffix("_acc")
-        if name not in row["metrics"] and any(k.startswith(f"{split}_") for k in row["metrics"]):
+        if name not in row["metrics"] and any(f"{split}_{m}" in row["metrics"] for m in METRICS):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ManifestError(f"{source}: field 'metrics.{name}' expected a number, got {value!r}")
