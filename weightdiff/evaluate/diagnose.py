@@ -81,7 +81,10 @@ def nearest_distance(x: torch.Tensor, zoo: torch.Tensor, valid: torch.Tensor) ->
     return torch.cdist((x * valid).flatten(1).double(), (zoo * valid).flatten(1).double()).min(1).values.float()
 
 
-def diffusion_space(gen: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def diffusion_space(gen: Any) -> tuple[Transform, Transform]:
     """``(into, back)``: weight tokens → what the generator diffuses, and back (identity unless
     centred or latent; the latent of an entry is its autoencoder's encoding without input noise)."""
     net = getattr(gen, "generator", None)
@@ -95,9 +98,10 @@ def diffusion_space(gen: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], C
 def sample_valid(gen: Any) -> torch.Tensor:
     """The (L, D) mask of the diffused entries that count: weight tokens' padding is out; latents have none."""
     net = getattr(gen, "generator", None)
-    if net is not None and net.autoencoder is not None:
-        return torch.ones(net.sample_shape, dtype=torch.bool)
-    return gen.tokenizer.layout.valid_mask()
+    if net is None:
+        return gen.tokenizer.layout.valid_mask()
+    valid = net.sample_valid  # None for latents
+    return valid.cpu() if valid is not None else torch.ones(net.sample_shape, dtype=torch.bool)
 
 
 class _Entries:
