@@ -73,8 +73,9 @@ class BaseCall:
                 and x.dtype != torch.bool and x.dim() >= 2)
 
     def kwargs(self, x: Any) -> dict[str, torch.Tensor]:
-        """The keyword inputs besides ``x``: an ``attention_mask`` for integer token ids ``(N, L)``."""
-        return {"attention_mask": (x != self.pad_token_id).long()} if self._masks(x) else {}
+        """The keyword inputs besides ``x``: an ``attention_mask`` for integer token ids ``(N, L)``
+        that hold padding; none without (the same function). Call it on real, unbatched tensors."""
+        return {"attention_mask": (x != self.pad_token_id).long()} if self.pads(x) else {}
 
     def pads(self, x: Any) -> bool:
         """Whether ``x`` holds padding that the mask hides (checked on real, unbatched tensors)."""
@@ -96,7 +97,7 @@ class BaseCall:
 
     def __call__(self, module: nn.Module, x: Any) -> Any:
         """``module`` on inputs ``x`` (masked where they hold padding), its scored output."""
-        return self.select(module(x, **(self.kwargs(x) if self.pads(x) else {})))
+        return self.select(module(x, **self.kwargs(x)))
 
 
 def _config_pad_id(module: nn.Module) -> int | None:

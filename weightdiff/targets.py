@@ -391,10 +391,6 @@ class Target:
             out = functional_call(self._net, {self._names[k]: v for k, v in params.items()}, args, kwargs)
         return self.call.select(out)
 
-    def _mask(self, x: Any) -> dict[str, torch.Tensor]:
-        """The ``attention_mask`` of inputs that hold padding (none without: the same function)."""
-        return self.call.kwargs(x) if self.call.pads(x) else {}
-
     def forward_batched(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> Any:
         """Outputs of S weight sets on one input batch.
 
@@ -411,7 +407,7 @@ class Target:
             differentiable with respect to ``params``.
         """
         self.check(params, batched=True)
-        kwargs = {**self._mask(x), **kwargs}
+        kwargs = {**self.call.kwargs(x), **kwargs}  # the mask is built outside vmap
         return vmap(lambda p: self._call(p, (x,), kwargs))(dict(params))  # (S, N, C)
 
     def forward_each(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> Any:
@@ -426,7 +422,7 @@ class Target:
         """
         self.check(params, batched=True)
         if self.call.pads(x):  # transformers inspects a padding mask's values, which vmap cannot batch
-            return torch.stack([self._call({k: v[s] for k, v in params.items()}, (x[s],), self._mask(x[s]))
+            return torch.stack([self._call({k: v[s] for k, v in params.items()}, (x[s],), self.call.kwargs(x[s]))
                                 for s in range(len(x))])
         return vmap(lambda p, xs: self._call(p, (xs,)))(dict(params), x)  # (S, N, C): row s on weight set s
 

@@ -120,7 +120,8 @@ class _Entries:
         rows = zoo.rows(split)
         self.tasks = [r["task"] for r in rows]
         into = diffusion_space(gen)[0]
-        self.tokens = into(gen.tokenizer.encode_batch([prepared(r) for r in rows])) if rows else torch.empty(0)
+        with torch.no_grad():  # a latent generator's encoder would otherwise record a graph of every entry
+            self.tokens = into(gen.tokenizer.encode_batch([prepared(r) for r in rows])) if rows else torch.empty(0)
 
     def subset(self, limit: int | None, seed: int) -> _Entries:
         """At most ``limit`` entries, drawn without replacement (kept in zoo order)."""

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
 import os
 from collections.abc import Mapping
@@ -56,7 +55,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from weightdiff.errors import TaskStringError, WeightDiffError
-from weightdiff.tasks.base import Factor, Task, TaskData, import_module_class, register_family
+from weightdiff.tasks.base import Factor, Task, TaskData, import_module_class, import_object, register_family
 from weightdiff.tasks.metrics import METRICS, Metric, get_metric
 
 TASK_FILES_ENV = "WEIGHTDIFF_TASK_FILES"
@@ -263,10 +262,8 @@ def _read_tensors(spec: DatasetSpec) -> tuple[dict[str, Any], str]:
     """The raw split tensors of a spec and the name of where they came from."""
     if spec.class_path is not None:
         where = f"{spec.source}.dataset ({spec.class_path})"
-        module, _, attr = spec.class_path.rpartition(".")
         try:
-            fn = getattr(importlib.import_module(module), attr)
-            out = fn(**spec.init_args)
+            out = import_object(spec.class_path)(**spec.init_args)
         except Exception as exc:
             raise DatasetTaskError(f"{where}: failed: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
         if isinstance(out, TaskData):
