@@ -148,7 +148,7 @@ def _import(folders: dict, tmp_path: Path, base_yaml: str, metric: str, y: torch
     return code, tmp_path / "zoos" / "bc"
 
 
-def test_a_headless_base_imports_for_a_regression_of_its_pooled_output(folders, tmp_path, monkeypatch):
+def test_a_headless_base_imports_for_a_regression_of_its_pooled_output(folders, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dataset_module, "_SPECS", {})
     y = torch.randn(12, HIDDEN, generator=torch.Generator().manual_seed(2))
     code, zoo_dir = _import(folders, tmp_path, f"pretrained: {folders['plain']}\noutput: pooler_output\n", "mse", y)
@@ -161,6 +161,14 @@ def test_a_headless_base_imports_for_a_regression_of_its_pooled_output(folders, 
     pooled = zoo.target().forward_batched({k: v[None] for k, v in zoo.load(zoo.rows()[0]["id"]).items()}, x)[0]
     want = float(((pooled - target_y) ** 2).mean(-1).mean())  # the adapter is B = 0: the base's own output
     assert abs(base_row["metrics"]["test_mse"] - want) <= 1e-5 * max(1.0, want)
+    entry_mse = zoo.rows()[0]["metrics"]["test_mse"]
+    info = zoo.info()  # the zoo's own score, not an accuracy it does not record
+    assert info["metric"] == "test_mse" and "test_acc" not in info
+    assert info["test_mse"] == {"n": 1, "mean": entry_mse, "min": entry_mse, "max": entry_mse}
+    assert info["splits"]["train"]["test_mse"]["n"] == 1
+    assert cli_main(["zoo", "info", str(zoo_dir)]) in (0, None)
+    out = capsys.readouterr().out
+    assert f"test mse mean {entry_mse:.4f}" in out and f"base network: test mse {base_row['metrics']['test_mse']:.4f}" in out
 
 
 def test_a_headless_base_with_nothing_to_score_is_one_error_naming_the_base(folders, tmp_path, monkeypatch, capsys):

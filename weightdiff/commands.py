@@ -79,14 +79,20 @@ def zoo_import(manifest: str, base: str | None = None, name: str | None = None, 
           f"{report.written} imported in {report.seconds:.1f} s")
 
 
-def _fmt_acc(stats: dict[str, float | None]) -> str:
+def _score_label(key: str) -> str:
+    """``test_acc`` → "test acc", ``test_mse`` → "test mse"."""
+    return "test acc" if key == "test_acc" else key.replace("_", " ", 1)
+
+
+def _fmt_acc(stats: dict[str, float | None], key: str = "test_acc") -> str:
+    label = _score_label(key)
     if not stats["n"]:
-        return "test acc –"
-    return f"test acc mean {stats['mean']:.4f} min {stats['min']:.4f} max {stats['max']:.4f}"
+        return f"{label} –"
+    return f"{label} mean {stats['mean']:.4f} min {stats['min']:.4f} max {stats['max']:.4f}"
 
 
 def zoo_info(path: str, json: bool = False) -> None:
-    """Counts and test accuracy per split, held-out kind and task.
+    """Counts and test score (accuracy, or the metric the entries record) per split, held-out kind and task.
 
     Args:
         path: zoo folder, e.g. checkpoints_zoo/rotdigits-lora.
@@ -98,18 +104,19 @@ def zoo_info(path: str, json: bool = False) -> None:
     if json:
         print(dumps(info, indent=2))
         return
+    key = info["metric"]
     lines = [f"zoo {info['name']} ({info['kind']}, family {info['family']}) at {info['path']}",
              f"  {info['entries']} of {info['planned_entries']} planned entries, {info['runs']} runs, "
-             f"{info['tasks']} tasks, {info['num_params']} parameters per entry; {_fmt_acc(info['test_acc'])}"]
-    if "base" in info and "test_acc" in info["base"]:
-        lines.append(f"  base network: test acc {info['base']['test_acc']:.4f}")
+             f"{info['tasks']} tasks, {info['num_params']} parameters per entry; {_fmt_acc(info[key], key)}"]
+    if "base" in info and key in info["base"]:
+        lines.append(f"  base network: {_score_label(key)} {info['base'][key]:.4f}")
     for split, s in info["splits"].items():
-        lines.append(f"  split {split}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s['test_acc'])}")
+        lines.append(f"  split {split}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s[key], key)}")
     for kind, s in info["heldout_kinds"].items():
-        lines.append(f"    held-out {kind}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s['test_acc'])}")
+        lines.append(f"    held-out {kind}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s[key], key)}")
     if len(info["per_task"]) <= MAX_TASK_LINES:
         for task, s in info["per_task"].items():
-            lines.append(f"  {task} [{s['split']}]: {s['entries']} entries; {_fmt_acc(s['test_acc'])}")
+            lines.append(f"  {task} [{s['split']}]: {s['entries']} entries; {_fmt_acc(s[key], key)}")
     else:
         lines.append(f"  ({len(info['per_task'])} tasks: use --json for per-task numbers)")
     if info["temporary_dirs"]:

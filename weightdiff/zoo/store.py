@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,21 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
 def _stats(values: Iterable[float]) -> dict[str, float | None]:
-    """``{"n", "mean", "min", "max"}`` of a list of accuracies (``None`` when empty: valid JSON)."""
+    """``{"n", "mean", "min", "max"}`` of a list of scores (``None`` when empty: valid JSON)."""
     vals = list(values)
     if not vals:
         return {"n": 0, "mean": None, "min": None, "max": None}
     return {"n": len(vals), "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
 
+
+
+def _test_metric(rows: Sequence[dict[str, Any]]) -> str:
+    """The test score the rows record: ``test_acc`` where any row has it, else the most common
+    ``test_*`` key (``test_mse`` for a regression zoo); ``test_acc`` for an empty zoo."""
+    counts = Counter(k for r in rows for k in r.get("metrics", {}) if k.startswith("test_"))
+    if "test_acc" in counts or not counts:
+        return "test_acc"
+    return max(sorted(counts), key=counts.__getitem__)
 
 class Zoo:
     """A built zoo folder (see :mod:`weightdiff.zoo.manifest` for the layout).
@@ -289,29 +299,34 @@ class Zoo:
 
     # ----------------------------------------------------------------------------------- stats
     def info(self) -> dict[str, Any]:
-        """Counts and test accuracy (n/mean/min/max) overall, per split, held-out kind and task."""
+        """Counts and the test score (n/mean/min/max) overall, per split, held-out kind and task.
+
+        The score is ``test_acc`` where the rows record it, else the test metric they do record
+        (``test_mse`` for a regression zoo); ``"metric"`` names it and it is the key of every block.
+        """
         rows = self.rows()
         planned = len(self.planned())
-        acc = lambda rs: _stats(r["metrics"]["test_acc"] for r in rs if "test_acc" in r["metrics"])  # noqa: E731
+        key = _test_metric(rows)
+        acc = lambda rs: _stats(r["metrics"][key] for r in rs if key in r["metrics"])  # noqa: E731
         out: dict[str, Any] = {
             "name": self.name, "kind": self.kind, "family": self.family, "path": str(self.path),
             "entries": len(rows), "planned_entries": planned, "runs": len({r["run_id"] for r in rows}),
-            "tasks": len({r["task"] for r in rows}), "test_acc": acc(rows),
+            "tasks": len({r["task"] for r in rows}), "metric": key, key: acc(rows),
             "num_params": rows[0]["num_params"] if rows else 0, "splits": {}, "heldout_kinds": {}, "per_task": {},
         }
         for split in sorted({r["split"] for r in rows}):
             rs = [r for r in rows if r["split"] == split]
-            out["splits"][split] = {"entries": len(rs), "tasks": len({r["task"] for r in rs}), "test_acc": acc(rs)}
+            out["splits"][split] = {"entries": len(rs), "tasks": len({r["task"] for r in rs}), key: acc(rs)}
         for kind in sorted({r.get("heldout_kind") for r in rows} - {None}):
             rs = [r for r in rows if r.get("heldout_kind") == kind]
             out["heldout_kinds"][kind] = {"entries": len(rs), "tasks": len({r["task"] for r in rs}),
-                                          "test_acc": acc(rs)}
+                                          key: acc(rs)}
         by_task: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             by_task.setdefault(r["task"], []).append(r)
         for task, rs in sorted(by_task.items()):
             out["per_task"][task] = {"split": rs[0]["split"], "heldout_kind": rs[0].get("heldout_kind"),
-                                     "entries": len(rs), "test_acc": acc(rs)}
+                                     "entries": len(rs), key: acc(rs)}
         if self.kind == "lora" and (self.path / BASE_DIR / ENTRY_FILE).is_file():
             out["base"] = read_json(self.path / BASE_DIR / ENTRY_FILE, "base row").get("metrics", {})
         entries = self.path / ENTRIES_DIR
