@@ -6,7 +6,7 @@
 Each setting is ``key=value[,key=value]`` over SamplerSettings fields (steps, sampler, guidance,
 seed, temperature); steps and sampler left out are the generator's own (``model_index.json``).
 Samples are conditioned on held-out free-text paraphrases; prints the mean
-test accuracy over held-out tasks and over every 40th training task. Choose settings on the
+test accuracy over held-out tasks (and per held-out kind) and over every 40th training task. Choose settings on the
 seen tasks; the full benchmark (scripts/benchmark.py) is the number to report.
 """
 
@@ -45,12 +45,12 @@ def main() -> None:
     args = p.parse_args()
     gen = WeightDiffusionPipeline.from_pretrained(args.model)
     zoo = Zoo.open(args.zoo)
-    groups = {"unseen": sorted({r["task"] for r in zoo.rows("heldout")}),
-              "seen": sorted({r["task"] for r in zoo.rows("train")})[::args.seen_stride]}
+    kinds = {r["task"]: r.get("heldout_kind") or "unseen" for r in zoo.rows("heldout")}
+    groups = {"unseen": sorted(kinds), "seen": sorted({r["task"] for r in zoo.rows("train")})[::args.seen_stride]}
     for kwargs in args.setting:
         settings: SamplerSettings = replace(gen.settings(), **kwargs)
         t0 = time.perf_counter()
-        means = {}
+        means, by_kind = {}, {}
         for group, names in groups.items():
             accs = []
             for name in names:
@@ -59,7 +59,10 @@ def main() -> None:
                 tokens, _ = generate_tokens(gen, cond, args.num, settings, use_cache=False, progress=False)
                 x, y = task.data().split("test")
                 accs.append(gen.target(task).accuracy(gen.tokenizer.decode_float(tokens), x, y).mean().item())
+                if group == "unseen":
+                    by_kind.setdefault(kinds[name], []).append(accs[-1])
             means[group] = round(100 * sum(accs) / len(accs), 1)
+        means.update({kind: round(100 * sum(a) / len(a), 1) for kind, a in sorted(by_kind.items())})
         print(settings, means, f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 

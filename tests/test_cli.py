@@ -19,7 +19,7 @@ from weightdiff.cli import build_parser, main
 
 SUBCOMMANDS = ["zoo build", "zoo info", "zoo verify", "export", "sample", "evaluate", "benchmark", "diagnose", "demo"]
 WITH_DEFAULTS = {"zoo build": "default: checkpoints_zoo", "zoo info": "default: False", "sample": "default: 4",
-                 "evaluate": "default: test", "benchmark": "default: 32", "diagnose": "default: ('ddim:10', 'ddim:20')",
+                 "evaluate": "default: test", "benchmark": "default: 32", "diagnose": "default: null",
                  "demo": "default: runs/demo"}
 
 

@@ -271,6 +271,7 @@ def test_diagnose_a_flow_generator(flow_generator, tiny_lora_zoo, tmp_path, caps
             "--max-entries", "6", "--num", "2"]
     assert main([*argv, "--paths", "[euler:3]"]) == 0
     report = json.loads((out / "diagnose.json").read_text())
+    assert list(report["paths"]) == ["euler-3"]
     levels = report["noise_levels"]
     assert levels["objective"] == "flow_matching" and levels["timesteps"][:2] == [0, 10]
     train = levels["train"]
@@ -290,3 +291,5 @@ def test_diagnose_a_flow_generator(flow_generator, tiny_lora_zoo, tmp_path, caps
     assert main([*argv, "--paths", "[ddim:3]"]) == 2
     err = capsys.readouterr().err
     assert "ddim:3" in err and "flow_matching" in err
+    assert main(argv) == 0  # no --paths: the generator's own sampler, not DDIM's default
+    assert list(json.loads((out / "diagnose.json").read_text())["paths"]) == ["euler-10", "euler-20"]

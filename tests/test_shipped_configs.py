@@ -13,7 +13,8 @@ from weightdiff.training.module import WeightDiffusion
 
 REPO = Path(__file__).resolve().parents[1]
 #: Generator configs a user trains on a built zoo (tiny.yaml is the tests' seconds-long fit).
-SHIPPED = ["rotdigits-lora.yaml", "cordigits-lora.yaml", "digits-cnn.yaml", "mnist1d-cnn.yaml", "digits-mlp.yaml"]
+SHIPPED = ["rotdigits-lora.yaml", "cordigits-lora.yaml", "digits-cnn.yaml", "digits-cnn-latent.yaml", "mnist1d-cnn.yaml",
+           "digits-mlp.yaml"]
 
 
 def _params(cls: type) -> set[str]:

@@ -340,7 +340,7 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
     print(f"wrote {out}/results.json and results.md")
 
 
-def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] = ("ddim:10", "ddim:20"), task: str | None = None,
+def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] | None = None, task: str | None = None,
              max_entries: int | None = 64, num: int = 16, seed: int = 0) -> None:
     """Judge the denoiser at every noise level and along its sampler's path (diagnose.json, diagnose.png).
 
@@ -354,7 +354,8 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] = ("ddim:10", 
         zoo: the zoo it was trained on.
         out: output directory.
         paths: samplers to follow, as sampler:steps, e.g. '[ddim:10, dpm:20]' (a flow-matching
-            generator: '[euler:10, euler:20]').
+            generator: '[euler:10, euler:20]'); null: the generator's own multi-step sampler at 10
+            and 20 steps (ddim, or euler for flow matching).
         task: task the paths sample for (null: the zoo's first training task).
         max_entries: zoo entries per split at each noise level (null: all).
         num: samples per path.
@@ -367,7 +368,7 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] = ("ddim:10", 
 
     check_writable(out, "diagnose folder")
     parsed = []
-    for spec in paths:
+    for spec in paths or ():
         name, _, steps = spec.partition(":")
         if name not in ("ddim", "dpm", "euler") or not steps.isdigit() or int(steps) < 1:
             raise ConditionError(f"--paths: {spec!r} is not sampler:steps with sampler ddim, dpm or euler and "
@@ -376,12 +377,12 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] = ("ddim:10", 
     if num < 1:
         raise ConditionError(f"--num must be at least 1, got {num}")
     gen = load_generator(model)
-    for spec, (name, _) in zip(paths, parsed):
+    for spec, (name, _) in zip(paths or (), parsed):
         try:
             gen.schedule.check_sampler(name)
         except ConditionError as exc:
             raise ConditionError(f"--paths {spec!r}: {exc}") from None
-    report = diagnose_generator(gen, Zoo.open(zoo), paths=parsed, task=task, max_entries=max_entries, num=num,
+    report = diagnose_generator(gen, Zoo.open(zoo), paths=parsed if paths else None, task=task, max_entries=max_entries, num=num,
                                 seed=seed)
     json_path, png = write_report(out, report)
     train = report["noise_levels"]["train"]
