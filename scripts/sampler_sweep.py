@@ -5,8 +5,8 @@
 
 Each setting is ``key=value[,key=value]`` over SamplerSettings fields (steps, sampler, guidance,
 seed, temperature); steps and sampler left out are the generator's own (``model_index.json``).
-Samples are conditioned on held-out free-text paraphrases; prints the mean
-test accuracy over held-out tasks (and per held-out kind) and over every 40th training task. Choose settings on the
+Samples are conditioned on held-out free-text paraphrases; prints the mean test accuracy over
+held-out tasks (and per held-out kind) and over every 40th training task. Choose settings on the
 seen tasks; the full benchmark (scripts/benchmark.py) is the number to report.
 """
 

@@ -382,8 +382,8 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] | None = None,
             gen.schedule.check_sampler(name)
         except ConditionError as exc:
             raise ConditionError(f"--paths {spec!r}: {exc}") from None
-    report = diagnose_generator(gen, Zoo.open(zoo), paths=parsed if paths else None, task=task, max_entries=max_entries, num=num,
-                                seed=seed)
+    report = diagnose_generator(gen, Zoo.open(zoo), paths=None if paths is None else parsed, task=task,
+                                max_entries=max_entries, num=num, seed=seed)
     json_path, png = write_report(out, report)
     train = report["noise_levels"]["train"]
     t = report["noise_levels"]["timesteps"]
