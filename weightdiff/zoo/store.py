@@ -43,7 +43,6 @@ def _stats(values: Iterable[float]) -> dict[str, float | None]:
     return {"n": len(vals), "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
 
 
-
 def _test_metric(rows: Sequence[dict[str, Any]]) -> str:
     """The test score the rows record: ``test_acc`` where any row has it, else the most common
     ``test_*`` key (``test_mse`` for a regression zoo); ``test_acc`` for an empty zoo."""
@@ -51,6 +50,7 @@ def _test_metric(rows: Sequence[dict[str, Any]]) -> str:
     if "test_acc" in counts or not counts:
         return "test_acc"
     return max(sorted(counts), key=counts.__getitem__)
+
 
 class Zoo:
     """A built zoo folder (see :mod:`weightdiff.zoo.manifest` for the layout).
