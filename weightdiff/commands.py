@@ -84,7 +84,7 @@ def _score_label(key: str) -> str:
     return "test acc" if key == "test_acc" else key.replace("_", " ", 1)
 
 
-def _fmt_acc(stats: dict[str, float | None], key: str = "test_acc") -> str:
+def _fmt_score(stats: dict[str, float | None], key: str = "test_acc") -> str:
     label = _score_label(key)
     if not stats["n"]:
         return f"{label} –"
@@ -107,16 +107,16 @@ def zoo_info(path: str, json: bool = False) -> None:
     key = info["metric"]
     lines = [f"zoo {info['name']} ({info['kind']}, family {info['family']}) at {info['path']}",
              f"  {info['entries']} of {info['planned_entries']} planned entries, {info['runs']} runs, "
-             f"{info['tasks']} tasks, {info['num_params']} parameters per entry; {_fmt_acc(info[key], key)}"]
+             f"{info['tasks']} tasks, {info['num_params']} parameters per entry; {_fmt_score(info[key], key)}"]
     if "base" in info and key in info["base"]:
         lines.append(f"  base network: {_score_label(key)} {info['base'][key]:.4f}")
     for split, s in info["splits"].items():
-        lines.append(f"  split {split}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s[key], key)}")
+        lines.append(f"  split {split}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_score(s[key], key)}")
     for kind, s in info["heldout_kinds"].items():
-        lines.append(f"    held-out {kind}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_acc(s[key], key)}")
+        lines.append(f"    held-out {kind}: {s['entries']} entries, {s['tasks']} tasks; {_fmt_score(s[key], key)}")
     if len(info["per_task"]) <= MAX_TASK_LINES:
         for task, s in info["per_task"].items():
-            lines.append(f"  {task} [{s['split']}]: {s['entries']} entries; {_fmt_acc(s[key], key)}")
+            lines.append(f"  {task} [{s['split']}]: {s['entries']} entries; {_fmt_score(s[key], key)}")
     else:
         lines.append(f"  ({len(info['per_task'])} tasks: use --json for per-task numbers)")
     if info["temporary_dirs"]:
@@ -367,8 +367,9 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] | None = None,
     from weightdiff.zoo import Zoo
 
     check_writable(out, "diagnose folder")
+    specs = [] if paths is None else list(paths)
     parsed = []
-    for spec in paths or ():
+    for spec in specs:
         name, _, steps = spec.partition(":")
         if name not in ("ddim", "dpm", "euler") or not steps.isdigit() or int(steps) < 1:
             raise ConditionError(f"--paths: {spec!r} is not sampler:steps with sampler ddim, dpm or euler and "
@@ -377,7 +378,7 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] | None = None,
     if num < 1:
         raise ConditionError(f"--num must be at least 1, got {num}")
     gen = load_generator(model)
-    for spec, (name, _) in zip(paths or (), parsed):
+    for spec, (name, _) in zip(specs, parsed):
         try:
             gen.schedule.check_sampler(name)
         except ConditionError as exc:

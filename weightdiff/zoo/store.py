@@ -26,6 +26,7 @@ from torch import nn
 
 from weightdiff.base_networks import BaseSpec, build_base, recorded_base_spec
 from weightdiff.errors import ManifestError, WeightDiffError, WeightFileError
+from weightdiff.tasks.metrics import METRICS
 from weightdiff.io import check_finite, check_weight_dtypes, load_weights, read_json
 from weightdiff.zoo.manifest import (BASE_DIR, ENTRIES_DIR, ENTRY_FILE, PARENTS_DIR, entry_problem,
                                      network_problem, read_row, read_zoo_json)
@@ -45,8 +46,10 @@ def _stats(values: Iterable[float]) -> dict[str, float | None]:
 
 def _test_metric(rows: Sequence[dict[str, Any]]) -> str:
     """The test score the rows record: ``test_acc`` where any row has it, else the most common
-    ``test_*`` key (``test_mse`` for a regression zoo); ``test_acc`` for an empty zoo."""
-    counts = Counter(k for r in rows for k in r.get("metrics", {}) if k.startswith("test_"))
+    ``test_<metric>`` of a known metric (``test_mse`` for a regression zoo; the names
+    :func:`weightdiff.zoo.manifest.validate_row` accepts); ``test_acc`` for an empty zoo."""
+    known = {f"test_{m}" for m in METRICS}
+    counts = Counter(k for r in rows for k in r.get("metrics", {}) if k in known)
     if "test_acc" in counts or not counts:
         return "test_acc"
     return max(sorted(counts), key=counts.__getitem__)
