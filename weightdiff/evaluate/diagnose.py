@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from weightdiff.errors import WeightDiffError
 from weightdiff.evaluate.report import _save_figure
 from weightdiff.io import write_json
 from weightdiff.models.schedule import NoiseLevel, as_noise_level, denoise, predicted_x0
@@ -88,6 +89,9 @@ def diffusion_space(gen: Any) -> tuple[Transform, Transform]:
     """``(into, back)``: weight tokens → what the generator diffuses, and back (identity unless
     centred or latent; the latent of an entry is its autoencoder's encoding without input noise)."""
     net = getattr(gen, "generator", None)
+    if net is not None and net.mean_net is not None:
+        # Its diffused residual depends on each entry's condition, which these maps do not take.
+        raise WeightDiffError("diagnose does not measure a generator with a conditional mean (mean_head > 0) yet")
     if net is not None and net.autoencoder is not None:
         return net.encode_latent, net.to_tokens
     if net is None or not net.config.center:

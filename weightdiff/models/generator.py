@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
+from torch import nn
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
@@ -132,6 +133,10 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         center: diffuse each token's residual from the zoo's mean token, ``(x0 - center) / scale``
             (:meth:`fit_center`): the denoiser then learns how networks differ, not the weights
             they share, which a million-weight target of one basin would need it to memorise.
+        mean_head: width of a *conditional mean* (:class:`ConditionalMean`, 0: none): an MLP from the
+            condition vector to a weight set μ(c), trained as a hypernetwork; the DiT then diffuses
+            the residual ``x0 - μ(c)``, and samples are ``μ(c) +`` a sampled residual. The mean
+            carries what the task determines, the diffusion how networks of one task differ.
         token_layout: the layout's per-token ``tensor_index``, ``chunk_index``, ``depth``,
             ``kind`` and ``length`` (each ``(L,)``); not part of the config: the buffers are
             saved with the weights. Omitted when the weights are loaded afterwards.
@@ -144,7 +149,7 @@ class WeightGenerator(ModelMixin, ConfigMixin):
                  num_kinds: int, condition: ConditionKind = "text", condition_dims: dict[str, int] | None = None,
                  hidden: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
                  cross_attention: bool = False, text_dropout: float = 0.0, latent: dict[str, Any] | None = None,
-                 window: int | None = None, center: bool = False,
+                 window: int | None = None, center: bool = False, mean_head: int = 0,
                  token_layout: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
         if window is not None and latent is not None:
@@ -152,6 +157,9 @@ class WeightGenerator(ModelMixin, ConfigMixin):
                              "diffuses a few latent tokens, which need no windows")
         if center and latent is not None:
             raise ValueError("WeightGenerator: 'center' is for weight-token diffusion, not for a latent generator")
+        if mean_head < 0 or (mean_head and (latent is not None or window is not None or center)):
+            raise ValueError(f"WeightGenerator: mean_head must be >= 0 (got {mean_head}) and is for weight-token "
+                             "diffusion over the whole sequence, without 'latent', 'window' or 'center'")
         extra = {"text_dropout": text_dropout} if condition == "text" else {}
         # The provider is built before the denoiser: initial weights follow from the seed in this order.
         self.cond = build_condition(condition, hidden, **(condition_dims or {}), **extra)
@@ -173,6 +181,8 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         if center:  # set by fit_center from the training tokens; saved with the weights
             self.register_buffer("token_center", torch.zeros(num_tokens, token_size))
             self.register_buffer("token_scale", torch.ones(num_tokens, 1))
+        # Built after the denoiser: the other modules' initial weights do not move with this option.
+        self.mean_net = ConditionalMean(hidden, num_tokens * token_size, mean_head) if mean_head else None
         if token_layout is not None:
             for key in (*ID_FIELDS, "length"):
                 buffer = self.token_length if key == "length" else getattr(self, f"ids_{key}")
@@ -230,18 +240,30 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         valid = self.valid
         return flat.new_zeros(flat.shape[0], *valid.shape).masked_scatter(valid, flat)
 
-    def to_tokens(self, sample: torch.Tensor, tokens: slice | torch.Tensor | None = None) -> torch.Tensor:
+    def to_tokens(self, sample: torch.Tensor, tokens: slice | torch.Tensor | None = None,
+                  mean: torch.Tensor | None = None) -> torch.Tensor:
         """A diffused sample → weight tokens ``(B, L, D)``: latent: decoded, 0 on padding; centred:
-        ``sample · scale + center``; else itself. ``tokens``: the sample holds only those weight tokens."""
+        ``sample · scale + center``; with a conditional mean: ``sample + mean`` (``mean``: the
+        samples' :meth:`conditional_mean`); else itself. ``tokens``: the sample holds only those weight tokens."""
         if self.autoencoder is not None:
             return self.tokens_of(self.autoencoder.decode(sample))
+        if self.mean_net is not None:
+            if mean is None:
+                raise ValueError("WeightGenerator.to_tokens: a generator with a conditional mean needs `mean`")
+            return sample + mean
         if not self.config.center:
             return sample
         center, scale = self._centering(tokens)
         return sample * scale + center
 
-    def residual(self, x0: torch.Tensor, tokens: slice | torch.Tensor | None = None) -> torch.Tensor:
-        """(centred) Weight tokens → the diffused residual ``(x0 - center) / scale`` (:meth:`to_tokens` inverted)."""
+    def residual(self, x0: torch.Tensor, tokens: slice | torch.Tensor | None = None,
+                 mean: torch.Tensor | None = None) -> torch.Tensor:
+        """(centred, or with a conditional ``mean``) Weight tokens → the diffused residual
+        ``(x0 - center) / scale`` or ``x0 - mean`` (:meth:`to_tokens` inverted)."""
+        if self.mean_net is not None:
+            if mean is None:
+                raise ValueError("WeightGenerator.residual: a generator with a conditional mean needs `mean`")
+            return x0 - mean
         if not self.config.center:
             return x0
         center, scale = self._centering(tokens)
@@ -264,6 +286,12 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         std = (sq / count.clamp_min(1)).sqrt().clamp_min(CENTER_STD_FLOOR)
         self.token_center.copy_(center)
         self.token_scale.copy_(std[tensor][:, None])
+
+    def conditional_mean(self, c: torch.Tensor) -> torch.Tensor:
+        """(mean head) The condition vectors ``(B, hidden)`` → their mean weight tokens ``(B, L, D)``, 0 on padding."""
+        if self.mean_net is None:
+            raise ValueError("WeightGenerator.conditional_mean: this generator has no mean head (mean_head = 0)")
+        return self.mean_net(c).view(-1, *self.valid.shape).masked_fill(~self.valid, 0.0)
 
     def embed_condition(self, raw: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Raw condition batch (see :mod:`weightdiff.models.conditioning`) -> (B, hidden)."""
@@ -326,6 +354,25 @@ class WeightGenerator(ModelMixin, ConfigMixin):
                                     "(is the tokenizer from another network?)")
 
 
+class ConditionalMean(nn.Module):
+    """The condition vector ``(B, hidden)`` → flat weight tokens ``(B, L · D)``: two hidden layers with
+    LayerNorm and SiLU, as the benchmark's :class:`~weightdiff.evaluate.hypernet.MLPHypernet`, and an
+    output layer that starts at zero (the mean starts at the normalised zoo's mean, 0)."""
+
+    def __init__(self, cond_dim: int, out_dim: int, width: int, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(cond_dim if i == 0 else width, width), nn.LayerNorm(width), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(width, out_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(c))
+
+
 #: Floor on a tensor's residual std in :meth:`WeightGenerator.fit_center` (a tensor every entry
 #: shares, e.g. a frozen one, would otherwise divide by 0).
 CENTER_STD_FLOOR = 1e-6
@@ -367,7 +414,7 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
     shape = (rows * num, *net.sample_shape)
     sample = denoise(net.guided_fn(cond, null, guidance), shape, schedule, steps=steps, sampler=sampler,
                      generator=generator, device=device, noise=noise, valid=net.sample_valid)
-    tokens = net.to_tokens(sample)
+    tokens = net.to_tokens(sample, mean=net.conditional_mean(cond.vector) if net.mean_net is not None else None)
     net.train(was_training)
     return tokens
 

@@ -60,7 +60,7 @@ def latent_config(hparams: Any) -> dict[str, Any] | None:
 def build_generator(spec: dict[str, Any], hidden: int, depth: int, heads: int, mlp_ratio: float,
                     cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0,
                     latent: dict[str, Any] | None = None, window: int | None = None,
-                    center: bool = False) -> WeightGenerator:
+                    center: bool = False, mean_head: int = 0) -> WeightGenerator:
     """The :class:`WeightGenerator` for a datamodule ``spec`` (sizes and the layout's per-token ids);
     ``latent``: its autoencoder's arguments (:func:`latent_config`); ``window``: its attention window."""
     ids = spec["token_ids"]
@@ -69,7 +69,7 @@ def build_generator(spec: dict[str, Any], hidden: int, depth: int, heads: int, m
         max_chunks=spec["max_chunks"], max_depth=spec["max_depth"], num_kinds=spec["num_kinds"],
         condition=condition, condition_dims=dict(spec["condition_dims"]), hidden=hidden, depth=depth, heads=heads,
         mlp_ratio=mlp_ratio, cross_attention=cross_attention, text_dropout=text_dropout, latent=latent,
-        window=window, center=center, token_layout={**ids, "length": spec["token_length"]})
+        window=window, center=center, mean_head=mean_head, token_layout={**ids, "length": spec["token_length"]})
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
@@ -185,6 +185,10 @@ class WeightDiffusion(L.LightningModule):
             tensor (:meth:`~weightdiff.models.generator.WeightGenerator.fit_center`, set at the start
             of fitting and saved with the generator): for zoos of one basin, whose networks share most
             of their weights.
+        mean_head: width of the generator's conditional mean μ(c) (0: none; see
+            :class:`~weightdiff.models.generator.WeightGenerator`): trained as a hypernetwork on the
+            weight MSE and, with ``functional_loss_weight``, the task loss; the DiT diffuses the
+            residual from it (μ is held fixed in the DiT's losses).
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -202,7 +206,7 @@ class WeightDiffusion(L.LightningModule):
                  autoencoder_basis: int = 256, autoencoder_input_noise: float = 0.001,
                  autoencoder_latent_noise: float = 0.1, autoencoder_functional_weight: float = 1.0,
                  noise_draws: int = 1, window: int | None = None, train_windows: int = 0,
-                 center_tokens: bool = False):
+                 center_tokens: bool = False, mean_head: int = 0):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
@@ -221,6 +225,11 @@ class WeightDiffusion(L.LightningModule):
                                   ">= 0 (0: every window at each step)")
         if center_tokens and latent_tokens:
             raise WeightDiffError("model options: center_tokens is for weight-token diffusion; set latent_tokens to 0")
+        if mean_head < 0 or (mean_head and (latent_tokens or window is not None or center_tokens
+                                            or path_functional_weight > 0)):
+            raise WeightDiffError(f"model options: mean_head must be >= 0 (got {mean_head}) and is for weight-token "
+                                  "diffusion: set latent_tokens, path_functional_weight to 0, window to null and "
+                                  "center_tokens to false with a mean head")
         if latent_tokens and path_functional_weight > 0:
             raise WeightDiffError("model options: path_functional_weight applies to weight-token diffusion; "
                                   "set it to 0 with latent_tokens > 0")
@@ -228,7 +237,8 @@ class WeightDiffusion(L.LightningModule):
         self.schedule = schedule_of(self.hparams)
         self.sampler = self.schedule.default_sampler(sampler)
         self.generator = build_generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition,
-                                         text_dropout, latent_config(self.hparams), window, center_tokens)
+                                         text_dropout, latent_config(self.hparams), window, center_tokens,
+                                         mean_head)
         # Buffers are the layout's integer token ids and lengths: copied from the model at every
         # update, never averaged (an average of equal integers in float32 can round down).
         self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
@@ -338,7 +348,8 @@ class WeightDiffusion(L.LightningModule):
         tokens = self._train_tokens(x0.shape[1], x0.device)
         if tokens is not None:  # a few windows of each entry: (B, n, D)
             x0 = x0[:, tokens]
-        x0 = self.generator.residual(x0, tokens)  # centred generators diffuse the residual
+        if self.generator.config.center:  # centred generators diffuse the residual
+            x0 = self.generator.residual(x0, tokens)
         latent = self.generator.autoencoder is not None
         if latent:  # the frozen autoencoder's latent (B, K, d) is the diffused sample
             with torch.no_grad():
@@ -347,20 +358,27 @@ class WeightDiffusion(L.LightningModule):
         rows = x0.shape[0]
         x0 = x0.repeat_interleave(draws, 0)  # each entry noised `draws` times: (B · draws, L, D)
         b, length, d = x0.shape
-        if self.schedule.objective == "flow_matching":
+        flow = self.schedule.objective == "flow_matching"
+        if flow:
             sigma = sample_sigmas(b, self.hparams.timestep_shift, device=x0.device)
             level = NoiseLevel.from_sigma(sigma)
             t = sigma * self.schedule.num_train_timesteps  # the denoiser's timestep σ · T
-            noise = torch.randn_like(x0)
-            x_t = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * noise  # the straight path x0 -> ε
         else:
             t = sample_timesteps(b, self.schedule.num_train_timesteps, self.hparams.timestep_shift, device=x0.device)
             level = NoiseLevel.from_alpha_bar(self.alphas_cumprod[t])
-            noise = torch.randn_like(x0)
-            x_t = self.noise_scheduler.add_noise(x0, noise, t)  # sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM eq. 4
+        noise = torch.randn_like(x0)
         drop = torch.rand(rows, device=x0.device) < cond_dropout
         cond = self.generator.encode_condition(batch["cond"], drop)
         rows_cond = cond.repeat_interleave(draws) if draws > 1 else cond
+        losses: dict[str, torch.Tensor] = {}
+        mean = None
+        if self.generator.mean_net is not None:  # fit μ(c) as a hypernetwork; the DiT diffuses x0 - μ(c)
+            mean = self._mean_losses(batch, cond.vector, losses).detach().repeat_interleave(draws, 0)
+            x0 = self.generator.residual(x0, mean=mean)
+        if flow:
+            x_t = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * noise  # the straight path x0 -> ε
+        else:
+            x_t = self.noise_scheduler.add_noise(x0, noise, t)  # sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, DDPM eq. 4
         out = self.generator(x_t, t, rows_cond.vector, rows_cond.context, rows_cond.context_mask, tokens)
         ptype = self.schedule.prediction_type
         if ptype == "sample":
@@ -377,12 +395,11 @@ class WeightDiffusion(L.LightningModule):
         if self.hparams.loss_weighting != "none":  # normalised to mean 1: the loss keeps its scale
             w = loss_weight(level.share, self.hparams.loss_weighting, ptype, self.hparams.min_snr_gamma)
             row_weight = (w / w.mean()).repeat_interleave(length)
-        losses = {"weight": masked_mse(out.reshape(b * length, d), target.reshape(b * length, d), lengths,
-                                       row_weight)}
+        losses["weight"] = masked_mse(out.reshape(b * length, d), target.reshape(b * length, d), lengths, row_weight)
         functional = self._functional_parts()
         if functional is not None and "fx" in batch and self.hparams.functional_loss_weight > 0:
             tokenizer, target_net = functional
-            x0_hat = self.generator.to_tokens(predicted_x0(out, x_t, level, ptype), tokens)
+            x0_hat = self.generator.to_tokens(predicted_x0(out, x_t, level, ptype), tokens, mean)
             if tokens is not None:  # the entry's own tokens outside the fitted windows
                 x0_hat = full.repeat_interleave(draws, 0).index_copy(1, tokens, x0_hat)
             params = tokenizer.decode_float(x0_hat)  # name -> (B, *shape), differentiable
@@ -394,6 +411,22 @@ class WeightDiffusion(L.LightningModule):
         if functional is not None and "fx" in batch and self.hparams.path_functional_weight > 0:
             losses["path_functional"] = self._path_functional(batch, cond, functional)
         return losses
+
+    def _mean_losses(self, batch: dict[str, Any], c: torch.Tensor, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(mean head) Add the conditional mean's losses to ``losses`` — ``mean``: its weight MSE to the
+        entries; ``mean_functional``: the task cross-entropy of the weights it decodes to — and return
+        it ``(B, L, D)``."""
+        x0 = batch["tokens"]
+        mean = self.generator.conditional_mean(c)
+        rows, length, d = mean.shape
+        losses["mean"] = masked_mse(mean.reshape(rows * length, d), x0.reshape(rows * length, d),
+                                    self.token_length.repeat(rows))
+        functional = self._functional_parts()
+        if functional is not None and "fx" in batch and self.hparams.functional_loss_weight > 0:
+            tokenizer, target_net = functional
+            logits = target_net.forward_each(tokenizer.decode_float(mean), batch["fx"])  # (B, n, C)
+            losses["mean_functional"] = F.cross_entropy(logits.flatten(0, 1), batch["fy"].flatten())
+        return mean
 
     def _train_tokens(self, length: int, device: torch.device) -> torch.Tensor | None:
         """Indices ``(n,)`` of the weight tokens fitted this step: ``train_windows`` random windows, or None (all)."""
@@ -432,6 +465,7 @@ class WeightDiffusion(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch, self.hparams.cond_dropout)
         weights = {"functional": self.hparams.functional_loss_weight,
+                   "mean_functional": self.hparams.functional_loss_weight,
                    "path_functional": self.hparams.path_functional_weight,
                    "autoencoder_functional": self.hparams.autoencoder_functional_weight}
         loss = sum(weights.get(k, 1.0) * v for k, v in losses.items())

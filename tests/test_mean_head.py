@@ -1,0 +1,123 @@
+"""The conditional mean: a hypernetwork μ(c) inside the generator, with the DiT diffusing x0 - μ(c)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightdiff.errors import WeightDiffError
+from weightdiff.models.generator import WeightGenerator, sample_tokens, seeded_noise
+from weightdiff.models.schedule import ScheduleConfig
+from weightdiff.weights.tokenizer import WeightTokenizer
+
+
+def _tokenizer() -> WeightTokenizer:
+    """Tensors that end mid-token, so the last token of each has padding."""
+    g = torch.Generator().manual_seed(0)
+    state = {"a.weight": torch.randn(5, 3, generator=g), "a.bias": torch.randn(5, generator=g)}
+    return WeightTokenizer.from_state_dict(state, token_size=4)
+
+
+def _generator(mean_head: int = 8, **kwargs) -> WeightGenerator:
+    lay = _tokenizer().layout
+    torch.manual_seed(0)
+    return WeightGenerator(token_size=lay.token_size, num_tokens=lay.num_tokens, num_tensors=lay.num_tensors,
+                           max_chunks=lay.max_chunks, max_depth=lay.max_depth, num_kinds=lay.num_kinds,
+                           condition="code", condition_dims={"raw_dim": 3}, hidden=16, depth=1, heads=2,
+                           mean_head=mean_head,
+                           token_layout={"tensor_index": lay.token_tensor_index,
+                                         "chunk_index": lay.token_chunk_index, "depth": lay.token_depth,
+                                         "kind": lay.token_kind, "length": lay.token_length}, **kwargs).eval()
+
+
+def test_the_mean_starts_at_zero_and_is_zero_on_padding():
+    net = _generator()
+    c = torch.randn(3, 16)
+    assert torch.equal(net.conditional_mean(c), torch.zeros(3, *net.valid.shape))  # zero output layer
+    torch.nn.init.normal_(net.mean_net.out.weight)
+    torch.nn.init.normal_(net.mean_net.out.bias)
+    mean = net.conditional_mean(c)
+    assert not net.valid.all()  # the layout has padding to check
+    assert (mean[:, ~net.valid] == 0).all() and (mean[:, net.valid] != 0).all()
+    assert not torch.equal(mean[0], mean[1])  # it depends on the condition
+
+
+def test_residual_and_to_tokens_invert_and_need_the_mean():
+    net = _generator()
+    x0, mean = torch.randn(2, *net.valid.shape), torch.randn(2, *net.valid.shape)
+    back = net.to_tokens(net.residual(x0, mean=mean), mean=mean)
+    # (x0 - m) + m rounds once in each operation: within 2 ulp of the larger magnitude.
+    tol = 2 * torch.finfo(torch.float32).eps * float(torch.maximum(x0.abs(), mean.abs()).max())
+    torch.testing.assert_close(back, x0, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="needs `mean`"):
+        net.to_tokens(x0)
+    with pytest.raises(ValueError, match="needs `mean`"):
+        net.residual(x0)
+    with pytest.raises(ValueError, match="no mean head"):
+        _generator(mean_head=0).conditional_mean(torch.randn(1, 16))
+
+
+@pytest.mark.parametrize("kwargs", [{"center": True}, {"window": 2}, {"mean_head": -1}])
+def test_the_mean_head_refuses_what_it_does_not_combine_with(kwargs):
+    with pytest.raises(ValueError, match="mean_head"):
+        _generator(**{"mean_head": 8, **kwargs})
+
+
+def test_a_sample_is_the_mean_plus_a_residual_sampled_without_it():
+    """The DiT samples the residual; the mean only enters at the end. Moving the mean by b moves
+    every sample by b on valid entries (and not on padding), from the same noise."""
+    net = _generator()
+    for p in net.denoiser.parameters():  # zero-initialised gates would make the DiT's output constant
+        torch.nn.init.normal_(p, std=0.2)
+    code = torch.randn(2, 3)
+    noise = seeded_noise([1, 2, 3, 4], net.sample_shape)
+    kw = dict(steps=3, sampler="ddim", guidance=1.0, noise=noise)
+    before = sample_tokens(net, code, 2, ScheduleConfig(), **kw)
+    bias = torch.randn(net.valid.numel())
+    with torch.no_grad():
+        net.mean_net.out.bias.copy_(bias)
+    after = sample_tokens(net, code, 2, ScheduleConfig(), **kw)
+    shift = bias.view(net.valid.shape).masked_fill(~net.valid, 0.0)
+    tol = 2 * torch.finfo(torch.float32).eps * float(after.abs().max() + before.abs().max())
+    torch.testing.assert_close(after - before, shift.expand_as(after), rtol=0, atol=tol)
+
+
+def test_a_fit_trains_the_mean_as_a_hypernetwork_and_exports_it(tiny_lora_zoo, tmp_path):
+    """The fit logs the mean's weight and task losses, its output layer moves off zero, and the
+    exported generator has the same mean and samples as ``μ(c) +`` a residual."""
+    import csv
+
+    from conftest import export_last, fit_tiny
+    from weightdiff.models.generator import load_generator
+    from weightdiff.sampling import make_condition
+
+    run = fit_tiny(tiny_lora_zoo, tmp_path / "fit", "--model.mean_head", "32", "--trainer.max_steps", "12")
+    rows = list(csv.DictReader(next(run.glob("**/metrics.csv")).open()))
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert {"train/mean_loss", "train/mean_functional_loss", "train/weight_loss"} <= logged
+    gen = load_generator(export_last(run, tmp_path / "generator"))
+    net = gen.generator
+    assert net.config.mean_head == 32 and net.mean_net.out.weight.abs().sum() > 0
+    cond = make_condition(gen, task="rotdigits:angle=10,flip=0")
+    tokens = sample_tokens(net, cond.raw, 2, ScheduleConfig(), steps=2, sampler="ddim", guidance=1.0,
+                           noise=seeded_noise([0, 1], net.sample_shape))
+    assert tokens.shape == (2, *net.valid.shape) and torch.isfinite(tokens).all()
+    assert (tokens[:, ~net.valid] == 0).all()
+
+
+@pytest.mark.parametrize("extra", [("--model.center_tokens", "true"), ("--model.path_functional_weight", "1.0"),
+                                   ("--model.latent_tokens", "1")])
+def test_fit_refuses_a_mean_head_with_another_residual(tiny_lora_zoo, tmp_path, extra):
+    from conftest import fit_tiny
+
+    with pytest.raises(WeightDiffError, match="mean_head"):
+        fit_tiny(tiny_lora_zoo, tmp_path / "fit", "--model.mean_head", "32", *extra)
+
+
+def test_diagnose_says_it_does_not_measure_a_conditional_mean_yet():
+    from types import SimpleNamespace
+
+    from weightdiff.evaluate.diagnose import diffusion_space
+
+    with pytest.raises(WeightDiffError, match="conditional mean"):
+        diffusion_space(SimpleNamespace(generator=_generator()))
