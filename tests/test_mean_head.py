@@ -18,12 +18,12 @@ def _tokenizer() -> WeightTokenizer:
     return WeightTokenizer.from_state_dict(state, token_size=4)
 
 
-def _generator(mean_head: int = 8, **kwargs) -> WeightGenerator:
+def _generator(mean_head: int = 8, condition: str = "code", **kwargs) -> WeightGenerator:
     lay = _tokenizer().layout
     torch.manual_seed(0)
     return WeightGenerator(token_size=lay.token_size, num_tokens=lay.num_tokens, num_tensors=lay.num_tensors,
                            max_chunks=lay.max_chunks, max_depth=lay.max_depth, num_kinds=lay.num_kinds,
-                           condition="code", condition_dims={"raw_dim": 3}, hidden=16, depth=1, heads=2,
+                           condition=condition, condition_dims={"raw_dim": 3}, hidden=16, depth=1, heads=2,
                            mean_head=mean_head,
                            token_layout={"tensor_index": lay.token_tensor_index,
                                          "chunk_index": lay.token_chunk_index, "depth": lay.token_depth,
@@ -57,9 +57,10 @@ def test_residual_and_to_tokens_invert_and_need_the_mean():
         _generator(mean_head=0).conditional_mean(torch.randn(1, 16))
 
 
-@pytest.mark.parametrize("kwargs", [{"center": True}, {"window": 2}, {"mean_head": -1}])
+@pytest.mark.parametrize("kwargs", [{"center": True}, {"window": 2}, {"mean_head": -1}, {"mean_input": "codes"},
+                                    {"mean_input": "raw", "condition": "none"}])
 def test_the_mean_head_refuses_what_it_does_not_combine_with(kwargs):
-    with pytest.raises(ValueError, match="mean_head"):
+    with pytest.raises(ValueError, match="mean_head|mean_input"):
         _generator(**{"mean_head": 8, **kwargs})
 
 
@@ -82,22 +83,64 @@ def test_a_sample_is_the_mean_plus_a_residual_sampled_without_it():
     torch.testing.assert_close(after - before, shift.expand_as(after), rtol=0, atol=tol)
 
 
-def test_a_fit_trains_the_mean_as_a_hypernetwork_and_exports_it(tiny_lora_zoo, tmp_path):
+def test_a_raw_input_mean_reads_the_standardised_condition_of_each_sample():
+    net = _generator(mean_input="raw")
+    torch.nn.init.normal_(net.mean_net.out.weight)
+    train = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0], [5.0, 5.0, 0.0]])
+    net.fit_mean_input(train)
+    torch.testing.assert_close(net.mean_net.input_mean, train.mean(0))
+    # population std per column; the constant column keeps std 1 instead of dividing by 0
+    torch.testing.assert_close(net.mean_net.input_std, torch.tensor([(8 / 3) ** 0.5, 1.0, (8 / 3) ** 0.5]))
+    c = torch.randn(2, 16)
+    raw = torch.tensor([[1.0, 5.0, 2.0], [9.0, 0.0, -3.0]])
+    mean = net.conditional_mean(c, raw)
+    assert torch.equal(mean, net.conditional_mean(torch.randn(2, 16), raw))  # the embedding plays no part
+    assert not torch.equal(mean[0], mean[1])
+    with pytest.raises(ValueError, match="needs `raw`"):
+        net.conditional_mean(c)
+    for p in net.denoiser.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    # sample_tokens: each of a row's samples gets that row's mean (condition-major order)
+    kw = dict(steps=2, sampler="ddim", guidance=1.0, noise=seeded_noise([1, 2, 3, 4], net.sample_shape))
+    got = sample_tokens(net, raw, 2, ScheduleConfig(), **kw)
+    with torch.no_grad():
+        net.mean_net.out.weight.zero_()
+    residual = sample_tokens(net, raw, 2, ScheduleConfig(), **kw)
+    tol = 2 * torch.finfo(torch.float32).eps * float(got.abs().max() + residual.abs().max())
+    torch.testing.assert_close(got - residual, mean.repeat_interleave(2, 0), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("mean_input", ["embedding", "raw"])
+def test_a_fit_trains_the_mean_as_a_hypernetwork_and_exports_it(tiny_lora_zoo, tmp_path, mean_input):
     """The fit logs the mean's weight and task losses, its output layer moves off zero, and the
-    exported generator has the same mean and samples as ``μ(c) +`` a residual."""
+    exported generator samples finite tokens, 0 on padding. A raw-input mean is standardised by
+    the training conditions: the text features of every phrasing of every training task."""
     import csv
 
     from conftest import export_last, fit_tiny
     from weightdiff.models.generator import load_generator
     from weightdiff.sampling import make_condition
 
-    run = fit_tiny(tiny_lora_zoo, tmp_path / "fit", "--model.mean_head", "32", "--trainer.max_steps", "12")
+    run = fit_tiny(tiny_lora_zoo, tmp_path / "fit", "--model.mean_head", "32", "--model.mean_input", mean_input,
+                   "--trainer.max_steps", "12")
     rows = list(csv.DictReader(next(run.glob("**/metrics.csv")).open()))
     logged = {k for r in rows for k, v in r.items() if v}
     assert {"train/mean_loss", "train/mean_functional_loss", "train/weight_loss"} <= logged
     gen = load_generator(export_last(run, tmp_path / "generator"))
     net = gen.generator
     assert net.config.mean_head == 32 and net.mean_net.out.weight.abs().sum() > 0
+    if mean_input == "raw":
+        from weightdiff.training.datamodule import TaskConditions
+        from weightdiff.zoo import Zoo
+
+        zoo = Zoo.open(tiny_lora_zoo)
+        names = sorted({r["task"] for r in zoo.rows("train")})
+        conds = TaskConditions(names, "text")
+        feats = torch.cat([conds.text[n] for n in names]).float()
+        torch.testing.assert_close(net.mean_net.input_mean, feats.mean(0))
+        assert net.mean_net.input_std.shape == (feats.shape[1],) and (net.mean_net.input_std > 0).all()
+    else:
+        assert torch.equal(net.mean_net.input_mean, torch.zeros_like(net.mean_net.input_mean))
     cond = make_condition(gen, task="rotdigits:angle=10,flip=0")
     tokens = sample_tokens(net, cond.raw, 2, ScheduleConfig(), steps=2, sampler="ddim", guidance=1.0,
                            noise=seeded_noise([0, 1], net.sample_shape))

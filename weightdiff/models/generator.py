@@ -137,6 +137,10 @@ class WeightGenerator(ModelMixin, ConfigMixin):
             condition vector to a weight set μ(c), trained as a hypernetwork; the DiT then diffuses
             the residual ``x0 - μ(c)``, and samples are ``μ(c) +`` a sampled residual. The mean
             carries what the task determines, the diffusion how networks of one task differ.
+        mean_input: what the conditional mean reads: ``"embedding"``, the condition provider's
+            vector (any condition kind); ``"raw"``, the raw condition vector standardised by the
+            training conditions' mean and std (:meth:`fit_mean_input`), as the benchmark's MLP
+            hypernetwork reads its task code (``text`` and ``code`` conditions).
         token_layout: the layout's per-token ``tensor_index``, ``chunk_index``, ``depth``,
             ``kind`` and ``length`` (each ``(L,)``); not part of the config: the buffers are
             saved with the weights. Omitted when the weights are loaded afterwards.
@@ -150,7 +154,7 @@ class WeightGenerator(ModelMixin, ConfigMixin):
                  hidden: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
                  cross_attention: bool = False, text_dropout: float = 0.0, latent: dict[str, Any] | None = None,
                  window: int | None = None, center: bool = False, mean_head: int = 0,
-                 token_layout: Mapping[str, Sequence[int]] | None = None):
+                 mean_input: str = "embedding", token_layout: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
         if window is not None and latent is not None:
             raise ValueError("WeightGenerator: 'window' is for weight-token diffusion; a latent generator "
@@ -160,6 +164,9 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         if mean_head < 0 or (mean_head and (latent is not None or window is not None or center)):
             raise ValueError(f"WeightGenerator: mean_head must be >= 0 (got {mean_head}) and is for weight-token "
                              "diffusion over the whole sequence, without 'latent', 'window' or 'center'")
+        if mean_input not in MEAN_INPUTS or (mean_input == "raw" and condition not in ("text", "code")):
+            raise ValueError(f"WeightGenerator: mean_input must be one of {MEAN_INPUTS} ('raw' for a text or code "
+                             f"condition), got {mean_input!r} with a {condition!r} condition")
         extra = {"text_dropout": text_dropout} if condition == "text" else {}
         # The provider is built before the denoiser: initial weights follow from the seed in this order.
         self.cond = build_condition(condition, hidden, **(condition_dims or {}), **extra)
@@ -182,7 +189,10 @@ class WeightGenerator(ModelMixin, ConfigMixin):
             self.register_buffer("token_center", torch.zeros(num_tokens, token_size))
             self.register_buffer("token_scale", torch.ones(num_tokens, 1))
         # Built after the denoiser: the other modules' initial weights do not move with this option.
-        self.mean_net = ConditionalMean(hidden, num_tokens * token_size, mean_head) if mean_head else None
+        self.mean_net = None
+        if mean_head:
+            reads = int((condition_dims or {})["raw_dim"]) if mean_input == "raw" else hidden
+            self.mean_net = ConditionalMean(reads, num_tokens * token_size, mean_head)
         if token_layout is not None:
             for key in (*ID_FIELDS, "length"):
                 buffer = self.token_length if key == "length" else getattr(self, f"ids_{key}")
@@ -287,11 +297,21 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         self.token_center.copy_(center)
         self.token_scale.copy_(std[tensor][:, None])
 
-    def conditional_mean(self, c: torch.Tensor) -> torch.Tensor:
-        """(mean head) The condition vectors ``(B, hidden)`` → their mean weight tokens ``(B, L, D)``, 0 on padding."""
+    def conditional_mean(self, c: torch.Tensor, raw: Any = None) -> torch.Tensor:
+        """(mean head) The condition vectors ``c (B, hidden)`` or, with ``mean_input="raw"``, the raw
+        conditions ``raw (B, C)`` → their mean weight tokens ``(B, L, D)``, 0 on padding."""
         if self.mean_net is None:
             raise ValueError("WeightGenerator.conditional_mean: this generator has no mean head (mean_head = 0)")
+        if self.config.mean_input == "raw":
+            if raw is None:
+                raise ValueError("WeightGenerator.conditional_mean: a mean of the raw condition needs `raw`")
+            c = self.mean_net.standardise(torch.as_tensor(raw).to(self.mean_net.input_mean))
         return self.mean_net(c).view(-1, *self.valid.shape).masked_fill(~self.valid, 0.0)
+
+    @torch.no_grad()
+    def fit_mean_input(self, raw: torch.Tensor) -> None:
+        """(``mean_input="raw"``) Standardise the mean's input by the training conditions ``raw (N, C)``."""
+        self.mean_net.fit_input(raw)
 
     def embed_condition(self, raw: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Raw condition batch (see :mod:`weightdiff.models.conditioning`) -> (B, hidden)."""
@@ -354,13 +374,20 @@ class WeightGenerator(ModelMixin, ConfigMixin):
                                     "(is the tokenizer from another network?)")
 
 
+#: What a :class:`ConditionalMean` reads (``WeightGenerator(mean_input=...)``).
+MEAN_INPUTS = ("embedding", "raw")
+
+
 class ConditionalMean(nn.Module):
     """The condition vector ``(B, hidden)`` → flat weight tokens ``(B, L · D)``: two hidden layers with
     LayerNorm and SiLU, as the benchmark's :class:`~weightdiff.evaluate.hypernet.MLPHypernet`, and an
-    output layer that starts at zero (the mean starts at the normalised zoo's mean, 0)."""
+    output layer that starts at zero (the mean starts at the normalised zoo's mean, 0). Its
+    input standardisation (:meth:`standardise`) is the identity until :meth:`fit_input`."""
 
     def __init__(self, cond_dim: int, out_dim: int, width: int, depth: int = 2) -> None:
         super().__init__()
+        self.register_buffer("input_mean", torch.zeros(cond_dim))
+        self.register_buffer("input_std", torch.ones(cond_dim))
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [nn.Linear(cond_dim if i == 0 else width, width), nn.LayerNorm(width), nn.SiLU()]
@@ -368,6 +395,16 @@ class ConditionalMean(nn.Module):
         self.out = nn.Linear(width, out_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    def fit_input(self, raw: torch.Tensor) -> None:
+        """Set the standardisation to the mean and std of the inputs ``raw (N, C)`` (a constant input: std 1)."""
+        raw = raw.to(self.input_mean)
+        std = raw.std(0, unbiased=False) if raw.shape[0] > 1 else torch.ones_like(self.input_std)
+        self.input_mean.copy_(raw.mean(0))
+        self.input_std.copy_(torch.where(std > CENTER_STD_FLOOR, std, torch.ones_like(std)))
+
+    def standardise(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.input_mean) / self.input_std
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(c))
@@ -414,7 +451,11 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
     shape = (rows * num, *net.sample_shape)
     sample = denoise(net.guided_fn(cond, null, guidance), shape, schedule, steps=steps, sampler=sampler,
                      generator=generator, device=device, noise=noise, valid=net.sample_valid)
-    tokens = net.to_tokens(sample, mean=net.conditional_mean(cond.vector) if net.mean_net is not None else None)
+    mean = None
+    if net.mean_net is not None:
+        raw_rows = raw_cond.repeat_interleave(num, 0) if net.config.mean_input == "raw" else None
+        mean = net.conditional_mean(cond.vector, raw_rows)
+    tokens = net.to_tokens(sample, mean=mean)
     net.train(was_training)
     return tokens
 

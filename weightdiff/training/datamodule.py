@@ -391,6 +391,17 @@ class ZooDataModule(L.LightningDataModule):
             return self._train.tokens
         return torch.stack([self.tokenizer.encode(self.prepared(r))[0] for r in self.train_rows])
 
+    def condition_vectors(self) -> torch.Tensor:
+        """(text, code) The raw condition vectors ``(N, C)`` the training entries are drawn with: one
+        per training task (its code), or every phrasing of it (text features)."""
+        names = sorted({r["task"] for r in self.train_rows})
+        cond = self.conditions
+        if cond.kind == "text":
+            return torch.cat([cond.text[name] for name in names]).float()
+        if cond.kind == "code":
+            return torch.stack([cond.tasks[name].code().float() for name in names])
+        raise WeightDiffError(f"condition_vectors: a {cond.kind!r} condition has no vector per task")
+
     def functional_parts(self):
         """(tokenizer, target network) for the functional loss."""
         return self.tokenizer, self.zoo.target()

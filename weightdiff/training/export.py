@@ -102,7 +102,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, results: str | Path 
 
     generator = build_generator(hp["spec"], hp["hidden"], hp["depth"], hp["heads"], hp["mlp_ratio"],
                                 hp["cross_attention"], hp["condition"], hp.get("text_dropout", 0.0), latent_config(hp),
-                                hp.get("window"), hp.get("center_tokens", False), hp.get("mean_head", 0))
+                                hp.get("window"), hp.get("center_tokens", False), hp.get("mean_head", 0),
+                                hp.get("mean_input", "embedding"))
     try:
         generator.load_state_dict(ema, strict=True)
     except RuntimeError as exc:

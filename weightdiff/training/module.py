@@ -46,6 +46,11 @@ from weightdiff.models.schedule import (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAM
 MIN_LR_FACTOR = 0.1
 
 
+def mean_input_fitted(hparams: Any) -> bool:
+    """True when a module's conditional mean reads the raw condition, standardised at fit start."""
+    return hparams.get("mean_head", 0) > 0 and hparams.get("mean_input", "embedding") == "raw"
+
+
 def latent_config(hparams: Any) -> dict[str, Any] | None:
     """The :class:`~weightdiff.models.autoencoder.WeightAutoencoder` arguments of a module's
     hyper-parameters, or None when it diffuses weight tokens (``latent_tokens`` 0 or absent)."""
@@ -60,7 +65,7 @@ def latent_config(hparams: Any) -> dict[str, Any] | None:
 def build_generator(spec: dict[str, Any], hidden: int, depth: int, heads: int, mlp_ratio: float,
                     cross_attention: bool, condition: ConditionKind, text_dropout: float = 0.0,
                     latent: dict[str, Any] | None = None, window: int | None = None,
-                    center: bool = False, mean_head: int = 0) -> WeightGenerator:
+                    center: bool = False, mean_head: int = 0, mean_input: str = "embedding") -> WeightGenerator:
     """The :class:`WeightGenerator` for a datamodule ``spec`` (sizes and the layout's per-token ids);
     ``latent``: its autoencoder's arguments (:func:`latent_config`); ``window``: its attention window."""
     ids = spec["token_ids"]
@@ -69,7 +74,8 @@ def build_generator(spec: dict[str, Any], hidden: int, depth: int, heads: int, m
         max_chunks=spec["max_chunks"], max_depth=spec["max_depth"], num_kinds=spec["num_kinds"],
         condition=condition, condition_dims=dict(spec["condition_dims"]), hidden=hidden, depth=depth, heads=heads,
         mlp_ratio=mlp_ratio, cross_attention=cross_attention, text_dropout=text_dropout, latent=latent,
-        window=window, center=center, mean_head=mean_head, token_layout={**ids, "length": spec["token_length"]})
+        window=window, center=center, mean_head=mean_head, mean_input=mean_input,
+        token_layout={**ids, "length": spec["token_length"]})
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
@@ -189,6 +195,8 @@ class WeightDiffusion(L.LightningModule):
             :class:`~weightdiff.models.generator.WeightGenerator`): trained as a hypernetwork on the
             weight MSE and, with ``functional_loss_weight``, the task loss; the DiT diffuses the
             residual from it (μ is held fixed in the DiT's losses).
+        mean_input: what μ reads: ``"embedding"`` (the condition provider's vector) or ``"raw"`` (the
+            raw text or code condition, standardised by the training conditions').
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -206,7 +214,8 @@ class WeightDiffusion(L.LightningModule):
                  autoencoder_basis: int = 256, autoencoder_input_noise: float = 0.001,
                  autoencoder_latent_noise: float = 0.1, autoencoder_functional_weight: float = 1.0,
                  noise_draws: int = 1, window: int | None = None, train_windows: int = 0,
-                 center_tokens: bool = False, mean_head: int = 0):
+                 center_tokens: bool = False, mean_head: int = 0,
+                 mean_input: Literal["embedding", "raw"] = "embedding"):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
@@ -238,7 +247,7 @@ class WeightDiffusion(L.LightningModule):
         self.sampler = self.schedule.default_sampler(sampler)
         self.generator = build_generator(spec, hidden, depth, heads, mlp_ratio, cross_attention, condition,
                                          text_dropout, latent_config(self.hparams), window, center_tokens,
-                                         mean_head)
+                                         mean_head, mean_input)
         # Buffers are the layout's integer token ids and lengths: copied from the model at every
         # update, never averaged (an average of equal integers in float32 can round down).
         self.ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
@@ -265,6 +274,10 @@ class WeightDiffusion(L.LightningModule):
             self.generator.fit_center(dm.train_tokens())
             self.ema.module.token_center.copy_(self.generator.token_center)
             self.ema.module.token_scale.copy_(self.generator.token_scale)
+        if self.generator.mean_net is not None and mean_input_fitted(self.hparams) and dm is not None and stage == "fit":
+            # As the center: fitted from the zoo at every start; on resume the checkpoint's replaces it.
+            self.generator.fit_mean_input(dm.condition_vectors())
+            self.ema.module.mean_net.load_state_dict(self.generator.mean_net.state_dict())
 
     def _sync_autoencoder(self) -> None:
         """Copy the autoencoder (weights and buffers) into the EMA model, which does not average it."""
@@ -417,7 +430,7 @@ class WeightDiffusion(L.LightningModule):
         entries; ``mean_functional``: the task cross-entropy of the weights it decodes to — and return
         it ``(B, L, D)``."""
         x0 = batch["tokens"]
-        mean = self.generator.conditional_mean(c)
+        mean = self.generator.conditional_mean(c, batch["cond"])
         rows, length, d = mean.shape
         losses["mean"] = masked_mse(mean.reshape(rows * length, d), x0.reshape(rows * length, d),
                                     self.token_length.repeat(rows))
