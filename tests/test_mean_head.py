@@ -18,12 +18,13 @@ def _tokenizer() -> WeightTokenizer:
     return WeightTokenizer.from_state_dict(state, token_size=4)
 
 
-def _generator(mean_head: int = 8, condition: str = "code", **kwargs) -> WeightGenerator:
+def _generator(mean_head: int = 8, condition: str = "code", condition_dims: dict | None = None,
+               **kwargs) -> WeightGenerator:
     lay = _tokenizer().layout
     torch.manual_seed(0)
     return WeightGenerator(token_size=lay.token_size, num_tokens=lay.num_tokens, num_tensors=lay.num_tensors,
                            max_chunks=lay.max_chunks, max_depth=lay.max_depth, num_kinds=lay.num_kinds,
-                           condition=condition, condition_dims={"raw_dim": 3}, hidden=16, depth=1, heads=2,
+                           condition=condition, condition_dims=condition_dims or {"raw_dim": 3}, hidden=16, depth=1, heads=2,
                            mean_head=mean_head,
                            token_layout={"tensor_index": lay.token_tensor_index,
                                          "chunk_index": lay.token_chunk_index, "depth": lay.token_depth,
@@ -58,7 +59,8 @@ def test_residual_and_to_tokens_invert_and_need_the_mean():
 
 
 @pytest.mark.parametrize("kwargs", [{"center": True}, {"window": 2}, {"mean_head": -1}, {"mean_input": "codes"},
-                                    {"mean_input": "raw", "condition": "none"}])
+                                    {"mean_input": "raw", "condition": "none"},
+                                    {"mean_input": "numeric", "condition": "code"}])
 def test_the_mean_head_refuses_what_it_does_not_combine_with(kwargs):
     with pytest.raises(ValueError, match="mean_head|mean_input"):
         _generator(**{"mean_head": 8, **kwargs})
@@ -110,7 +112,26 @@ def test_a_raw_input_mean_reads_the_standardised_condition_of_each_sample():
     torch.testing.assert_close(got - residual, mean.repeat_interleave(2, 0), rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("mean_input", ["embedding", "raw"])
+def test_a_numeric_mean_reads_only_the_numbers_parsed_from_the_text():
+    from weightdiff.models.conditioning import TEXT_DIM
+    from weightdiff.tasks.numeric import NUMERIC_DIM
+
+    net = _generator(mean_input="numeric", condition="text", condition_dims={"raw_dim": TEXT_DIM + NUMERIC_DIM})
+    assert net.mean_net.input_mean.shape == (NUMERIC_DIM,)
+    torch.nn.init.normal_(net.mean_net.out.weight)
+    train = torch.randn(6, TEXT_DIM + NUMERIC_DIM)
+    net.fit_mean_input(train)
+    torch.testing.assert_close(net.mean_net.input_mean, train[:, TEXT_DIM:].mean(0))
+    raw = torch.randn(2, TEXT_DIM + NUMERIC_DIM)
+    other_text = torch.cat([torch.randn(2, TEXT_DIM), raw[:, TEXT_DIM:]], 1)
+    c = torch.randn(2, 16)
+    assert torch.equal(net.conditional_mean(c, raw), net.conditional_mean(c, other_text))
+    moved = raw.clone()
+    moved[:, TEXT_DIM] += 1.0
+    assert not torch.equal(net.conditional_mean(c, raw), net.conditional_mean(c, moved))
+
+
+@pytest.mark.parametrize("mean_input", ["embedding", "raw", "numeric"])
 def test_a_fit_trains_the_mean_as_a_hypernetwork_and_exports_it(tiny_lora_zoo, tmp_path, mean_input):
     """The fit logs the mean's weight and task losses, its output layer moves off zero, and the
     exported generator samples finite tokens, 0 on padding. A raw-input mean is standardised by
@@ -129,7 +150,8 @@ def test_a_fit_trains_the_mean_as_a_hypernetwork_and_exports_it(tiny_lora_zoo, t
     gen = load_generator(export_last(run, tmp_path / "generator"))
     net = gen.generator
     assert net.config.mean_head == 32 and net.mean_net.out.weight.abs().sum() > 0
-    if mean_input == "raw":
+    if mean_input != "embedding":
+        from weightdiff.models.conditioning import TEXT_DIM
         from weightdiff.training.datamodule import TaskConditions
         from weightdiff.zoo import Zoo
 
@@ -137,10 +159,11 @@ def test_a_fit_trains_the_mean_as_a_hypernetwork_and_exports_it(tiny_lora_zoo, t
         names = sorted({r["task"] for r in zoo.rows("train")})
         conds = TaskConditions(names, "text")
         feats = torch.cat([conds.text[n] for n in names]).float()
+        feats = feats[:, TEXT_DIM:] if mean_input == "numeric" else feats
         torch.testing.assert_close(net.mean_net.input_mean, feats.mean(0))
         assert net.mean_net.input_std.shape == (feats.shape[1],) and (net.mean_net.input_std > 0).all()
     else:
-        assert torch.equal(net.mean_net.input_mean, torch.zeros_like(net.mean_net.input_mean))
+        assert not hasattr(net.mean_net, "input_mean")  # reads the provider's vector as it is
     cond = make_condition(gen, task="rotdigits:angle=10,flip=0")
     tokens = sample_tokens(net, cond.raw, 2, ScheduleConfig(), steps=2, sampler="ddim", guidance=1.0,
                            noise=seeded_noise([0, 1], net.sample_shape))

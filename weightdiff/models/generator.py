@@ -140,7 +140,9 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         mean_input: what the conditional mean reads: ``"embedding"``, the condition provider's
             vector (any condition kind); ``"raw"``, the raw condition vector standardised by the
             training conditions' mean and std (:meth:`fit_mean_input`), as the benchmark's MLP
-            hypernetwork reads its task code (``text`` and ``code`` conditions).
+            hypernetwork reads its task code (``text`` and ``code`` conditions); ``"numeric"``, the
+            same of only the numbers a text condition parses from its description (the sentence
+            embedding left to the DiT).
         token_layout: the layout's per-token ``tensor_index``, ``chunk_index``, ``depth``,
             ``kind`` and ``length`` (each ``(L,)``); not part of the config: the buffers are
             saved with the weights. Omitted when the weights are loaded afterwards.
@@ -164,9 +166,10 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         if mean_head < 0 or (mean_head and (latent is not None or window is not None or center)):
             raise ValueError(f"WeightGenerator: mean_head must be >= 0 (got {mean_head}) and is for weight-token "
                              "diffusion over the whole sequence, without 'latent', 'window' or 'center'")
-        if mean_input not in MEAN_INPUTS or (mean_input == "raw" and condition not in ("text", "code")):
+        if mean_input not in MEAN_INPUTS or (mean_input == "raw" and condition not in ("text", "code")) \
+                or (mean_input == "numeric" and condition != "text"):
             raise ValueError(f"WeightGenerator: mean_input must be one of {MEAN_INPUTS} ('raw' for a text or code "
-                             f"condition), got {mean_input!r} with a {condition!r} condition")
+                             f"condition, 'numeric' for a text one), got {mean_input!r} with a {condition!r} condition")
         extra = {"text_dropout": text_dropout} if condition == "text" else {}
         # The provider is built before the denoiser: initial weights follow from the seed in this order.
         self.cond = build_condition(condition, hidden, **(condition_dims or {}), **extra)
@@ -191,8 +194,14 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         # Built after the denoiser: the other modules' initial weights do not move with this option.
         self.mean_net = None
         if mean_head:
-            reads = int((condition_dims or {})["raw_dim"]) if mean_input == "raw" else hidden
-            self.mean_net = ConditionalMean(reads, num_tokens * token_size, mean_head)
+            reads = {"embedding": hidden, "raw": int((condition_dims or {}).get("raw_dim", 0))}.get(mean_input)
+            if mean_input == "numeric":
+                reads = self.cond.numeric_dim
+                if reads == 0:
+                    raise ValueError("WeightGenerator: mean_input 'numeric' needs a text condition with numeric "
+                                     "features; this family parses none from its descriptions")
+            self.mean_net = ConditionalMean(reads, num_tokens * token_size, mean_head,
+                                            standardised=mean_input != "embedding")
         if token_layout is not None:
             for key in (*ID_FIELDS, "length"):
                 buffer = self.token_length if key == "length" else getattr(self, f"ids_{key}")
@@ -302,16 +311,20 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         conditions ``raw (B, C)`` → their mean weight tokens ``(B, L, D)``, 0 on padding."""
         if self.mean_net is None:
             raise ValueError("WeightGenerator.conditional_mean: this generator has no mean head (mean_head = 0)")
-        if self.config.mean_input == "raw":
+        if self.config.mean_input != "embedding":
             if raw is None:
                 raise ValueError("WeightGenerator.conditional_mean: a mean of the raw condition needs `raw`")
-            c = self.mean_net.standardise(torch.as_tensor(raw).to(self.mean_net.input_mean))
+            c = self.mean_net.standardise(self._mean_reads(torch.as_tensor(raw).to(self.mean_net.input_mean)))
         return self.mean_net(c).view(-1, *self.valid.shape).masked_fill(~self.valid, 0.0)
 
     @torch.no_grad()
     def fit_mean_input(self, raw: torch.Tensor) -> None:
-        """(``mean_input="raw"``) Standardise the mean's input by the training conditions ``raw (N, C)``."""
-        self.mean_net.fit_input(raw)
+        """(``mean_input`` raw or numeric) Standardise the mean's input by the training conditions ``raw (N, C)``."""
+        self.mean_net.fit_input(self._mean_reads(raw))
+
+    def _mean_reads(self, raw: torch.Tensor) -> torch.Tensor:
+        """The part of a raw condition ``(B, C)`` the mean reads: all of it, or (numeric) the parsed numbers."""
+        return raw[:, self.cond.text_dim:] if self.config.mean_input == "numeric" else raw
 
     def embed_condition(self, raw: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Raw condition batch (see :mod:`weightdiff.models.conditioning`) -> (B, hidden)."""
@@ -375,19 +388,21 @@ class WeightGenerator(ModelMixin, ConfigMixin):
 
 
 #: What a :class:`ConditionalMean` reads (``WeightGenerator(mean_input=...)``).
-MEAN_INPUTS = ("embedding", "raw")
+MEAN_INPUTS = ("embedding", "raw", "numeric")
 
 
 class ConditionalMean(nn.Module):
     """The condition vector ``(B, hidden)`` → flat weight tokens ``(B, L · D)``: two hidden layers with
     LayerNorm and SiLU, as the benchmark's :class:`~weightdiff.evaluate.hypernet.MLPHypernet`, and an
-    output layer that starts at zero (the mean starts at the normalised zoo's mean, 0). Its
-    input standardisation (:meth:`standardise`) is the identity until :meth:`fit_input`."""
+    output layer that starts at zero (the mean starts at the normalised zoo's mean, 0).
+    ``standardised``: the input is standardised (:meth:`standardise`) by statistics saved with the
+    weights, the identity until :meth:`fit_input`."""
 
-    def __init__(self, cond_dim: int, out_dim: int, width: int, depth: int = 2) -> None:
+    def __init__(self, cond_dim: int, out_dim: int, width: int, depth: int = 2, standardised: bool = False) -> None:
         super().__init__()
-        self.register_buffer("input_mean", torch.zeros(cond_dim))
-        self.register_buffer("input_std", torch.ones(cond_dim))
+        if standardised:
+            self.register_buffer("input_mean", torch.zeros(cond_dim))
+            self.register_buffer("input_std", torch.ones(cond_dim))
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [nn.Linear(cond_dim if i == 0 else width, width), nn.LayerNorm(width), nn.SiLU()]
@@ -453,7 +468,7 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
                      generator=generator, device=device, noise=noise, valid=net.sample_valid)
     mean = None
     if net.mean_net is not None:
-        raw_rows = raw_cond.repeat_interleave(num, 0) if net.config.mean_input == "raw" else None
+        raw_rows = raw_cond.repeat_interleave(num, 0) if net.config.mean_input != "embedding" else None
         mean = net.conditional_mean(cond.vector, raw_rows)
     tokens = net.to_tokens(sample, mean=mean)
     net.train(was_training)

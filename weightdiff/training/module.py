@@ -48,7 +48,7 @@ MIN_LR_FACTOR = 0.1
 
 def mean_input_fitted(hparams: Any) -> bool:
     """True when a module's conditional mean reads the raw condition, standardised at fit start."""
-    return hparams.get("mean_head", 0) > 0 and hparams.get("mean_input", "embedding") == "raw"
+    return hparams.get("mean_head", 0) > 0 and hparams.get("mean_input", "embedding") != "embedding"
 
 
 def latent_config(hparams: Any) -> dict[str, Any] | None:
@@ -195,8 +195,9 @@ class WeightDiffusion(L.LightningModule):
             :class:`~weightdiff.models.generator.WeightGenerator`): trained as a hypernetwork on the
             weight MSE and, with ``functional_loss_weight``, the task loss; the DiT diffuses the
             residual from it (μ is held fixed in the DiT's losses).
-        mean_input: what μ reads: ``"embedding"`` (the condition provider's vector) or ``"raw"`` (the
-            raw text or code condition, standardised by the training conditions').
+        mean_input: what μ reads: ``"embedding"`` (the condition provider's vector), ``"raw"`` (the
+            raw text or code condition, standardised by the training conditions') or ``"numeric"``
+            (of a text condition, only the numbers parsed from the description, standardised).
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -215,7 +216,7 @@ class WeightDiffusion(L.LightningModule):
                  autoencoder_latent_noise: float = 0.1, autoencoder_functional_weight: float = 1.0,
                  noise_draws: int = 1, window: int | None = None, train_windows: int = 0,
                  center_tokens: bool = False, mean_head: int = 0,
-                 mean_input: Literal["embedding", "raw"] = "embedding"):
+                 mean_input: Literal["embedding", "raw", "numeric"] = "embedding"):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
