@@ -187,3 +187,30 @@ def test_diagnose_says_it_does_not_measure_a_conditional_mean_yet():
 
     with pytest.raises(WeightDiffError, match="conditional mean"):
         diffusion_space(SimpleNamespace(generator=_generator()))
+
+
+def test_the_benchmark_scores_the_conditional_mean_beside_the_samples(tiny_lora_zoo, tmp_path):
+    """The row ``generated mean μ(c)`` is the one adapter μ(c) of each task, scored in the same run."""
+    from conftest import export_last, fit_tiny
+    from weightdiff.evaluate import benchmark
+    from weightdiff.evaluate.rows import MEAN_ROW
+    from weightdiff.evaluate.weights import evaluate_params
+    from weightdiff.models.generator import load_generator, mean_tokens
+    from weightdiff.sampling import make_condition
+    from weightdiff.tasks import get_task
+
+    run = fit_tiny(tiny_lora_zoo, tmp_path / "fit", "--model.mean_head", "32", "--model.mean_input", "numeric",
+                   "--trainer.max_steps", "8")
+    folder = export_last(run, tmp_path / "generator")
+    r = benchmark.run_benchmark("adapt-lora", folder, tiny_lora_zoo, tmp_path / "bench", num=2, hypernet_steps=5,
+                                max_seen_tasks=1, max_unseen_tasks=2, sgd_tasks=1, sgd_ks=(1,), select_per_class=0,
+                                ensemble=False, adaptation=False, progress=False)
+    names = list(r["unseen"])
+    assert names.index(MEAN_ROW) == names.index("generated one-step") + 1
+    gen = load_generator(folder)
+    for name in r["settings"]["unseen_tasks"]:
+        task = get_task(name)
+        params = gen.tokenizer.decode_float(mean_tokens(gen.generator, make_condition(gen, task=name).raw))
+        acc, _ = evaluate_params(gen.target(task), task, params)
+        assert r["per_task"]["unseen"][name][MEAN_ROW]["mean"] == pytest.approx(float(acc[0]), abs=1e-6)
+        assert r["per_task"]["unseen"][name][MEAN_ROW]["num"] == 1

@@ -48,7 +48,7 @@ from weightdiff.evaluate.rows import AdaptationState, Models, ZooState, pick_bes
 from weightdiff.evaluate.weights import evaluate_params, score_params
 from weightdiff.tasks import Metric, Task, get_task
 from weightdiff.tasks.suites import load_suite
-from weightdiff.models.generator import load_generator
+from weightdiff.models.generator import load_generator, mean_tokens
 from weightdiff.models.schedule import ScheduleConfig
 from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition, num_examples
 from weightdiff.zoo import Zoo
@@ -231,7 +231,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     one_step_seconds, generated_runs = 0.0, []
     for section, name in tqdm(sections, desc="benchmark tasks", unit="task", disable=_bar_disabled(progress)):
         task = get_task(name)
-        generated = one_step = None
+        generated = one_step = mean = None
         if gen is not None:
             if from_description:
                 descriptions[name] = heldout_description(task, recorded)
@@ -253,6 +253,9 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                                             batch_size=batch_size, progress=False)
                 one_step = {k: v.detach().float().cpu() for k, v in gen.tokenizer.decode_float(tokens).items()}
                 one_step_seconds += time.perf_counter() - t0
+            if gen.generator.mean_net is not None:
+                mean = {k: v.detach().float().cpu()
+                        for k, v in gen.tokenizer.decode_float(mean_tokens(gen.generator, cond.raw)).items()}
             if kind == "full":
                 _, nearest_index = z.space.nearest(generated)
                 generated_runs += [z.rows[int(i)]["run_id"] for i in nearest_index if int(i) >= 0]
@@ -265,7 +268,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
             best_of = (f"generated best-of-{num} ({select_per_class}/class labelled)",
                        pick_best(z, task, generated, select_per_class, seed))
         rows = task_rows(z, task, section == "seen", generated, noise_scales, best_of, one_step,
-                         description=descriptions.get(name), ensemble=ensemble and accuracy)
+                         description=descriptions.get(name), ensemble=ensemble and accuracy, mean=mean)
         if adapt is not None:
             rows = _insert_before(rows, "average", adapt.rows(z, task, descriptions.get(name)))
         if adapt is not None and generated is not None and name in sgd_list:

@@ -34,6 +34,9 @@ from weightdiff.zoo.training import few_shot_indices
 
 log = logging.getLogger(__name__)
 
+#: The benchmark row of a generator's conditional mean μ(c) (generators with ``mean_head``).
+MEAN_ROW = "generated mean μ(c)"
+
 
 @dataclass
 class Models:
@@ -204,8 +207,9 @@ def ensemble_predictions(z: ZooState, task: Task, params: dict[str, torch.Tensor
 def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Tensor] | None,
               noise_scales: Sequence[float], best_of: tuple[str, int] | None = None,
               one_step: dict[str, torch.Tensor] | None = None, description: str | None = None,
-              ensemble: bool = False) -> dict[str, Models]:
+              ensemble: bool = False, mean: dict[str, torch.Tensor] | None = None) -> dict[str, Models]:
     """Every row's models for one task; ``best_of`` = (row name, index of the picked sample);
+    ``mean``: (a generator with a conditional mean) the one adapter μ(c) its samples are drawn around;
     ``description``: the text that retrieval and the hypernetworks read of an unseen task (text suites);
     ``ensemble``: add the row "generated ensemble of N" (one model: the N samples' mean softmax)."""
     rows: dict[str, Models] = {}
@@ -221,6 +225,8 @@ def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Te
         rows["generated"] = Models([f"sample_{i:04d}" for i in range(n)], generated)
         if one_step is not None:  # the same model's one-step clean estimate from the same noise
             rows["generated one-step"] = Models([f"one_step_{i:04d}" for i in range(n)], one_step)
+        if mean is not None:  # what the diffusion adds to its own conditional mean
+            rows[MEAN_ROW] = Models(["conditional_mean"], mean)
         if best_of is not None:  # uses labelled data: its own row, never mixed with zero-shot samples
             name, i = best_of
             rows[name] = Models([f"sample_{i:04d}"], select(generated, [i]))

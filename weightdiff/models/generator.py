@@ -475,6 +475,18 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
     return tokens
 
 
+@torch.no_grad()
+def mean_tokens(net: WeightGenerator, raw_cond: Any) -> torch.Tensor:
+    """(mean head) The conditional mean μ(c) of each row of a raw condition batch: tokens ``(R, L, D)``,
+    what every sample of that row is drawn around (no diffusion)."""
+    was_training = net.training
+    net.eval()
+    cond = net.encode_condition(raw_cond, None)
+    mean = net.conditional_mean(cond.vector, raw_cond if net.config.mean_input != "embedding" else None)
+    net.train(was_training)
+    return mean
+
+
 # ----------------------------------------------------------------------------- the exported folder
 #: model_index.json: component folder -> [library, class], as diffusers writes it (the scheduler's
 #: class is the objective's: :data:`_SCHEDULER_COMPONENTS`).
