@@ -24,8 +24,8 @@ def _generator(mean_head: int = 8, condition: str = "code", condition_dims: dict
     torch.manual_seed(0)
     return WeightGenerator(token_size=lay.token_size, num_tokens=lay.num_tokens, num_tensors=lay.num_tensors,
                            max_chunks=lay.max_chunks, max_depth=lay.max_depth, num_kinds=lay.num_kinds,
-                           condition=condition, condition_dims=condition_dims or {"raw_dim": 3}, hidden=16, depth=1, heads=2,
-                           mean_head=mean_head,
+                           condition=condition, condition_dims=condition_dims or {"raw_dim": 3}, hidden=16,
+                           depth=1, heads=2, mean_head=mean_head,
                            token_layout={"tensor_index": lay.token_tensor_index,
                                          "chunk_index": lay.token_chunk_index, "depth": lay.token_depth,
                                          "kind": lay.token_kind, "length": lay.token_length}, **kwargs).eval()

@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
-from torch import nn
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from torch import nn
 
 from weightdiff import __version__
 from weightdiff.base_networks import BASE_SPEC_FILE, HF_CONFIG_FILE, recorded_base_spec
@@ -307,8 +307,9 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         self.token_scale.copy_(std[tensor][:, None])
 
     def conditional_mean(self, c: torch.Tensor, raw: Any = None) -> torch.Tensor:
-        """(mean head) The condition vectors ``c (B, hidden)`` or, with ``mean_input="raw"``, the raw
-        conditions ``raw (B, C)`` → their mean weight tokens ``(B, L, D)``, 0 on padding."""
+        """(mean head) The condition vectors ``c (B, hidden)`` or, when the mean reads the raw
+        condition (``mean_input`` raw or numeric), the raw conditions ``raw (B, C)`` → their mean
+        weight tokens ``(B, L, D)``, 0 on padding."""
         if self.mean_net is None:
             raise ValueError("WeightGenerator.conditional_mean: this generator has no mean head (mean_head = 0)")
         if self.config.mean_input != "embedding":
@@ -392,9 +393,10 @@ MEAN_INPUTS = ("embedding", "raw", "numeric")
 
 
 class ConditionalMean(nn.Module):
-    """The condition vector ``(B, hidden)`` → flat weight tokens ``(B, L · D)``: two hidden layers with
-    LayerNorm and SiLU, as the benchmark's :class:`~weightdiff.evaluate.hypernet.MLPHypernet`, and an
-    output layer that starts at zero (the mean starts at the normalised zoo's mean, 0).
+    """A condition ``(B, C)`` (the provider's vector, or raw features) → flat weight tokens
+    ``(B, L · D)``: two hidden layers with LayerNorm and SiLU, as the benchmark's
+    :class:`~weightdiff.evaluate.hypernet.MLPHypernet`, and an output layer that starts at zero
+    (the mean starts at the normalised zoo's mean, 0).
     ``standardised``: the input is standardised (:meth:`standardise`) by statistics saved with the
     weights, the identity until :meth:`fit_input`."""
 

@@ -275,7 +275,7 @@ class WeightDiffusion(L.LightningModule):
             self.generator.fit_center(dm.train_tokens())
             self.ema.module.token_center.copy_(self.generator.token_center)
             self.ema.module.token_scale.copy_(self.generator.token_scale)
-        if self.generator.mean_net is not None and mean_input_fitted(self.hparams) and dm is not None and stage == "fit":
+        if mean_input_fitted(self.hparams) and dm is not None and stage == "fit":
             # As the center: fitted from the zoo at every start; on resume the checkpoint's replaces it.
             self.generator.fit_mean_input(dm.condition_vectors())
             self.ema.module.mean_net.load_state_dict(self.generator.mean_net.state_dict())
