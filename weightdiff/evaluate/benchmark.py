@@ -253,7 +253,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                                             batch_size=batch_size, progress=False)
                 one_step = {k: v.detach().float().cpu() for k, v in gen.tokenizer.decode_float(tokens).items()}
                 one_step_seconds += time.perf_counter() - t0
-            if gen.generator.mean_net is not None:
+            if getattr(getattr(gen, "generator", None), "mean_net", None) is not None:
                 mean = {k: v.detach().float().cpu()
                         for k, v in gen.tokenizer.decode_float(mean_tokens(gen.generator, cond.raw)).items()}
             if kind == "full":
