@@ -180,13 +180,49 @@ def test_fit_refuses_a_mean_head_with_another_residual(tiny_lora_zoo, tmp_path, 
         fit_tiny(tiny_lora_zoo, tmp_path / "fit", "--model.mean_head", "32", *extra)
 
 
-def test_diagnose_says_it_does_not_measure_a_conditional_mean_yet():
-    from types import SimpleNamespace
+def test_diagnose_measures_a_mean_head_generator_in_its_residual_space(tiny_lora_zoo, tmp_path):
+    """Entries are diffused as residuals from μ of their task: the maps invert, need the tasks,
+    and at low noise the posterior-mean oracle (over the task's residuals) returns the entries, so
+    its accuracy is the zoo's; paths measure distances between weight tokens."""
+    from conftest import export_last, fit_tiny
+    from weightdiff.evaluate.diagnose import diagnose_generator, diffusion_space
+    from weightdiff.models.generator import load_generator, mean_tokens
+    from weightdiff.sampling import make_condition
+    from weightdiff.tasks import get_task
+    from weightdiff.weights.canonical import canonicalize
+    from weightdiff.zoo import Zoo
 
-    from weightdiff.evaluate.diagnose import diffusion_space
-
+    run = fit_tiny(tiny_lora_zoo, tmp_path / "fit", "--model.mean_head", "32", "--model.mean_input", "numeric",
+                   "--trainer.max_steps", "12")
+    gen, zoo = load_generator(export_last(run, tmp_path / "generator")), Zoo.open(tiny_lora_zoo)
     with pytest.raises(WeightDiffError, match="conditional mean"):
-        diffusion_space(SimpleNamespace(generator=_generator()))
+        diffusion_space(gen)
+
+    def condition(name: str):
+        return make_condition(gen, task=name).raw
+
+    into, back = diffusion_space(gen, condition)
+    rows = zoo.rows("train")[:3]
+    tasks = [r["task"] for r in rows]
+    canonical = gen.config.get("data", {}).get("canonicalize", True)
+    tokens = gen.tokenizer.encode_batch([canonicalize(zoo.load(r["id"]), "lora") if canonical else zoo.load(r["id"])
+                                         for r in rows])
+    mean = torch.cat([mean_tokens(gen.generator, condition(t)) for t in tasks])
+    assert mean.abs().sum() > 0  # μ has moved off zero: the residual is not the token itself
+    torch.testing.assert_close(into(tokens, tasks), tokens - mean)
+    torch.testing.assert_close(back(into(tokens, tasks), tasks), tokens)
+    with pytest.raises(WeightDiffError, match="task"):
+        into(tokens, None)
+
+    report = diagnose_generator(gen, zoo, paths=[("ddim", 2)], max_entries=None, num=2, timesteps=(0, 5, 999))
+    train = report["noise_levels"]["train"]
+    assert train["oracle_mse"][1] < 1e-3  # t = 5: the oracle is the entry's own residual
+    all_rows = zoo.rows("train")
+    n_val = get_task(all_rows[0]["task"]).data().split("val")[1].numel()
+    zoo_acc = sum(r["metrics"]["val_acc"] for r in all_rows) / len(all_rows)
+    assert abs(train["oracle_acc"][1] - zoo_acc) <= 1 / n_val  # one near-tie may round the other way
+    path = report["paths"]["ddim-2"]
+    assert len(path["accuracy"]) == 2 and path["final_distance"] > 0 and path["zoo_spacing"] > 0
 
 
 def test_the_benchmark_scores_the_conditional_mean_beside_the_samples(tiny_lora_zoo, tmp_path):
@@ -214,3 +250,56 @@ def test_the_benchmark_scores_the_conditional_mean_beside_the_samples(tiny_lora_
         acc, _ = evaluate_params(gen.target(task), task, params)
         assert r["per_task"]["unseen"][name][MEAN_ROW]["mean"] == pytest.approx(float(acc[0]), abs=1e-6)
         assert r["per_task"]["unseen"][name][MEAN_ROW]["num"] == 1
+
+
+def test_separate_clipping_leaves_the_means_step_apart_from_the_dits():
+    """``mean_clip: separate``: a large DiT gradient is clipped to the limit on its own, and μ's
+    small gradient (norm below the limit) is left as it is — a joint clip would scale it down too."""
+    from weightdiff.training.module import WeightDiffusion
+
+    spec = {"token_size": 4, "num_tensors": 2, "max_chunks": 2, "max_depth": 2, "num_kinds": 8,
+            "token_ids": {"tensor_index": [0, 0, 1], "chunk_index": [0, 1, 0], "depth": [0, 0, 1], "kind": [0, 0, 1]},
+            "token_length": [4, 2, 3], "condition_dims": {"raw_dim": 3}}
+    model = WeightDiffusion(spec=spec, hidden=16, depth=1, heads=2, condition="code", functional_loss_weight=0.0,
+                            mean_head=8, mean_clip="separate")
+    mean_ids = {id(p) for p in model.generator.mean_net.parameters()}
+    rest = [p for p in model.generator.parameters() if id(p) not in mean_ids]
+    for p in rest:
+        p.grad = torch.ones_like(p)
+    for p in model.generator.mean_net.parameters():
+        p.grad = torch.full_like(p, 1e-4)
+    mean_before = [p.grad.clone() for p in model.generator.mean_net.parameters()]
+    model.configure_gradient_clipping(torch.optim.SGD(model.generator.parameters(), lr=0.1), 1.0, "norm")
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.generator.mean_net.parameters(), mean_before))
+    rest_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in rest]))
+    torch.testing.assert_close(rest_norm, torch.tensor(1.0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("trained", "expected"), [
+    ({}, 1.0),
+    ({"functional_loss_weight": 0.0}, 0.0),
+    ({"functional_loss_weight": 1.0, "mean_head": 256, "mean_functional_weight": 10.0}, 10.0),
+    ({"functional_loss_weight": 10.0, "mean_head": 256, "mean_functional_weight": None}, 10.0),
+    ({"functional_loss_weight": 0.0, "mean_head": 0, "mean_functional_weight": 10.0}, 0.0),
+    ({"functional_loss_weight": 1.0, "latent_tokens": 4, "autoencoder_functional_weight": 3.0}, 3.0)])
+def test_the_hypernetwork_gets_the_largest_task_loss_weight_of_the_generators_parts(trained, expected):
+    from weightdiff.evaluate.benchmark import hypernet_functional_weight
+
+    assert hypernet_functional_weight(trained) == expected
+
+
+def test_the_mean_can_carry_the_task_loss_alone(tiny_lora_zoo, tmp_path):
+    """``mean_functional_weight`` with the DiT's task loss off: μ logs its task loss, the DiT none,
+    and the export records both weights for the benchmark's hypernetwork."""
+    import csv
+
+    from conftest import export_last, fit_tiny
+    from weightdiff.models.generator import load_generator
+
+    run = fit_tiny(tiny_lora_zoo, tmp_path / "fit", "--model.mean_head", "32", "--model.functional_loss_weight", "0",
+                   "--model.mean_functional_weight", "5", "--trainer.max_steps", "6")
+    rows = list(csv.DictReader(next(run.glob("**/metrics.csv")).open()))
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert "train/mean_functional_loss" in logged and "train/functional_loss" not in logged
+    trained = load_generator(export_last(run, tmp_path / "generator")).config["training"]
+    assert trained["functional_loss_weight"] == 0.0 and trained["mean_functional_weight"] == 5.0

@@ -97,6 +97,19 @@ def _spread(items: Sequence[Any], k: int | None) -> list[Any]:
     return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
 
 
+def hypernet_functional_weight(trained: dict[str, Any]) -> float:
+    """The MLP hypernetwork's task-loss weight that matches a generator's training options
+    (``model_index.json``'s ``training``): the largest task-loss weight of any of its parts — the
+    DiT's, a latent generator's autoencoder's, a conditional mean's (μ is a hypernetwork) — and
+    1.0 when none is recorded; a trained weight of 0 stays 0."""
+    weights = [float(trained.get("functional_loss_weight", 1.0))]
+    if trained.get("latent_tokens"):
+        weights.append(float(trained.get("autoencoder_functional_weight") or 0.0))
+    if trained.get("mean_head") and trained.get("mean_functional_weight") is not None:
+        weights.append(float(trained["mean_functional_weight"]))
+    return max(weights)
+
+
 def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | None, zoo: str | Path,
                   out: str | Path, *, num: int = 32,
                   steps: int | None = None, sampler: str | None = None, guidance: float = 1.0,
@@ -132,7 +145,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         sgd_ks, sgd_seeds: examples per class and seeds of few-shot SGD.
         hypernet_steps, functional_loss_weight: MLP hypernetwork training. By default both follow
             the generator: as many steps as it was trained for (at least 2000) and its functional
-            loss weight (a latent generator: the larger of it and its autoencoder's), so the
+            loss weight (a latent generator: the larger of it and its autoencoder's; one with a
+            conditional mean: the larger of it and μ's ``mean_functional_weight``), so the
             baseline gets the same losses and the same step budget (1.0 and 2000 without a generator).
         noise_scales: noise-added scales (fractions of each tensor's std).
         select_per_class: adds the row "generated best-of-N": the one sample (of N) that scores
@@ -178,11 +192,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     model = paths[0] if paths else None
     extras = _extra_generators(paths[1:], gens[1:], guidance, seed)  # checked before the long baselines
     trained = gen.config.get("training", {}) if gen is not None else {}
-    if functional_loss_weight is None:  # a trained weight of 0 stays 0
-        weights = [float(trained.get("functional_loss_weight", 1.0))]
-        if trained.get("latent_tokens"):  # a latent generator's task loss is its autoencoder's
-            weights.append(float(trained.get("autoencoder_functional_weight") or 0.0))
-        functional_loss_weight = max(weights)
+    if functional_loss_weight is None:
+        functional_loss_weight = hypernet_functional_weight(trained)
     if gen is not None:
         validated = gen.config.get("sampling", {})
         steps = validated.get("steps", SamplerSettings.steps) if steps is None else steps

@@ -19,9 +19,12 @@ distance to the nearest training entry (on valid entries). A model whose one-ste
 its own multi-step sampler is a regressor, not a generative model.
 
 Everything is measured in the space the generator diffuses in: normalised weight tokens, for a
-centred generator (``center_tokens``) their residuals ``(x0 - center) / scale``, for a latent one
-the autoencoder's latents of the entries; each is turned back into tokens only to be scored in the
-target network (a latent's accuracy is then that of its decoding).
+centred generator (``center_tokens``) their residuals ``(x0 - center) / scale``, for one with a
+conditional mean (``mean_head``) each entry's residual ``x0 - μ(c)`` from the mean of its task's
+condition, for a latent one the autoencoder's latents of the entries; each is turned back into
+tokens only to be scored in the target network (a latent's accuracy is then that of its decoding).
+Distances to the zoo are measured in that space too, except with a conditional mean: residuals of
+different tasks are around different means, so a path's distances are between weight tokens.
 
 Plain torch; no trainer.
 """
@@ -39,6 +42,7 @@ import torch
 from weightdiff.errors import WeightDiffError
 from weightdiff.evaluate.report import _save_figure
 from weightdiff.io import write_json
+from weightdiff.models.generator import mean_tokens
 from weightdiff.models.schedule import NoiseLevel, as_noise_level, denoise, predicted_x0
 from weightdiff.sampling import make_condition
 from weightdiff.tasks import get_task
@@ -82,21 +86,45 @@ def nearest_distance(x: torch.Tensor, zoo: torch.Tensor, valid: torch.Tensor) ->
     return torch.cdist((x * valid).flatten(1).double(), (zoo * valid).flatten(1).double()).min(1).values.float()
 
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
+#: ``(x (N, ...), tasks)`` → ``(N, ...)``; ``tasks``, the task name of each row, is read only by a
+#: generator with a conditional mean (None otherwise).
+Transform = Callable[[torch.Tensor, Sequence[str] | None], torch.Tensor]
 
 
-def diffusion_space(gen: Any) -> tuple[Transform, Transform]:
+class _TaskMeans:
+    """μ(c) of each task's condition as weight tokens, computed once per task: ``tasks`` → ``(N, L, D)``."""
+
+    def __init__(self, net: Any, condition: Callable[[str], Any]) -> None:
+        self.net, self.condition = net, condition
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, tasks: Sequence[str] | None) -> torch.Tensor:
+        if tasks is None:
+            raise WeightDiffError("diagnose: the residual of a generator with a conditional mean needs each row's task")
+        for name in dict.fromkeys(tasks):
+            if name not in self._cache:
+                with torch.no_grad():
+                    self._cache[name] = mean_tokens(self.net, self.condition(name))[0].cpu()
+        return torch.stack([self._cache[name] for name in tasks])
+
+
+def diffusion_space(gen: Any, condition: Callable[[str], Any] | None = None) -> tuple[Transform, Transform]:
     """``(into, back)``: weight tokens → what the generator diffuses, and back (identity unless
-    centred or latent; the latent of an entry is its autoencoder's encoding without input noise)."""
+    centred, latent or with a conditional mean; the latent of an entry is its autoencoder's
+    encoding without input noise; with a conditional mean, the residual from μ of the row's task,
+    conditioned by ``condition``: task name → raw condition with one row)."""
     net = getattr(gen, "generator", None)
     if net is not None and net.mean_net is not None:
-        # Its diffused residual depends on each entry's condition, which these maps do not take.
-        raise WeightDiffError("diagnose does not measure a generator with a conditional mean (mean_head > 0) yet")
+        if condition is None:
+            raise WeightDiffError("diagnose: a generator with a conditional mean (mean_head > 0) diffuses residuals "
+                                  "from μ(c); its diffusion space needs the condition of each task")
+        means = _TaskMeans(net, condition)
+        return (lambda x, tasks: net.residual(x, mean=means(tasks))), (lambda x, tasks: net.to_tokens(x, mean=means(tasks)))
     if net is not None and net.autoencoder is not None:
-        return net.encode_latent, net.to_tokens
+        return (lambda x, tasks=None: net.encode_latent(x)), (lambda x, tasks=None: net.to_tokens(x))
     if net is None or not net.config.center:
-        return (lambda x: x), (lambda x: x)
-    return net.residual, net.to_tokens
+        return (lambda x, tasks=None: x), (lambda x, tasks=None: x)
+    return (lambda x, tasks=None: net.residual(x)), (lambda x, tasks=None: net.to_tokens(x))
 
 
 def sample_valid(gen: Any) -> torch.Tensor:
@@ -111,7 +139,7 @@ def sample_valid(gen: Any) -> torch.Tensor:
 class _Entries:
     """Zoo entries of one split as the generator saw them: diffused tokens (N, L, D) and task names."""
 
-    def __init__(self, gen: Any, zoo: Any, split: str) -> None:
+    def __init__(self, gen: Any, zoo: Any, split: str, into: Transform) -> None:
         data = gen.config.get("data", {})
         reference = None
         if zoo.kind == "full" and data.get("canonicalize", True):
@@ -123,9 +151,9 @@ class _Entries:
 
         rows = zoo.rows(split)
         self.tasks = [r["task"] for r in rows]
-        into = diffusion_space(gen)[0]
         with torch.no_grad():  # a latent generator's encoder would otherwise record a graph of every entry
-            self.tokens = into(gen.tokenizer.encode_batch([prepared(r) for r in rows])) if rows else torch.empty(0)
+            self.tokens = into(gen.tokenizer.encode_batch([prepared(r) for r in rows]), self.tasks) \
+                if rows else torch.empty(0)
 
     def subset(self, limit: int | None, seed: int) -> _Entries:
         """At most ``limit`` entries, drawn without replacement (kept in zoo order)."""
@@ -144,14 +172,14 @@ class _Entries:
 class _Scorer:
     """Accuracy of diffused tokens, decoded, in the target network; one target per task family."""
 
-    def __init__(self, gen: Any, split: str = "val") -> None:
+    def __init__(self, gen: Any, back: Transform, split: str = "val") -> None:
         self.gen, self.split = gen, split
-        self._back = diffusion_space(gen)[1]
+        self._back = back
         self._targets: dict[str, Any] = {}
 
     def __call__(self, tokens: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
         """Accuracy (N,) of diffused tokens (N, L, D), each on its own task's split."""
-        tokens = self._back(tokens)
+        tokens = self._back(tokens, tasks)
         out = torch.empty(tokens.shape[0])
         for name in dict.fromkeys(tasks):
             idx = torch.tensor([i for i, t in enumerate(tasks) if t == name])
@@ -184,12 +212,13 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
     """
     schedule, ptype = gen.schedule, gen.schedule.prediction_type
     valid = sample_valid(gen)
-    all_train = train_entries if train_entries is not None else _Entries(gen, zoo, "train")
+    into, back = diffusion_space(gen, condition)
+    all_train = train_entries if train_entries is not None else _Entries(gen, zoo, "train", into)
     by_task = {name: all_train.tokens[all_train.of_task(name)] for name in dict.fromkeys(all_train.tasks)}
     splits = {"train": all_train.subset(max_entries, seed)}
     if zoo.rows("heldout"):
-        splits["heldout"] = _Entries(gen, zoo, "heldout").subset(max_entries, seed + 1)
-    score = _Scorer(gen)
+        splits["heldout"] = _Entries(gen, zoo, "heldout", into).subset(max_entries, seed + 1)
+    score = _Scorer(gen, back)
     report: dict[str, Any] = {"timesteps": [int(t) for t in timesteps], "prediction_type": ptype,
                               "objective": schedule.objective}
     for split, entries in splits.items():
@@ -233,20 +262,29 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
 
 @torch.no_grad()
 def path_report(gen: Any, zoo_tokens: torch.Tensor, task: str, sample_fn: Callable[..., torch.Tensor], *,
-                num: int = 16, seed: int = 0) -> dict[str, Any]:
+                num: int = 16, seed: int = 0, space: tuple[Transform, Transform] | None = None,
+                zoo_tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """Accuracy and nearest-zoo distance of x̂0 along one sampler's path.
 
     Args:
         zoo_tokens: (M, L, D) training tokens as diffused (for the nearest-entry distance).
         sample_fn: ``(record, noise) -> tokens``: runs the sampler from ``noise`` (num, L, D),
             calling ``record(x_t, t, output)`` at every model evaluation.
+        space: ``(into, back)`` of :func:`diffusion_space` (None: the generator's, which a
+            conditional mean does not allow).
+        zoo_tasks: (with a conditional mean) the task of each row of ``zoo_tokens``.
     Returns:
         ``{"t": [...], "accuracy": [...], "nearest_distance": [...], "final_accuracy", "final_distance",
-        "zoo_spacing"}`` (distances in the diffused space; spacing = median nearest-neighbour
-        distance inside the zoo).
+        "zoo_spacing"}`` (distances in the diffused space, between weight tokens with a conditional
+        mean; spacing = median nearest-neighbour distance inside the zoo).
     """
     schedule = gen.schedule
     valid = sample_valid(gen)
+    back = (space or diffusion_space(gen))[1]
+    net = getattr(gen, "generator", None)
+    in_tokens = net is not None and net.mean_net is not None  # residuals of other tasks are around other means
+    if in_tokens:
+        zoo_tokens = back(zoo_tokens, zoo_tasks)
     steps: list[tuple[float, torch.Tensor]] = []
 
     def record(x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> None:
@@ -258,16 +296,20 @@ def path_report(gen: Any, zoo_tokens: torch.Tensor, task: str, sample_fn: Callab
                          for i in range(num)])
     final = sample_fn(record, noise)
     tasks = [task] * num
-    score = _Scorer(gen)
+    score = _Scorer(gen, back)
+
+    def compared(x: torch.Tensor) -> torch.Tensor:
+        return back(x, tasks) if in_tokens else x
+
     zoo_d = torch.cdist((zoo_tokens * valid).flatten(1).double(), (zoo_tokens * valid).flatten(1).double())
     zoo_d.fill_diagonal_(float("inf"))
     return {
         "task": task,
         "t": [t for t, _ in steps],
         "accuracy": [float(score(x, tasks).mean()) for _, x in steps],
-        "nearest_distance": [float(nearest_distance(x, zoo_tokens, valid).median()) for _, x in steps],
+        "nearest_distance": [float(nearest_distance(compared(x), zoo_tokens, valid).median()) for _, x in steps],
         "final_accuracy": float(score(final, tasks).mean()),
-        "final_distance": float(nearest_distance(final, zoo_tokens, valid).median()),
+        "final_distance": float(nearest_distance(compared(final), zoo_tokens, valid).median()),
         "zoo_spacing": float(zoo_d.min(1).values.median()),
     }
 
@@ -368,7 +410,8 @@ def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] |
 
     was_training = net.training
     net.eval()
-    train = _Entries(gen, zoo, "train")  # encoded once: the noise levels and the paths' distances use it
+    space = diffusion_space(gen, condition)
+    train = _Entries(gen, zoo, "train", space[0])  # encoded once: the noise levels and the paths' distances use it
     levels = noise_level_report(gen, zoo, model_fn, condition, timesteps=timesteps, max_entries=max_entries,
                                 seed=seed, train_entries=train)
     zoo_tokens = train.tokens
@@ -381,6 +424,6 @@ def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] |
     for sampler, steps in paths:
         report["paths"][f"{sampler}-{steps}"] = path_report(gen, zoo_tokens, task,
                                                             sampler_path_fn(gen, step_fn, sampler, steps),
-                                                            num=num, seed=seed)
+                                                            num=num, seed=seed, space=space, zoo_tasks=train.tasks)
     net.train(was_training)
     return report

@@ -468,10 +468,7 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
     shape = (rows * num, *net.sample_shape)
     sample = denoise(net.guided_fn(cond, null, guidance), shape, schedule, steps=steps, sampler=sampler,
                      generator=generator, device=device, noise=noise, valid=net.sample_valid)
-    mean = None
-    if net.mean_net is not None:
-        raw_rows = raw_cond.repeat_interleave(num, 0) if net.config.mean_input != "embedding" else None
-        mean = net.conditional_mean(cond.vector, raw_rows)
+    mean = None if net.mean_net is None else mean_tokens(net, raw_cond).repeat_interleave(num, 0)
     tokens = net.to_tokens(sample, mean=mean)
     net.train(was_training)
     return tokens

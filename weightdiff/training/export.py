@@ -40,7 +40,7 @@ from weightdiff.training.module import build_generator, latent_config, schedule_
 _EMA_PREFIX = "ema.module."
 _TRAINING_KEYS = ("functional_loss_weight", "functional_weighting", "cond_dropout", "text_dropout", "lr",
                   "weight_decay", "warmup_steps", "ema_decay", "prediction_type", "latent_tokens",
-                  "autoencoder_functional_weight")
+                  "autoencoder_functional_weight", "mean_head", "mean_functional_weight", "mean_clip")
 _CARD_ROWS = ("zoo (original)", "generated", "retrieval", "average", "base without adapter", "floor")
 
 

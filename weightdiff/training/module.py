@@ -198,6 +198,13 @@ class WeightDiffusion(L.LightningModule):
         mean_input: what μ reads: ``"embedding"`` (the condition provider's vector), ``"raw"`` (the
             raw text or code condition, standardised by the training conditions') or ``"numeric"``
             (of a text condition, only the numbers parsed from the description, standardised).
+        mean_functional_weight: (mean head) weight of μ's task loss (None: ``functional_loss_weight``,
+            which then weights the DiT's only): a hypernetwork-strength task loss on μ beside a
+            smaller one on the diffused residual lets the DiT stay a denoiser at low noise.
+        mean_clip: with a mean head and ``gradient_clip_val``, ``"joint"`` clips the gradient of all
+            the generator's weights together; ``"separate"`` clips μ's and the rest's each on its own,
+            so μ's step does not shrink when the DiT's gradient is large (as a hypernetwork trained
+            alone would step).
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -216,7 +223,8 @@ class WeightDiffusion(L.LightningModule):
                  autoencoder_latent_noise: float = 0.1, autoencoder_functional_weight: float = 1.0,
                  noise_draws: int = 1, window: int | None = None, train_windows: int = 0,
                  center_tokens: bool = False, mean_head: int = 0,
-                 mean_input: Literal["embedding", "raw", "numeric"] = "embedding"):
+                 mean_input: Literal["embedding", "raw", "numeric"] = "embedding",
+                 mean_functional_weight: float | None = None, mean_clip: Literal["joint", "separate"] = "joint"):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
@@ -306,11 +314,20 @@ class WeightDiffusion(L.LightningModule):
         """(tokenizer, target network) for the functional loss, or None. Read from the datamodule on
         every use: on resume it restores the checkpoint's tokenizer after ``setup``."""
         weights = (self.hparams.functional_loss_weight, self.hparams.path_functional_weight,
-                   self.hparams.autoencoder_functional_weight if self.hparams.latent_tokens else 0.0)
+                   self.hparams.autoencoder_functional_weight if self.hparams.latent_tokens else 0.0,
+                   self._mean_functional_weight)
         if max(weights) <= 0 or self._trainer is None:
             return None
         dm = getattr(self.trainer, "datamodule", None)
         return dm.functional_parts() if dm is not None else None
+
+    @property
+    def _mean_functional_weight(self) -> float:
+        """Weight of μ's task loss (0 without a mean head)."""
+        if not self.hparams.mean_head:
+            return 0.0
+        weight = self.hparams.get("mean_functional_weight")
+        return self.hparams.functional_loss_weight if weight is None else weight
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
@@ -331,6 +348,20 @@ class WeightDiffusion(L.LightningModule):
         else:
             sched = warmup_cosine(opt, self.hparams.warmup_steps, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        mean_net = self.generator.mean_net
+        if mean_net is None or self.hparams.mean_clip != "separate" or not gradient_clip_val:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        mean_ids = {id(p) for p in mean_net.parameters()}
+        groups = ([p for p in self.generator.parameters() if id(p) not in mean_ids], list(mean_net.parameters()))
+        for params in groups:
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -436,7 +467,7 @@ class WeightDiffusion(L.LightningModule):
         losses["mean"] = masked_mse(mean.reshape(rows * length, d), x0.reshape(rows * length, d),
                                     self.token_length.repeat(rows))
         functional = self._functional_parts()
-        if functional is not None and "fx" in batch and self.hparams.functional_loss_weight > 0:
+        if functional is not None and "fx" in batch and self._mean_functional_weight > 0:
             tokenizer, target_net = functional
             logits = target_net.forward_each(tokenizer.decode_float(mean), batch["fx"])  # (B, n, C)
             losses["mean_functional"] = F.cross_entropy(logits.flatten(0, 1), batch["fy"].flatten())
@@ -479,7 +510,7 @@ class WeightDiffusion(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch, self.hparams.cond_dropout)
         weights = {"functional": self.hparams.functional_loss_weight,
-                   "mean_functional": self.hparams.functional_loss_weight,
+                   "mean_functional": self._mean_functional_weight,
                    "path_functional": self.hparams.path_functional_weight,
                    "autoencoder_functional": self.hparams.autoencoder_functional_weight}
         loss = sum(weights.get(k, 1.0) * v for k, v in losses.items())
