@@ -70,6 +70,21 @@ def test_resume_continues_from_saved_step_and_ema(tiny_lora_zoo, tmp_path):
     assert int(second["state_dict"]["ema.n_averaged"]) == 15  # EMA continued, not restarted
 
 
+def test_last_checkpoint_holds_the_final_step_between_saving_intervals(tiny_lora_zoo, tmp_path):
+    """The tiny config saves every 5 steps: a 7-step fit still ends with last.ckpt at step 7, and
+    resuming from it continues from 7 (Lightning alone would leave last.ckpt at step 5)."""
+    from weightdiff.training.lightning_cli import run_lightning_cli
+
+    pinned = ["--trainer.logger.init_args.version", "0"]
+    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "7", *pinned))
+    ckpt = next(tmp_path.glob("**/checkpoints/last.ckpt"))
+    first = read_lightning_checkpoint(ckpt)
+    assert first["global_step"] == 7
+    assert int(first["state_dict"]["ema.n_averaged"]) == 7
+    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "9", "--ckpt_path", "last", *pinned))
+    assert read_lightning_checkpoint(ckpt)["global_step"] == 9
+
+
 def test_ddp_on_two_cpu_processes(tiny_lora_zoo, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "4", "--trainer.strategy", "ddp",

@@ -10,6 +10,12 @@ Training runs are sized in optimizer steps (``max_steps``), so :class:`StepProgr
 bar over the steps of the whole fit (``step 120/2000``) instead of Lightning's per-epoch bar,
 which for ``max_steps`` runs reads ``Epoch 59/-2``; :func:`add_step_progress_bar` makes it the
 default of ``weightdiff fit``.
+
+Lightning's ``ModelCheckpoint(every_n_train_steps=N, save_last=True)`` writes ``last.ckpt`` only on
+the steps it saves at, so a fit whose ``max_steps`` is not a multiple of N ends with a
+``last.ckpt`` of up to N − 1 steps before the end, and ``export`` and resuming would lose them.
+:class:`FinalCheckpoint`, added to every ``weightdiff fit`` by :func:`add_final_checkpoint`, writes
+it at the end of the fit.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 
 
@@ -148,3 +154,22 @@ def add_step_progress_bar(trainer_config: Any) -> None:
     if trainer_config.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in callbacks):
         return
     trainer_config["callbacks"] = [*callbacks, StepProgressBar()]
+
+
+class FinalCheckpoint(Callback):
+    """At the end of a fit, write ``last.ckpt`` of every ``save_last`` :class:`ModelCheckpoint` that
+    has not saved the final step (see the module docstring)."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for checkpoint in trainer.checkpoint_callbacks:
+            if (isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last
+                    and checkpoint._last_global_step_saved != trainer.global_step):
+                checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+
+
+def add_final_checkpoint(trainer_config: Any) -> None:
+    """Add a :class:`FinalCheckpoint` to a trainer config's callbacks (in place) unless it has one."""
+    callbacks = trainer_config.get("callbacks") or []
+    callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    if not any(isinstance(c, FinalCheckpoint) for c in callbacks):
+        trainer_config["callbacks"] = [*callbacks, FinalCheckpoint()]

@@ -9,7 +9,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from weightdiff.training.callbacks import add_step_progress_bar
+from weightdiff.training.callbacks import add_final_checkpoint, add_step_progress_bar
 from weightdiff.training.datamodule import ZooDataModule
 from weightdiff.training.module import WeightDiffusion
 
@@ -38,7 +38,9 @@ class WeightDiffCLI(LightningCLI):
         self.config = parser.parse_args(args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        add_step_progress_bar(self._get(self.config_init, "trainer", default={}))  # `step i/max_steps`
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        add_step_progress_bar(trainer_config)  # `step i/max_steps`
+        add_final_checkpoint(trainer_config)  # last.ckpt holds the final step
         return super().instantiate_trainer(**kwargs)
 
 
