@@ -55,34 +55,23 @@ def test_export_round_trips_ema_weights(tiny_run, tiny_generator):
     assert torch.equal(saved["mean"], layout.mean) and saved["layout"] == layout.to_json()
 
 
-def test_resume_continues_from_saved_step_and_ema(tiny_lora_zoo, tmp_path):
+@pytest.mark.parametrize("first_steps, second_steps", [(10, 15), (7, 9)])
+def test_resume_continues_from_saved_step_and_ema(tiny_lora_zoo, tmp_path, first_steps, second_steps):
+    """The tiny config saves every 5 steps; a fit that stops between two saves (7 steps) still ends
+    with last.ckpt at its final step (Lightning alone would leave it at step 5) and resumes from it."""
     from weightdiff.training.lightning_cli import run_lightning_cli
 
     pinned = ["--trainer.logger.init_args.version", "0"]
-    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "10", *pinned))
+    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", str(first_steps), *pinned))
     ckpt = next(tmp_path.glob("**/checkpoints/last.ckpt"))
     first = read_lightning_checkpoint(ckpt)
-    assert first["global_step"] == 10
-    assert int(first["state_dict"]["ema.n_averaged"]) == 10
-    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "15", "--ckpt_path", "last", *pinned))
+    assert first["global_step"] == first_steps
+    assert int(first["state_dict"]["ema.n_averaged"]) == first_steps
+    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", str(second_steps), "--ckpt_path", "last",
+                               *pinned))
     second = read_lightning_checkpoint(ckpt)
-    assert second["global_step"] == 15
-    assert int(second["state_dict"]["ema.n_averaged"]) == 15  # EMA continued, not restarted
-
-
-def test_last_checkpoint_holds_the_final_step_between_saving_intervals(tiny_lora_zoo, tmp_path):
-    """The tiny config saves every 5 steps: a 7-step fit still ends with last.ckpt at step 7, and
-    resuming from it continues from 7 (Lightning alone would leave last.ckpt at step 5)."""
-    from weightdiff.training.lightning_cli import run_lightning_cli
-
-    pinned = ["--trainer.logger.init_args.version", "0"]
-    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "7", *pinned))
-    ckpt = next(tmp_path.glob("**/checkpoints/last.ckpt"))
-    first = read_lightning_checkpoint(ckpt)
-    assert first["global_step"] == 7
-    assert int(first["state_dict"]["ema.n_averaged"]) == 7
-    run_lightning_cli(fit_args(tiny_lora_zoo, tmp_path, "--trainer.max_steps", "9", "--ckpt_path", "last", *pinned))
-    assert read_lightning_checkpoint(ckpt)["global_step"] == 9
+    assert second["global_step"] == second_steps
+    assert int(second["state_dict"]["ema.n_averaged"]) == second_steps  # EMA continued, not restarted
 
 
 def test_ddp_on_two_cpu_processes(tiny_lora_zoo, tmp_path):
