@@ -149,8 +149,7 @@ def add_step_progress_bar(trainer_config: Any) -> None:
         trainer_config: the trainer's init arguments with instantiated callbacks (a dict or a
             jsonargparse ``Namespace``), as LightningCLI holds them before it builds the trainer.
     """
-    callbacks = trainer_config.get("callbacks") or []
-    callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    callbacks = _callback_list(trainer_config)
     if trainer_config.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in callbacks):
         return
     trainer_config["callbacks"] = [*callbacks, StepProgressBar()]
@@ -169,7 +168,12 @@ class FinalCheckpoint(Callback):
 
 def add_final_checkpoint(trainer_config: Any) -> None:
     """Add a :class:`FinalCheckpoint` to a trainer config's callbacks (in place) unless it has one."""
-    callbacks = trainer_config.get("callbacks") or []
-    callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    callbacks = _callback_list(trainer_config)
     if not any(isinstance(c, FinalCheckpoint) for c in callbacks):
         trainer_config["callbacks"] = [*callbacks, FinalCheckpoint()]
+
+
+def _callback_list(trainer_config: Any) -> list[Callback]:
+    """A trainer config's ``callbacks`` (absent, one, or a sequence) as a list."""
+    callbacks = trainer_config.get("callbacks") or []
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
