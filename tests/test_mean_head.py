@@ -303,3 +303,33 @@ def test_the_mean_can_carry_the_task_loss_alone(tiny_lora_zoo, tmp_path):
     assert "train/mean_functional_loss" in logged and "train/functional_loss" not in logged
     trained = load_generator(export_last(run, tmp_path / "generator")).config["training"]
     assert trained["functional_loss_weight"] == 0.0 and trained["mean_functional_weight"] == 5.0
+
+
+@pytest.mark.parametrize(("mean_clip", "mean_grad_norm"), [("dit", 100.0), ("separate", 1.0)])
+def test_dit_clipping_leaves_a_large_mean_gradient_as_it_is(mean_clip, mean_grad_norm):
+    """``mean_clip: dit``: only the DiT's gradient is clipped; μ's, however large, is left as the
+    benchmark's unclipped hypernetwork would step (``separate`` would clip it to the limit)."""
+    from weightdiff.training.module import WeightDiffusion
+
+    spec = {"token_size": 4, "num_tensors": 2, "max_chunks": 2, "max_depth": 2, "num_kinds": 8,
+            "token_ids": {"tensor_index": [0, 0, 1], "chunk_index": [0, 1, 0], "depth": [0, 0, 1], "kind": [0, 0, 1]},
+            "token_length": [4, 2, 3], "condition_dims": {"raw_dim": 3}}
+    model = WeightDiffusion(spec=spec, hidden=16, depth=1, heads=2, condition="code", functional_loss_weight=0.0,
+                            mean_head=8, mean_clip=mean_clip)
+    mean = list(model.generator.mean_net.parameters())
+    mean_ids = {id(p) for p in mean}
+    rest = [p for p in model.generator.parameters() if id(p) not in mean_ids]
+    for p in rest:
+        p.grad = torch.ones_like(p)
+    for p in mean:
+        p.grad = torch.ones_like(p)
+    scale = 100.0 / float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in mean])))
+    for p in mean:
+        p.grad.mul_(scale)  # μ's gradient norm: 100
+    model.configure_gradient_clipping(torch.optim.SGD(model.generator.parameters(), lr=0.1), 1.0, "norm")
+
+    def norm(params):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+    torch.testing.assert_close(norm(rest), torch.tensor(1.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm(mean), torch.tensor(mean_grad_norm), atol=1e-4, rtol=1e-5)

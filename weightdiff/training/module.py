@@ -203,8 +203,8 @@ class WeightDiffusion(L.LightningModule):
             smaller one on the diffused residual lets the DiT stay a denoiser at low noise.
         mean_clip: with a mean head and ``gradient_clip_val``, ``"joint"`` clips the gradient of all
             the generator's weights together; ``"separate"`` clips μ's and the rest's each on its own,
-            so μ's step does not shrink when the DiT's gradient is large (as a hypernetwork trained
-            alone would step).
+            so μ's step does not shrink when the DiT's gradient is large; ``"dit"`` clips the DiT's
+            alone and leaves μ's unclipped, as the benchmark's MLP hypernetwork is trained.
     """
 
     def __init__(self, spec: dict[str, Any] | None = None, hidden: int = 256, depth: int = 4, heads: int = 4,
@@ -224,7 +224,7 @@ class WeightDiffusion(L.LightningModule):
                  noise_draws: int = 1, window: int | None = None, train_windows: int = 0,
                  center_tokens: bool = False, mean_head: int = 0,
                  mean_input: Literal["embedding", "raw", "numeric"] = "embedding",
-                 mean_functional_weight: float | None = None, mean_clip: Literal["joint", "separate"] = "joint"):
+                 mean_functional_weight: float | None = None, mean_clip: Literal["joint", "separate", "dit"] = "joint"):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
@@ -352,11 +352,13 @@ class WeightDiffusion(L.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         mean_net = self.generator.mean_net
-        if mean_net is None or self.hparams.mean_clip != "separate" or not gradient_clip_val:
+        if mean_net is None or self.hparams.mean_clip == "joint" or not gradient_clip_val:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         mean_ids = {id(p) for p in mean_net.parameters()}
-        groups = ([p for p in self.generator.parameters() if id(p) not in mean_ids], list(mean_net.parameters()))
+        groups = [[p for p in self.generator.parameters() if id(p) not in mean_ids]]
+        if self.hparams.mean_clip == "separate":
+            groups.append(list(mean_net.parameters()))
         for params in groups:
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
