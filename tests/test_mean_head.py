@@ -252,15 +252,18 @@ def test_the_benchmark_scores_the_conditional_mean_beside_the_samples(tiny_lora_
         assert r["per_task"]["unseen"][name][MEAN_ROW]["num"] == 1
 
 
+#: A three-token layout small enough to build a WeightDiffusion module for the clipping tests.
+CLIP_SPEC = {"token_size": 4, "num_tensors": 2, "max_chunks": 2, "max_depth": 2, "num_kinds": 8,
+             "token_ids": {"tensor_index": [0, 0, 1], "chunk_index": [0, 1, 0], "depth": [0, 0, 1], "kind": [0, 0, 1]},
+             "token_length": [4, 2, 3], "condition_dims": {"raw_dim": 3}}
+
+
 def test_separate_clipping_leaves_the_means_step_apart_from_the_dits():
     """``mean_clip: separate``: a large DiT gradient is clipped to the limit on its own, and μ's
     small gradient (norm below the limit) is left as it is — a joint clip would scale it down too."""
     from weightdiff.training.module import WeightDiffusion
 
-    spec = {"token_size": 4, "num_tensors": 2, "max_chunks": 2, "max_depth": 2, "num_kinds": 8,
-            "token_ids": {"tensor_index": [0, 0, 1], "chunk_index": [0, 1, 0], "depth": [0, 0, 1], "kind": [0, 0, 1]},
-            "token_length": [4, 2, 3], "condition_dims": {"raw_dim": 3}}
-    model = WeightDiffusion(spec=spec, hidden=16, depth=1, heads=2, condition="code", functional_loss_weight=0.0,
+    model = WeightDiffusion(spec=CLIP_SPEC, hidden=16, depth=1, heads=2, condition="code", functional_loss_weight=0.0,
                             mean_head=8, mean_clip="separate")
     mean_ids = {id(p) for p in model.generator.mean_net.parameters()}
     rest = [p for p in model.generator.parameters() if id(p) not in mean_ids]
@@ -311,10 +314,7 @@ def test_dit_clipping_leaves_a_large_mean_gradient_as_it_is(mean_clip, mean_grad
     benchmark's unclipped hypernetwork would step (``separate`` would clip it to the limit)."""
     from weightdiff.training.module import WeightDiffusion
 
-    spec = {"token_size": 4, "num_tensors": 2, "max_chunks": 2, "max_depth": 2, "num_kinds": 8,
-            "token_ids": {"tensor_index": [0, 0, 1], "chunk_index": [0, 1, 0], "depth": [0, 0, 1], "kind": [0, 0, 1]},
-            "token_length": [4, 2, 3], "condition_dims": {"raw_dim": 3}}
-    model = WeightDiffusion(spec=spec, hidden=16, depth=1, heads=2, condition="code", functional_loss_weight=0.0,
+    model = WeightDiffusion(spec=CLIP_SPEC, hidden=16, depth=1, heads=2, condition="code", functional_loss_weight=0.0,
                             mean_head=8, mean_clip=mean_clip)
     mean = list(model.generator.mean_net.parameters())
     mean_ids = {id(p) for p in mean}
