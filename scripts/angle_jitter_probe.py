@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import argparse
 import math
+from types import SimpleNamespace
 
 import torch
 
 from weightdiff.evaluate.benchmark import heldout_description
+from weightdiff.evaluate.rows import pick_best
 from weightdiff.models.generator import mean_tokens
 from weightdiff.sampling import WeightDiffusionPipeline, make_condition
 from weightdiff.tasks import get_task
 from weightdiff.tasks.numeric import NUMERIC_DIM, NUMERIC_FIELDS
 from weightdiff.zoo import Zoo
-from weightdiff.zoo.training import few_shot_indices
 
 COS, SIN = NUMERIC_FIELDS.index("cos A") - NUMERIC_DIM, NUMERIC_FIELDS.index("sin A") - NUMERIC_DIM
 
@@ -67,9 +68,7 @@ def main() -> None:
         params = gen.tokenizer.decode_float(mean_tokens(gen.generator, rotated(raw, offsets)))
         target = gen.target(task)
         acc = target.accuracy(params, *task.data().split("test"))
-        x, y = task.data().split("train")
-        idx = few_shot_indices(y, args.per_class, 0)
-        best = int(target.accuracy(params, x[idx], y[idx]).argmax())
+        best = pick_best(SimpleNamespace(target=target), task, params, args.per_class, 0)
         for o, a in zip(offsets, acc.tolist()):
             at_offset[o].append((kinds[name], a))
         picked.append((kinds[name], float(acc[best])))

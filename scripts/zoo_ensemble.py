@@ -16,18 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 
+from weightdiff.evaluate.rows import ensemble_predictions, pick_best
 from weightdiff.tasks import get_task
 from weightdiff.zoo import Zoo
-from weightdiff.zoo.training import few_shot_indices
 
 
 @torch.no_grad()
 def seed_rows(zoo: Zoo, task_names: list[str], per_class: int = 10) -> dict[str, float]:
     """Mean over tasks of one adapter's, the ensemble's and the picked adapter's test accuracy (%)."""
     target = zoo.target()
+    bench = SimpleNamespace(target=target)  # what the benchmark's pick_best and ensemble_predictions read
     ids: dict[str, list[str]] = defaultdict(list)
     for row in zoo.rows("train"):
         ids[row["task"]].append(row["id"])
@@ -41,12 +43,9 @@ def seed_rows(zoo: Zoo, task_names: list[str], per_class: int = 10) -> dict[str,
         params = {k: torch.stack([s[k] for s in states]) for k in states[0]}
         x, y = task.data().split("test")
         acc = target.accuracy(params, x, y)
-        probs = target.forward_batched(params, x).float().softmax(-1).mean(0)
-        xs, ys = task.data().split("train")
-        idx = few_shot_indices(ys, per_class, 0)
         single.append(float(acc.mean()))
-        ensemble.append(float((probs.argmax(-1) == y).float().mean()))
-        picked.append(float(acc[int(target.accuracy(params, xs[idx], ys[idx]).argmax())]))
+        ensemble.append(float((ensemble_predictions(bench, task, params) == y).float().mean()))
+        picked.append(float(acc[pick_best(bench, task, params, per_class, 0)]))
     n = len(task_names)
     return {"tasks": n, "adapters_per_task": min(len(ids[t]) for t in task_names),
             "single": 100 * sum(single) / n, "ensemble": 100 * sum(ensemble) / n, "best_of": 100 * sum(picked) / n}
