@@ -347,8 +347,13 @@ def test_full_suite_benchmark_reports_one_step_row_evaluations_and_basins(tiny_z
     monkeypatch.setattr(weightdiff.evaluate.benchmark, "make_condition", lambda gen, task=None, **kw: task)
     monkeypatch.setattr(weightdiff.evaluate.benchmark, "generate_tokens", fake_generate)
     r = run_benchmark("digits-cnn", "stub-model", tiny_zoos[1], tmp_path / "bench", num=4, hypernet_steps=5,
-                      sgd_tasks=0, progress=False)
+                      sgd_tasks=0, polish_steps=2, progress=False)
     assert r["sampler"] == {"sampler": "ddim", "steps": 4, "model_evaluations": 4}
+    # continued training of the samples and of the zoo's own checkpoints, each a row of the same run
+    for row in ("generated + 2 task-loss steps", "zoo + 2 task-loss steps"):
+        task = r["settings"]["seen_tasks"][0]
+        assert r["per_task"]["seen"][task][row]["num"] == 4 and r["seen"][row]["distance"] > 0
+    assert r["settings"]["polish_steps"] == 2 and r["settings"]["polish_lr"] == 1e-3
     assert {"generated", "generated one-step"} <= set(r["seen"]) and "x0" in samplers
     assert r["latency_ms_per_sample_one_step"] > 0
     assert r["runs_in_zoo"] == len({row["run_id"] for row in rows}) == 2

@@ -290,7 +290,8 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
               sgd_tasks: int | None = None, sgd_ks: Sequence[int | str] = (1, 5, 10, 50, "all"),
               hypernet_steps: int | None = None, functional_loss_weight: float | None = None, batch_size: int = 64,
               select_per_class: int | None = 10, ensemble: bool = True, adaptation: bool = True,
-              multitask_steps: int | None = None, threads: int | None = None) -> None:
+              multitask_steps: int | None = None, polish_steps: int = 0, polish_lr: float = 1e-3,
+              threads: int | None = None) -> None:
     """The honest benchmark of one suite: a generator beside every baseline, in one run.
 
     Writes results.json, results.md, predictions/*.npz and PNG plots under --out.
@@ -321,6 +322,9 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
         adaptation: (adapter suites) the multi-task LoRA, kNN LoRA average and test-time adaptation
             rows, and generate-then-refine beside few-shot SGD.
         multitask_steps: steps of the multi-task adapter (null: the recipe's steps per task times the tasks).
+        polish_steps: (whole-network suites) add the rows 'generated + K task-loss steps' and 'zoo + K
+            task-loss steps': full-batch Adam on the task's training split (0: off).
+        polish_lr: learning rate of those steps.
         threads: torch CPU threads (null: the global `weightdiff --threads`, else torch's choice).
     """
     import torch
@@ -336,7 +340,7 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
                   max_unseen_tasks=max_unseen_tasks, sgd_tasks=sgd_tasks, sgd_ks=sgd_ks,
                   hypernet_steps=hypernet_steps, functional_loss_weight=functional_loss_weight,
                   batch_size=batch_size, select_per_class=select_per_class, ensemble=ensemble, adaptation=adaptation,
-                  multitask_steps=multitask_steps)
+                  multitask_steps=multitask_steps, polish_steps=polish_steps, polish_lr=polish_lr)
     print(f"wrote {out}/results.json and results.md")
 
 

@@ -121,7 +121,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                   noise_scales: Sequence[float] = NOISE_SCALES, batch_size: int = 64,
                   select_per_class: int | None = 10, ensemble: bool = True, adaptation: bool = True,
                   multitask_steps: int | None = None,
-                  refine_lr_factor: float = REFINE_LR_FACTOR, progress: bool = True) -> dict[str, Any]:
+                  refine_lr_factor: float = REFINE_LR_FACTOR, polish_steps: int = 0, polish_lr: float = 1e-3,
+                  progress: bool = True) -> dict[str, Any]:
     """Run the whole protocol on one suite and write the results under ``out``.
 
     Args:
@@ -164,6 +165,13 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
             pick, else the first sample) at ``refine_lr_factor`` times the recipe's learning rate.
         multitask_steps: steps of the multi-task adapter (``None``: the recipe's steps per task
             times the training tasks).
+        polish_steps, polish_lr: (whole-network classification suites; 0: off) add the rows
+            "generated + K task-loss steps" and "zoo + K task-loss steps": the samples, and the
+            task's zoo checkpoints the noise-added rows start from, after K full-batch Adam steps
+            of the cross-entropy on the task's training split at ``polish_lr``
+            (:func:`~weightdiff.evaluate.baselines.polished_params`). They show what continued
+            training alone buys in accuracy and in distance from the zoo, beside what the
+            generator's samples buy.
 
     Returns:
         The results dict written to ``results.json`` (keys listed in ``report.RESULT_KEYS``, and
@@ -179,6 +187,11 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     if zoo_obj.kind != kind or zoo_obj.family != family:
         raise BenchmarkError(f"suite '{suite}' needs a {kind} zoo of family '{family}', but {zoo} is a "
                              f"{zoo_obj.kind} zoo of family '{zoo_obj.family}'")
+    if polish_steps < 0 or (polish_steps and kind != "full"):
+        raise BenchmarkError(f"polish_steps must be >= 0 (got {polish_steps}) and is for whole-network suites; "
+                             f"suite '{suite}' is a {kind} suite (adapter suites refine from labels: sgd_tasks)")
+    if polish_steps and not polish_lr > 0:
+        raise BenchmarkError(f"polish_lr must be > 0, got {polish_lr}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -211,6 +224,9 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     sections = [("seen", t) for t in seen_tasks] + [("unseen", t) for t in unseen_tasks]
     metric = suite_metric([t for _, t in sections])  # before the long fits: a mixed suite fails at once
     accuracy = metric.name == "accuracy"
+    if polish_steps and not metric.classification:
+        raise BenchmarkError(f"polish_steps: the task-loss steps are a cross-entropy over classes, and suite "
+                             f"'{suite}' scores {metric.name}")
     if not metric.classification:
         functional_loss_weight = 0.0  # the MLP hypernetwork's functional loss is a cross-entropy over classes
     log.info("fitting hypernetworks (%d steps)", hypernet_steps)
@@ -279,7 +295,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
             best_of = (f"generated best-of-{num} ({select_per_class}/class labelled)",
                        pick_best(z, task, generated, select_per_class, seed))
         rows = task_rows(z, task, section == "seen", generated, noise_scales, best_of, one_step,
-                         description=descriptions.get(name), ensemble=ensemble and accuracy, mean=mean)
+                         description=descriptions.get(name), ensemble=ensemble and accuracy, mean=mean,
+                         polish=(polish_steps, polish_lr) if polish_steps else None)
         if adapt is not None:
             rows = _insert_before(rows, "average", adapt.rows(z, task, descriptions.get(name)))
         if adapt is not None and generated is not None and name in sgd_list:
@@ -378,7 +395,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
             "unseen_tasks_by_kind": {k: [t for t in unseen_tasks if kinds[t] == k]
                                      for k in sorted({kinds[t] for t in unseen_tasks})},
             "sgd_tasks": sgd_list if sgd else [], "sgd_ks": [str(k) for k in sgd_ks], "sgd_seeds": list(sgd_seeds),
-            "noise_scales": list(noise_scales), "baseline_condition": spec.baseline_condition,
+            "noise_scales": list(noise_scales), "polish_steps": polish_steps,
+            "polish_lr": polish_lr if polish_steps else None, "baseline_condition": spec.baseline_condition,
             "retrieval_metric": "L2 distance between " + ("description embeddings" if spec.baseline_condition == "text"
                                                            else "task codes"),
             "descriptions": descriptions,

@@ -23,7 +23,8 @@ from weightdiff.evaluate.adaptation import (
     KNN_K, TENT_LR, TENT_STEPS, knn_lora_average, norm_parameters, tent, train_multitask_lora,
 )
 from weightdiff.evaluate.baselines import (
-    average_params, canonical_params, floor_predictions, gaussian_params, nearest_task, noise_added_params, select,
+    average_params, canonical_params, floor_predictions, gaussian_params, nearest_task, noise_added_params,
+    polished_params, select,
     stack_params, zero_adapter,
 )
 from weightdiff.evaluate.hypernet import HypernetTrainConfig, ParamCodec, RidgeHypernet, train_mlp_hypernet
@@ -207,8 +208,12 @@ def ensemble_predictions(z: ZooState, task: Task, params: dict[str, torch.Tensor
 def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Tensor] | None,
               noise_scales: Sequence[float], best_of: tuple[str, int] | None = None,
               one_step: dict[str, torch.Tensor] | None = None, description: str | None = None,
-              ensemble: bool = False, mean: dict[str, torch.Tensor] | None = None) -> dict[str, Models]:
+              ensemble: bool = False, mean: dict[str, torch.Tensor] | None = None,
+              polish: tuple[int, float] | None = None) -> dict[str, Models]:
     """Every row's models for one task; ``best_of`` = (row name, index of the picked sample);
+    ``polish`` = (steps, lr): add the rows "generated + K task-loss steps" and "zoo + K task-loss
+    steps" (:func:`~weightdiff.evaluate.baselines.polished_params` on the task's training split;
+    classification tasks);
     ``mean``: (a generator with a conditional mean) the one adapter μ(c) its samples are drawn around;
     ``description``: the text that retrieval and the hypernetworks read of an unseen task (text suites);
     ``ensemble``: add the row "generated ensemble of N" (one model: the N samples' mean softmax)."""
@@ -233,6 +238,9 @@ def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Te
         if ensemble:  # zero-shot, at N times the inference cost of one adapter
             rows[f"generated ensemble of {n}"] = Models([f"ensemble_{n}"],
                                                         preds=ensemble_predictions(z, task, generated)[None])
+        if polish is not None:  # trained further on the task's labels: never mixed with the zero-shot rows
+            rows[polish_row("generated", polish[0])] = Models([f"sample_{i:04d}+polish" for i in range(n)],
+                                                              _polished(z, task, generated, polish))
     if z.kind == "lora":
         rows["base without adapter"] = Models(["zero-adapter"], zero_adapter(z.target))
     nearest = task.name if seen else nearest_task(z.query(task, description), z.features)
@@ -248,11 +256,25 @@ def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Te
     for scale in noise_scales:
         rows[f"noise-added {scale:g}"] = Models([f"{z.rows[i]['id']}+noise{scale:g}" for i in src],
                                                  noise_added_params(select(z.params, src), scale, z.seed))
+    if polish is not None:  # what continued training alone buys: the zoo's own checkpoints, polished alike
+        rows[polish_row("zoo", polish[0])] = Models([f"{z.rows[i]['id']}+polish" for i in src],
+                                                    _polished(z, task, select(z.params, src), polish))
     if task.metric.name == "accuracy":
         rows["floor"] = Models(["majority-class"], preds=floor_predictions(task))
     else:
         rows["floor"] = Models(["constant-output"], outputs=constant_outputs(task))
     return rows
+
+
+def polish_row(start: str, steps: int) -> str:
+    """The name of the row of ``start`` weights ("generated", "zoo") after ``steps`` task-loss steps."""
+    return f"{start} + {steps} task-loss steps"
+
+
+def _polished(z: ZooState, task: Task, params: dict[str, torch.Tensor], polish: tuple[int, float]
+              ) -> dict[str, torch.Tensor]:
+    x, y = task.data().split("train")
+    return polished_params(z.target, params, x, y, polish[0], polish[1])
 
 
 class AdaptationState:
