@@ -16,29 +16,19 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
-from weightdiff.evaluate.baselines import noise_added_params
+from weightdiff.evaluate.baselines import noise_added_params, polished_params
 from weightdiff.evaluate.rows import ZooState
 from weightdiff.tasks import get_task
 from weightdiff.zoo import Zoo
 
 
-def refine(target, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, steps: list[int],
-           lr: float):
-    """Yield ``(k, params)`` after ``k`` full-batch Adam steps of the cross-entropy, for each ``k`` in ``steps``."""
-    p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    opt = torch.optim.Adam(p.values(), lr=lr)
-    done = 0
-    for k in sorted(steps):
-        while done < k:
-            logits = target.forward_batched(p, x)  # (S, N, C)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="mean")
-            opt.zero_grad()
-            (loss * logits.shape[0]).backward()  # each copy gets its own mean loss's gradient
-            opt.step()
-            done += 1
-        yield k, {name: v.detach().clone() for name, v in p.items()}
+def last_of_each_run(runs: list[str]) -> list[int]:
+    """Index of each run's last listed checkpoint, in the order the runs first appear."""
+    last: dict[str, int] = {}
+    for i, run in enumerate(runs):
+        last[run] = i
+    return list(last.values())
 
 
 def main() -> None:
@@ -54,10 +44,7 @@ def main() -> None:
         p.error(f"--zoo {args.zoo}: a whole-network zoo is needed (this one holds {zoo.kind} checkpoints)")
     z = ZooState(zoo, num=1, seed=args.seed)
     runs = [r["run_id"] for r in z.rows]
-    last = {}
-    for i, run in enumerate(runs):
-        last[run] = i  # the run's last listed checkpoint
-    ix = torch.tensor(sorted(last.values()))
+    ix = torch.tensor(last_of_each_run(runs))
     spacing = z.space.within_group_spacing(runs)
     data = get_task(z.rows[0]["task"]).data()
     x_tr, y_tr = data.split("train")
@@ -69,7 +56,8 @@ def main() -> None:
     steps = [int(v) for v in args.steps.split(",")]
     for scale in (float(v) for v in args.scales.split(",")):
         noised = noise_added_params(base, scale, seed=args.seed)
-        for k, params in refine(z.target, noised, x_tr, y_tr, steps, args.lr):
+        for k in steps:
+            params = polished_params(z.target, noised, x_tr, y_tr, k, args.lr)
             acc = z.target.accuracy(params, x_te, y_te)
             dist = z.space.nearest_distance(params)
             print(f"scale {scale:g}, {k:4d} steps: mean {100 * acc.mean():.2f} % (best {100 * acc.max():.2f}); "
