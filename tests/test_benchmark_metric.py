@@ -191,7 +191,8 @@ def test_every_row_reports_score_params_of_its_weights_and_best_is_the_lowest(zo
         assert not any(name.startswith("generated best-of") for name in r[section])
     assert r["sgd"] is None and r["sgd_per_task"] is None and r["sgd_examples_to_match"] is None
     assert r["hypernetworks"]["mlp_functional_loss_weight"] == 0.0  # no cross-entropy on regression targets
-    assert not (out / "predictions").exists() and not (out / "accuracy_vs_iou.png").exists()
+    assert not (out / "predictions").exists() and not (out / "accuracy_vs_iou.png").exists() \
+        and not (out / "accuracy_vs_distance.png").exists()
     assert (out / "accuracy_distributions.png").stat().st_size > 0
 
     md = (out / "results.md").read_text()

@@ -316,7 +316,8 @@ def test_run_benchmark_end_to_end_with_a_stub_generator(tiny_zoos, tmp_path, mon
     npz = np.load(tmp_path / "bench" / "predictions" / f"seen__{slug(seen_task)}__generated.npz")
     acc = (npz["predictions"] == npz["labels"][None]).mean(1)
     assert acc.mean() == pytest.approx(r["per_task"]["seen"][seen_task]["generated"]["mean"], abs=1e-6)
-    for name in ("results.json", "results.md", "accuracy_distributions.png", "accuracy_vs_iou.png"):
+    for name in ("results.json", "results.md", "accuracy_distributions.png", "accuracy_vs_iou.png",
+                 "accuracy_vs_distance.png"):
         assert (tmp_path / "bench" / name).stat().st_size > 0
 
 

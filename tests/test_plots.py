@@ -162,3 +162,34 @@ def test_plots_are_written_and_released(tmp_path) -> None:
     b = plot_accuracy_distributions(_accs(), tmp_path / "accuracy_distributions.png", results=results)
     assert a.read_bytes()[:8] == b.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(plt.get_fignums()) == before
+
+
+def _with_distances(results: dict) -> dict:
+    """``results`` with a ``distance_ratio`` on every row but the floor (a row without weights has none)."""
+    ratios = {ZOO: 1.0, "generated": 2.5, RETRIEVAL: 1.0, "noise-added 0.1": 0.8, "noise-added 0.01": 0.1}
+    for section in ("seen", "unseen"):
+        for name, row in results[section].items():
+            row["distance_ratio"] = ratios.get(name)
+    return results
+
+
+def test_distance_figure_puts_the_nearest_zoo_distance_on_x_and_defines_it(monkeypatch, tmp_path) -> None:
+    results = _with_distances(_results())
+    fig = _drawn(monkeypatch, report.plot_accuracy_vs_distance, results, tmp_path / "d.png")
+    seen = next(ax for ax in _panels(fig) if ax.get_title() == "seen tasks")
+    assert seen.get_xlabel() == "nearest-zoo distance / zoo spacing"
+    texts = [t.get_text() for t in fig.findobj(Text)]
+    assert any(t.startswith("nearest-zoo distance:") and "nearest-neighbour spacing" in t for t in texts)
+    assert not any("wrong-set IoU:" in t for t in texts)
+    (curve,) = [line for line in seen.get_lines() if line.get_marker() == "s"]  # noise-added, by scale
+    np.testing.assert_array_equal(curve.get_xdata(), [0.1, 0.8])
+    x, y = results["seen"]["generated"]["distance_ratio"], 100 * results["seen"]["generated"]["mean"]
+    np.testing.assert_array_equal(_display(fig, seen, "generated"), seen.transData.transform([[x, y]]))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "floor" not in labels and "generated" in labels  # no distance, no point
+    plt.close(fig)
+
+
+def test_an_unknown_novelty_axis_is_refused() -> None:
+    with pytest.raises(ValueError, match="novelty must be one of"):
+        report.build_accuracy_vs_iou_figure(_results(), novelty="cosine")

@@ -19,12 +19,14 @@ hypernetwork's functional (cross-entropy) loss is dropped for targets that are n
 Outputs under ``out``: ``results.json``, ``results.md``, ``predictions/*.npz`` (every model's
 test predictions; for a metric other than accuracy ``scores/*.npz``, every model's score) and the
 plots ``accuracy_distributions.png`` (the metric's distributions) and, for accuracy,
-``accuracy_vs_iou.png``.
+``accuracy_vs_iou.png`` and ``accuracy_vs_distance.png`` (novelty as wrong-set IoU and as
+nearest-zoo distance).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -41,7 +43,7 @@ from weightdiff.evaluate.fewshot import DEFAULT_KS, few_shot_sgd, recipe_value
 from weightdiff.evaluate.baselines import NOISE_SCALES, unstack
 from weightdiff.evaluate.novelty import wrong_set_iou
 from weightdiff.evaluate.report import (
-    aggregate, plot_accuracy_distributions, plot_accuracy_vs_iou, save_predictions, save_scores, task_stats,
+    aggregate, plot_accuracy_distributions, plot_accuracy_vs_distance, plot_accuracy_vs_iou, save_predictions, save_scores, task_stats,
     write_results,
 )
 from weightdiff.evaluate.rows import AdaptationState, Models, ZooState, pick_best, suite_metric, task_rows
@@ -254,6 +256,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     generated_mean: dict[str, float] = {}
     dist_accs: dict[str, dict[str, list[float]]] = {"seen": defaultdict(list), "unseen": defaultdict(list)}
     points: dict[str, dict[str, tuple[list[float], list[float]]]] = {"seen": {}, "unseen": {}}
+    far_points: dict[str, dict[str, tuple[list[float], list[float]]]] = {"seen": {}, "unseen": {}}  # (acc, distance)
     descriptions: dict[str, str] = {}
     one_step_seconds, generated_runs = 0.0, []
     for section, name in tqdm(sections, desc="benchmark tasks", unit="task", disable=_bar_disabled(progress)):
@@ -315,6 +318,10 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                 pa, pi = points[section].setdefault(row, ([], []))
                 pa += scores.tolist()
                 pi += iou.tolist()
+                if distance is not None and z.spacing and math.isfinite(z.spacing):
+                    da, dd = far_points[section].setdefault(row, ([], []))
+                    da += scores.tolist()
+                    dd += (distance / z.spacing).tolist()
                 save_predictions(out, section, name, row, m.ids, preds, y_test)
             else:
                 scores = (score_params(z.target, task, m.params) if m.params is not None
@@ -412,8 +419,9 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     write_results(out, results)
     plot_accuracy_distributions({s: dict(v) for s, v in dist_accs.items()}, out / "accuracy_distributions.png",
                                 results=results)
-    if accuracy:  # its x axis is the wrong-set IoU
+    if accuracy:  # their y axis is accuracy; x: the wrong-set IoU, the nearest-zoo distance
         plot_accuracy_vs_iou(results, out / "accuracy_vs_iou.png", points)
+        plot_accuracy_vs_distance(results, out / "accuracy_vs_distance.png", far_points)
     log.info("benchmark written to %s (%.0f s)", out, results["seconds"])
     return results
 

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -270,6 +270,12 @@ def _save_figure(fig, path: str | Path) -> Path:
 WRONG_SET_IOU = ("wrong-set IoU: the largest IoU between a model's set of wrong test predictions and that of any "
                  "training-zoo checkpoint (a checkpoint is not compared with itself; two empty sets count as 0); "
                  "lower = more novel")
+DISTANCE_RATIO = ("nearest-zoo distance: the RMS distance, in the benchmark's z-scored comparison space (hidden "
+                  "units aligned), from a model to the nearest training-zoo checkpoint (a checkpoint not to "
+                  "itself), in units of the zoo's nearest-neighbour spacing; higher = more novel")
+#: x axis of :func:`build_accuracy_vs_iou_figure`: (row stat, axis label, caption).
+NOVELTY_AXES = {"iou": ("iou", "wrong-set IoU with nearest zoo checkpoint", WRONG_SET_IOU),
+                "distance": ("distance_ratio", "nearest-zoo distance / zoo spacing", DISTANCE_RATIO)}
 ROW_MARKERS = ("o", "s", "D", "^", "v", "X", "8", "<", ">", "h", "p", "d")
 COINCIDENT_FRACTION = 0.025  # means closer than this fraction of both axis spans would hide each other
 FAN_POINTS = 6.0             # radius (points) of the fan that spreads coinciding means around their position
@@ -389,8 +395,12 @@ def _fan_offsets(xy: np.ndarray, span: np.ndarray) -> np.ndarray:
 
 def build_accuracy_vs_iou_figure(results: Mapping[str, Any],
                                  points: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]] | None
-                                 = None) -> Figure:
-    """Mean accuracy against mean wrong-set IoU of every row; noise-added scales joined as a curve.
+                                 = None, novelty: Literal["iou", "distance"] = "iou") -> Figure:
+    """Mean accuracy against a novelty measure of every row; noise-added scales joined as a curve.
+
+    ``novelty``: the x axis, ``"iou"`` (mean wrong-set IoU, lower = more novel) or ``"distance"``
+    (mean nearest-zoo distance in units of the zoo's nearest-neighbour spacing, ``distance_ratio``;
+    higher = more novel).
 
     Rows keep one colour and marker across panels. Means that would overlap are fanned out by
     :data:`FAN_POINTS` around their common position (a ``+``), and the per-model dots of each row
@@ -399,8 +409,12 @@ def build_accuracy_vs_iou_figure(results: Mapping[str, Any],
 
     Args:
         results: the results dict (``seen`` / ``unseen`` row stats, ``suite``, ``settings``, ``sampler``).
-        points: optional per-model ``{section: {row: (accs, ious)}}`` drawn behind the means.
+        points: optional per-model ``{section: {row: (accs, novelty values)}}`` drawn behind the means.
+        novelty: the x axis.
     """
+    if novelty not in NOVELTY_AXES:
+        raise ValueError(f"novelty must be one of {list(NOVELTY_AXES)}, got {novelty!r}")
+    key, xlabel, caption = NOVELTY_AXES[novelty]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,18 +441,18 @@ def build_accuracy_vs_iou_figure(results: Mapping[str, Any],
                        transform=shift, zorder=1, label=f"{name} (per model)")
             ax.update_datalim(dots[np.isfinite(dots).all(1)])  # a shifted transform does not grow the limits
         noise = sorted((float(n.split()[-1]), r) for n, r in rows.items()
-                       if n.startswith("noise-added") and r.get("iou") is not None)
+                       if n.startswith("noise-added") and r.get(key) is not None)
         if noise:  # the curve follows the noise scale
-            (handles["noise-added (scale →)"],) = ax.plot([r["iou"] for _, r in noise],
+            (handles["noise-added (scale →)"],) = ax.plot([r[key] for _, r in noise],
                                                           [100 * r["mean"] for _, r in noise], "-s", color="black",
                                                           markersize=4, zorder=2)
             for scale, r in noise:
-                ax.annotate(f"{scale:g}", (r["iou"], 100 * r["mean"]), fontsize=7, xytext=(3, 3),
+                ax.annotate(f"{scale:g}", (r[key], 100 * r["mean"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-        means = [(n, r) for n, r in rows.items() if not n.startswith("noise-added") and r.get("iou") is not None]
+        means = [(n, r) for n, r in rows.items() if not n.startswith("noise-added") and r.get(key) is not None]
         if not means:
             continue
-        xy = np.array([[r["iou"], 100 * r["mean"]] for _, r in means], dtype=float)
+        xy = np.array([[r[key], 100 * r["mean"]] for _, r in means], dtype=float)
         ax.update_datalim(xy)
         ax.autoscale_view()
         span = np.array([np.ptp(ax.get_xlim()), np.ptp(ax.get_ylim())])
@@ -451,14 +465,14 @@ def build_accuracy_vs_iou_figure(results: Mapping[str, Any],
                                        marker="*" if name == "generated" else marker, color=color,
                                        edgecolors="black", linewidths=0.6, zorder=4, label=name,
                                        transform=offset_copy(ax.transData, fig=fig, units="points", x=dx, y=dy))
-        ax.set_xlabel("wrong-set IoU with nearest zoo checkpoint")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("mean test accuracy (%)")
         ax.set_title(f"{section} tasks")
         ax.grid(alpha=0.3)
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7,
                title="rows (large: mean over tasks)", title_fontsize=7)
     fig.suptitle(figure_title(results), fontsize=9)
-    fig.supxlabel(f"{WRONG_SET_IOU}.\nSmall dots: one model each, every row's shifted by {DOT_SHIFT_POINTS:g} pt "
+    fig.supxlabel(f"{caption}.\nSmall dots: one model each, every row's shifted by {DOT_SHIFT_POINTS:g} pt "
                   f"in its own direction; means that would overlap are fanned out by {FAN_POINTS:g} pt around "
                   f"their position (+).", fontsize=7, wrap=True)
     return fig
@@ -475,3 +489,16 @@ def plot_accuracy_vs_iou(results: Mapping[str, Any], path: str | Path,
         points: optional per-model ``{section: {row: (accs, ious)}}`` drawn behind the means.
     """
     return _save_figure(build_accuracy_vs_iou_figure(results, points), path)
+
+
+def plot_accuracy_vs_distance(results: Mapping[str, Any], path: str | Path,
+                              points: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]] | None
+                              = None) -> Path:
+    """Write :func:`build_accuracy_vs_iou_figure` with the nearest-zoo distance as its x axis (PNG).
+
+    Args:
+        results: the results dict (``seen`` / ``unseen`` row stats with ``distance_ratio``).
+        path: the PNG to write.
+        points: optional per-model ``{section: {row: (accs, distance ratios)}}`` drawn behind the means.
+    """
+    return _save_figure(build_accuracy_vs_iou_figure(results, points, novelty="distance"), path)
