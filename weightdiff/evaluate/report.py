@@ -471,7 +471,11 @@ def build_accuracy_vs_iou_figure(results: Mapping[str, Any],
         ax.grid(alpha=0.3)
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7,
                title="rows (large: mean over tasks)", title_fontsize=7)
-    fig.suptitle(figure_title(results), fontsize=9)
+    title = figure_title(results)
+    if len(sections) == 1:  # one panel: the line would run under the legend, so one part per line, left
+        fig.suptitle(title.replace(" · ", "\n"), fontsize=9, x=0.01, ha="left")
+    else:
+        fig.suptitle(title, fontsize=9)
     fig.supxlabel(f"{caption}.\nSmall dots: one model each, every row's shifted by {DOT_SHIFT_POINTS:g} pt "
                   f"in its own direction; means that would overlap are fanned out by {FAN_POINTS:g} pt around "
                   f"their position (+).", fontsize=7, wrap=True)
