@@ -43,8 +43,8 @@ from weightdiff.evaluate.fewshot import DEFAULT_KS, few_shot_sgd, recipe_value
 from weightdiff.evaluate.baselines import NOISE_SCALES, unstack
 from weightdiff.evaluate.novelty import wrong_set_iou
 from weightdiff.evaluate.report import (
-    aggregate, plot_accuracy_distributions, plot_accuracy_vs_distance, plot_accuracy_vs_iou, save_predictions, save_scores, task_stats,
-    write_results,
+    aggregate, plot_accuracy_distributions, plot_accuracy_vs_distance, plot_accuracy_vs_iou, save_predictions,
+    save_scores, task_stats, write_results,
 )
 from weightdiff.evaluate.rows import AdaptationState, Models, ZooState, pick_best, suite_metric, task_rows
 from weightdiff.evaluate.weights import evaluate_params, score_params
@@ -256,7 +256,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     generated_mean: dict[str, float] = {}
     dist_accs: dict[str, dict[str, list[float]]] = {"seen": defaultdict(list), "unseen": defaultdict(list)}
     points: dict[str, dict[str, tuple[list[float], list[float]]]] = {"seen": {}, "unseen": {}}
-    far_points: dict[str, dict[str, tuple[list[float], list[float]]]] = {"seen": {}, "unseen": {}}  # (acc, distance)
+    # per-model (accuracies, nearest-zoo distances / zoo spacing) of each row, for accuracy_vs_distance.png
+    distance_points: dict[str, dict[str, tuple[list[float], list[float]]]] = {"seen": {}, "unseen": {}}
     descriptions: dict[str, str] = {}
     one_step_seconds, generated_runs = 0.0, []
     for section, name in tqdm(sections, desc="benchmark tasks", unit="task", disable=_bar_disabled(progress)):
@@ -319,7 +320,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                 pa += scores.tolist()
                 pi += iou.tolist()
                 if distance is not None and z.spacing and math.isfinite(z.spacing):
-                    da, dd = far_points[section].setdefault(row, ([], []))
+                    da, dd = distance_points[section].setdefault(row, ([], []))
                     da += scores.tolist()
                     dd += (distance / z.spacing).tolist()
                 save_predictions(out, section, name, row, m.ids, preds, y_test)
@@ -421,7 +422,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
                                 results=results)
     if accuracy:  # their y axis is accuracy; x: the wrong-set IoU, the nearest-zoo distance
         plot_accuracy_vs_iou(results, out / "accuracy_vs_iou.png", points)
-        plot_accuracy_vs_distance(results, out / "accuracy_vs_distance.png", far_points)
+        plot_accuracy_vs_distance(results, out / "accuracy_vs_distance.png", distance_points)
     log.info("benchmark written to %s (%.0f s)", out, results["seconds"])
     return results
 
