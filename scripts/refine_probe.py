@@ -38,13 +38,14 @@ def main() -> None:
     p.add_argument("--steps", default="0,10,30,100")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=None, help="only the first N runs (default: all)")
     args = p.parse_args()
     zoo = Zoo.open(args.zoo)
     if zoo.kind != "full":
         p.error(f"--zoo {args.zoo}: a whole-network zoo is needed (this one holds {zoo.kind} checkpoints)")
     z = ZooState(zoo, num=1, seed=args.seed)
     runs = [r["run_id"] for r in z.rows]
-    ix = torch.tensor(last_of_each_run(runs))
+    ix = torch.tensor(last_of_each_run(runs)[:args.runs])
     spacing = z.space.within_group_spacing(runs)
     data = get_task(z.rows[0]["task"]).data()
     x_tr, y_tr = data.split("train")

@@ -145,6 +145,17 @@ def test_an_unknown_baseline_condition_names_the_field(tmp_path):
         load_suite(suite)
 
 
+def test_polishing_is_refused_on_an_adapter_suite_before_anything_is_written(lora_zoo, tmp_path):
+    from weightdiff.errors import BenchmarkError
+
+    out = tmp_path / "bench"
+    with pytest.raises(BenchmarkError, match="polish_steps is for whole-network suites.*'adapt-lora' is a lora suite"):
+        benchmark.run_benchmark("adapt-lora", None, lora_zoo, out, polish_steps=5, progress=False)
+    with pytest.raises(BenchmarkError, match="polish_steps must be >= 0, got -1"):
+        benchmark.run_benchmark("adapt-lora", None, lora_zoo, out, polish_steps=-1, progress=False)
+    assert not out.exists()
+
+
 def test_adapter_suites_get_the_adaptation_rows_and_generate_then_refine(lora_zoo, tmp_path, monkeypatch):
     from weightdiff.evaluate.adaptation import knn_lora_average
     from weightdiff.evaluate.baselines import select

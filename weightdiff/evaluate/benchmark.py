@@ -189,9 +189,11 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     if zoo_obj.kind != kind or zoo_obj.family != family:
         raise BenchmarkError(f"suite '{suite}' needs a {kind} zoo of family '{family}', but {zoo} is a "
                              f"{zoo_obj.kind} zoo of family '{zoo_obj.family}'")
-    if polish_steps < 0 or (polish_steps and kind != "full"):
-        raise BenchmarkError(f"polish_steps must be >= 0 (got {polish_steps}) and is for whole-network suites; "
-                             f"suite '{suite}' is a {kind} suite (adapter suites refine from labels: sgd_tasks)")
+    if polish_steps < 0:
+        raise BenchmarkError(f"polish_steps must be >= 0, got {polish_steps}")
+    if polish_steps and kind != "full":
+        raise BenchmarkError(f"polish_steps is for whole-network suites, and suite '{suite}' is a {kind} suite "
+                             "(adapter suites refine from few labels: sgd_tasks)")
     if polish_steps and not polish_lr > 0:
         raise BenchmarkError(f"polish_lr must be > 0, got {polish_lr}")
     out = Path(out)
