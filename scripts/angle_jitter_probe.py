@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from types import SimpleNamespace
 
 import torch
 
@@ -68,7 +67,7 @@ def main() -> None:
         params = gen.tokenizer.decode_float(mean_tokens(gen.generator, rotated(raw, offsets)))
         target = gen.target(task)
         acc = target.accuracy(params, *task.data().split("test"))
-        best = pick_best(SimpleNamespace(target=target), task, params, args.per_class, 0)
+        best = pick_best(target, task, params, args.per_class, 0)
         for o, a in zip(offsets, acc.tolist()):
             at_offset[o].append((kinds[name], a))
         picked.append((kinds[name], float(acc[best])))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from types import SimpleNamespace
 
 import torch
 
@@ -29,7 +28,6 @@ from weightdiff.zoo import Zoo
 def seed_rows(zoo: Zoo, task_names: list[str], per_class: int = 10) -> dict[str, float]:
     """Mean over tasks of one adapter's, the ensemble's and the picked adapter's test accuracy (%)."""
     target = zoo.target()
-    bench = SimpleNamespace(target=target)  # what the benchmark's pick_best and ensemble_predictions read
     ids: dict[str, list[str]] = defaultdict(list)
     for row in zoo.rows("train"):
         ids[row["task"]].append(row["id"])
@@ -44,8 +42,8 @@ def seed_rows(zoo: Zoo, task_names: list[str], per_class: int = 10) -> dict[str,
         x, y = task.data().split("test")
         acc = target.accuracy(params, x, y)
         single.append(float(acc.mean()))
-        ensemble.append(float((ensemble_predictions(bench, task, params) == y).float().mean()))
-        picked.append(float(acc[pick_best(bench, task, params, per_class, 0)]))
+        ensemble.append(float((ensemble_predictions(target, task, params) == y).float().mean()))
+        picked.append(float(acc[pick_best(target, task, params, per_class, 0)]))
     n = len(task_names)
     return {"tasks": n, "adapters_per_task": min(len(ids[t]) for t in task_names),
             "single": 100 * sum(single) / n, "ensemble": 100 * sum(ensemble) / n, "best_of": 100 * sum(picked) / n}

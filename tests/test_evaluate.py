@@ -351,8 +351,8 @@ def test_full_suite_benchmark_reports_one_step_row_evaluations_and_basins(tiny_z
                       sgd_tasks=0, polish_steps=2, progress=False)
     assert r["sampler"] == {"sampler": "ddim", "steps": 4, "model_evaluations": 4}
     # continued training of the samples and of the zoo's own checkpoints, each a row of the same run
+    task = r["settings"]["seen_tasks"][0]
     for row in ("generated + 2 task-loss steps", "zoo + 2 task-loss steps"):
-        task = r["settings"]["seen_tasks"][0]
         assert r["per_task"]["seen"][task][row]["num"] == 4 and r["seen"][row]["distance"] > 0
     assert r["settings"]["polish_steps"] == 2 and r["settings"]["polish_lr"] == 1e-3
     assert {"generated", "generated one-step"} <= set(r["seen"]) and "x0" in samplers

@@ -299,7 +299,7 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         best_of = None
         if generated is not None and select_per_class and metric.classification:
             best_of = (f"generated best-of-{num} ({select_per_class}/class labelled)",
-                       pick_best(z, task, generated, select_per_class, seed))
+                       pick_best(z.target, task, generated, select_per_class, seed))
         rows = task_rows(z, task, section == "seen", generated, noise_scales, best_of, one_step,
                          description=descriptions.get(name), ensemble=ensemble and accuracy, mean=mean,
                          polish=(polish_steps, polish_lr) if polish_steps else None)

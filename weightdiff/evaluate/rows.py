@@ -30,6 +30,7 @@ from weightdiff.evaluate.baselines import (
 from weightdiff.evaluate.hypernet import HypernetTrainConfig, ParamCodec, RidgeHypernet, train_mlp_hypernet
 from weightdiff.evaluate.novelty import ComparisonSpace
 from weightdiff.models.conditioning import text_condition, unlabelled_inputs
+from weightdiff.targets import Target
 from weightdiff.tasks import Metric, Task, get_task
 from weightdiff.zoo.training import few_shot_indices
 
@@ -179,29 +180,29 @@ class ZooState:
         return linear, mlp
 
 
-def pick_best(z: ZooState, task: Task, generated: dict[str, torch.Tensor], per_class: int, seed: int) -> int:
-    """Index of the generated sample that scores best (the task's metric, a classification one) on
-    ``per_class`` labelled training examples per class."""
+def pick_best(target: Target, task: Task, generated: dict[str, torch.Tensor], per_class: int, seed: int) -> int:
+    """Index of the generated sample that scores best in ``target`` (the task's metric, a
+    classification one) on ``per_class`` labelled training examples per class."""
     x, y = task.data().split("train")
     idx = few_shot_indices(y, per_class, seed)
     metric = task.metric
     if metric.name == "accuracy":
-        scores = z.target.accuracy(generated, x[idx], y[idx])
+        scores = target.accuracy(generated, x[idx], y[idx])
     else:
-        scores = metric.score(z.target.forward_batched(generated, x[idx]), y[idx])
+        scores = metric.score(target.forward_batched(generated, x[idx]), y[idx])
     return metric.argbest(scores)  # first of the best on ties: deterministic
 
 
 @torch.no_grad()
-def ensemble_predictions(z: ZooState, task: Task, params: dict[str, torch.Tensor], split: str = "test",
+def ensemble_predictions(target: Target, task: Task, params: dict[str, torch.Tensor], split: str = "test",
                          chunk: int = 64) -> torch.Tensor:
-    """Classes ``(N,)`` predicted by the ensemble of S weight sets: the argmax of their mean softmax."""
+    """Classes ``(N,)`` predicted by the ensemble of S weight sets in ``target``: the argmax of their mean softmax."""
     x = task.data().split(split)[0]
     s = next(iter(params.values())).shape[0]
     total = torch.zeros(x.shape[0], task.num_classes)
     for i in range(0, s, chunk):
         part = {k: v[i:i + chunk] for k, v in params.items()}
-        total += z.target.forward_batched(part, x).float().softmax(-1).sum(0)        # (N, C)
+        total += target.forward_batched(part, x).float().softmax(-1).sum(0)        # (N, C)
     return total.argmax(-1)
 
 
@@ -237,7 +238,7 @@ def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Te
             rows[name] = Models([f"sample_{i:04d}"], select(generated, [i]))
         if ensemble:  # zero-shot, at N times the inference cost of one adapter
             rows[f"generated ensemble of {n}"] = Models([f"ensemble_{n}"],
-                                                        preds=ensemble_predictions(z, task, generated)[None])
+                                                        preds=ensemble_predictions(z.target, task, generated)[None])
         if polish is not None:  # trained further on the task's labels: never mixed with the zero-shot rows
             rows[polish_row("generated", polish[0])] = Models([f"sample_{i:04d}+polish" for i in range(n)],
                                                               _polished(z, task, generated, polish))
