@@ -143,7 +143,8 @@ def test_cli_defaults_are_the_librarys():
     from weightdiff.sampling import SamplerSettings, sample, select_best
     from weightdiff.zoo import run_build
 
-    settings = {f.name: f.default for f in fields(SamplerSettings) if f.name not in ("steps", "sampler")}
+    # steps, sampler and latent_noise default to the generator's own (None) on the command line
+    settings = {f.name: f.default for f in fields(SamplerSettings) if f.name not in ("steps", "sampler", "latent_noise")}
     pairs = [(commands.sample, {**settings, **_defaults(sample), **_defaults(select_best)}),
              (commands.benchmark, _defaults(run_benchmark)), (commands.evaluate, _defaults(evaluate_weights)),
              (commands.zoo_build, _defaults(run_build)), (commands.demo, _defaults(run_demo))]

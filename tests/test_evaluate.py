@@ -349,7 +349,7 @@ def test_full_suite_benchmark_reports_one_step_row_evaluations_and_basins(tiny_z
     monkeypatch.setattr(weightdiff.evaluate.benchmark, "generate_tokens", fake_generate)
     r = run_benchmark("digits-cnn", "stub-model", tiny_zoos[1], tmp_path / "bench", num=4, hypernet_steps=5,
                       sgd_tasks=0, polish_steps=2, progress=False)
-    assert r["sampler"] == {"sampler": "ddim", "steps": 4, "model_evaluations": 4}
+    assert r["sampler"] == {"sampler": "ddim", "steps": 4, "model_evaluations": 4, "latent_noise": 0.0}
     # continued training of the samples and of the zoo's own checkpoints, each a row of the same run
     task = r["settings"]["seen_tasks"][0]
     for row in ("generated + 2 task-loss steps", "zoo + 2 task-loss steps"):

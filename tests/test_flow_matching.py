@@ -177,7 +177,7 @@ def test_flow_fit_lowers_the_loss_and_exports_a_flow_folder(flow_run, flow_gener
 
     index = read_json(flow_generator / "model_index.json")
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-    assert index["sampling"] == {"sampler": "euler", "steps": 5}  # the objective's default; configs/tiny.yaml: 5
+    assert index["sampling"] == {"sampler": "euler", "steps": 5, "latent_noise": 0.0}  # the objective's default; configs/tiny.yaml: 5
     config = read_json(flow_generator / "scheduler" / "scheduler_config.json")
     assert config["_class_name"] == "FlowMatchEulerDiscreteScheduler" and config["shift"] == 1.0
     assert config["prediction_type"] == "flow_prediction"

@@ -216,3 +216,80 @@ def test_noise_draws_repeat_each_entry_with_its_own_condition_and_task_batch(tin
     assert seen["x_t"].shape[0] == 3 * b
     cond = module.generator.encode_condition(batch["cond"], None).vector
     assert torch.equal(seen["c"], cond.repeat_interleave(3, 0))
+
+
+# ------------------------------------------------------------------------- latent noise at sampling
+def test_latent_noise_is_drawn_after_each_samples_start_noise_from_its_own_seed():
+    from weightdiff.models.generator import seeded_latent_noise, seeded_noise
+
+    shape = (2, 8)
+    both = seeded_latent_noise([3, 4], shape, 0.5)
+    assert torch.equal(both[1], seeded_latent_noise([4], shape, 0.5)[0])  # not a function of the batch
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(shape, generator=g)
+    assert torch.equal(start, seeded_noise([3], shape)[0])                  # x_T is the first draw, unchanged
+    assert torch.equal(both[0], torch.randn(shape, generator=g) * 0.5)      # the latent noise the next one
+    assert torch.equal(seeded_latent_noise([3], shape, 0.0), torch.zeros(1, *shape))
+
+
+def test_latent_noise_moves_the_decoded_sample_by_the_decoders_response(latent_generator):
+    """The noise enters before the decoder: the sample is decode(latent + noise), x_T unchanged."""
+    from weightdiff.models.generator import sample_tokens, seeded_latent_noise, seeded_noise
+    from weightdiff.models.schedule import denoise
+    from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition
+
+    gen = load_generator(latent_generator)
+    net = gen.generator
+    cond = make_condition(gen, task=TASK)
+    kw = dict(steps=3, sampler="ddim", guidance=1.0, noise=seeded_noise([7, 8], net.sample_shape))
+    plain = sample_tokens(net, cond.raw, 2, gen.schedule, **kw)  # decoded, no latent noise
+    noise = seeded_latent_noise([7, 8], net.sample_shape, 0.3)
+    noisy = sample_tokens(net, cond.raw, 2, gen.schedule, latent_noise=noise, **kw)
+    assert not torch.equal(noisy, plain)
+    # the same latents, found by running the sampler alone, then decoded with the noise added
+    c = net.encode_condition(cond.raw, None).repeat_interleave(2)
+    null = net.encode_condition(cond.raw, torch.ones(1, dtype=torch.bool))
+    with torch.no_grad():
+        z = denoise(net.guided_fn(c, null.repeat_interleave(2), 1.0), (2, *net.sample_shape), gen.schedule,
+                    steps=3, sampler="ddim", noise=kw["noise"])
+        expected = net.to_tokens(z + noise)
+    assert torch.equal(noisy, expected)  # the same computation on the same inputs
+    # the artefact's path draws the same noise from seeds 7 and 8
+    settings = SamplerSettings(steps=3, sampler="ddim", seed=7, latent_noise=0.3)
+    tokens, _ = generate_tokens(gen, cond, 2, settings, use_cache=False, batch_size=2, progress=False)
+    assert torch.equal(tokens, noisy)
+
+
+def test_latent_noise_is_refused_where_it_cannot_apply(latent_generator, tiny_generator, tmp_path, capsys):
+    from weightdiff.errors import ConditionError
+    from weightdiff.sampling import SamplerSettings
+
+    with pytest.raises(ConditionError, match="--latent-noise"):
+        SamplerSettings(latent_noise=-0.1)
+    with pytest.raises(ConditionError, match="--latent-noise"):
+        SamplerSettings(latent_noise=float("nan"))
+    out = tmp_path / "s"
+    assert main(["sample", "--model", str(tiny_generator), "--task", TASK, "--num", "1", "--out", str(out),
+                 "--latent-noise", "0.2"]) != 0
+    assert "latent generators" in capsys.readouterr().err and not out.exists()
+    pipe = WeightDiffusionPipeline.from_pretrained(tiny_generator)
+    with pytest.raises(ConditionError, match="diffuses weight tokens"):
+        pipe(task=TASK, latent_noise=0.2)
+    assert main(["sample", "--model", str(latent_generator), "--task", TASK, "--num", "1", "--out", str(out),
+                 "--latent-noise", "0.2"]) == 0
+
+
+def test_the_fit_option_becomes_the_exported_default(tiny_lora_zoo, tmp_path, capsys):
+    import json
+
+    assert main(fit_args(tiny_lora_zoo, tmp_path, "--model.sampling_latent_noise", "0.2")) == 2
+    assert "sampling_latent_noise" in capsys.readouterr().err  # token-space generator
+    run = fit_tiny(tiny_lora_zoo, tmp_path / "fit", *LATENT, "--trainer.max_steps", str(AE_STEPS + 5),
+                   "--model.sampling_latent_noise", "0.25")
+    gen_dir = export_last(run, tmp_path / "gen")
+    assert json.loads((gen_dir / "model_index.json").read_text())["sampling"]["latent_noise"] == 0.25
+    assert "latent noise 0.25" in (gen_dir / "README.md").read_text()
+    pipe = WeightDiffusionPipeline.from_pretrained(gen_dir)
+    assert pipe.settings().latent_noise == 0.25 and pipe.settings(latent_noise=0.0).latent_noise == 0.0
+    default, off = pipe(task=TASK, num_samples=1, seed=2), pipe(task=TASK, num_samples=1, seed=2, latent_noise=0.0)
+    assert any(not torch.equal(default.params[k], off.params[k]) for k in default.params)

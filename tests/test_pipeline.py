@@ -163,7 +163,7 @@ def test_the_folder_follows_the_diffusers_conventions(run):
     assert index["generator"] == ["weightdiff.models.generator", "WeightGenerator"]
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert index["tokenizer"] == ["weightdiff.weights.tokenizer", "WeightTokenizer"]
-    assert index["sampling"] == {"sampler": DEFAULT_SAMPLER, "steps": 5}  # configs/tiny.yaml: 5 steps
+    assert index["sampling"] == {"sampler": DEFAULT_SAMPLER, "steps": 5, "latent_noise": 0.0}  # configs/tiny.yaml: 5 steps
     assert index["global_step"] == 10 and index["zoo"]["num_train_checkpoints"] == 16
     assert index["model_id"] == sha256_file(first / "generator" / "diffusion_pytorch_model.safetensors")[:16]
     gen = load_generator(first)

@@ -156,8 +156,8 @@ def export(ckpt: str, out: str) -> None:
 
 def sample(model: str, out: str, task: str | None = None, description: str | None = None,
            examples: int | None = None, num: int = 4, steps: int | None = None, sampler: Sampler | None = None,
-           temperature: float = 1.0, guidance: float = 1.0, seed: int = 0, batch_size: int = 64,
-           select_with: int | None = None, candidates: int = 8, no_cache: bool = False, devices: int = 1,
+           temperature: float = 1.0, latent_noise: float | None = None, guidance: float = 1.0, seed: int = 0,
+           batch_size: int = 64, select_with: int | None = None, candidates: int = 8, no_cache: bool = False, devices: int = 1,
            overwrite: bool = False, inputs: str | None = None) -> None:
     """Sample weights for a task, a free-text description, labelled examples or unlabelled inputs.
 
@@ -174,6 +174,8 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
         sampler: ddim / dpm (DPM-Solver++) for ddpm generators, euler for flow-matching ones, x0
             (one-step clean estimate) for both; null: the generator's.
         temperature: scale of the initial noise.
+        latent_noise: (latent generators) std of the Gaussian noise added to each sampled latent
+            before decoding (null: the generator's, model_index.json; 0: off).
         guidance: classifier-free guidance scale (1 = off).
         seed: sample i starts from the noise of seed + i (0 <= seed, seed + num - 1 < 2**63).
         batch_size: samples generated at once.
@@ -203,7 +205,8 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
         check_description(description, name="--description")
     if steps is not None and steps < 1:
         raise ConditionError(f"--steps must be at least 1, got {steps}")
-    check_request(num, SamplerSettings(guidance=guidance, seed=seed, temperature=temperature), batch_size)
+    check_request(num, SamplerSettings(guidance=guidance, seed=seed, temperature=temperature,
+                                       latent_noise=0.0 if latent_noise is None else latent_noise), batch_size)
     if devices < 1:
         raise ConditionError(f"--devices must be at least 1, got {devices}")
     if examples is not None and task is None:
@@ -216,7 +219,8 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
     validated = gen.config.get("sampling", {})  # the sampler the generator was validated with
     settings = SamplerSettings(steps=validated.get("steps", SamplerSettings.steps) if steps is None else steps,
                                sampler=validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler,
-                               guidance=guidance, seed=seed, temperature=temperature)
+                               guidance=guidance, seed=seed, temperature=temperature,
+                               latent_noise=validated.get("latent_noise", 0.0) if latent_noise is None else latent_noise)
     if select_with is not None:
         dirs, info = select_best(gen, cond, num, settings, out, task=task, examples=select_with,
                                  candidates=candidates, use_cache=not no_cache, batch_size=batch_size,
@@ -285,7 +289,8 @@ def evaluate(task: str, weights: list[str] | str, base: str | None = None, split
 
 
 def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = None, num: int = 32,
-              steps: int | None = None, sampler: Sampler | None = None, guidance: float = 1.0, seed: int = 0,
+              steps: int | None = None, sampler: Sampler | None = None, guidance: float = 1.0,
+              latent_noise: float | None = None, seed: int = 0,
               from_description: bool = False, max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None,
               sgd_tasks: int | None = None, sgd_ks: Sequence[int | str] = (1, 5, 10, 50, "all"),
               hypernet_steps: int | None = None, functional_loss_weight: float | None = None, batch_size: int = 64,
@@ -308,6 +313,8 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
         steps: sampler steps (null: the generator's).
         sampler: ddim / dpm (ddpm generators), euler (flow matching), x0 (null: the generator's).
         guidance: classifier-free guidance scale.
+        latent_noise: (latent generators) std of the noise added to each sampled latent before
+            decoding (null: the generator's).
         seed: sampling and baseline seed.
         from_description: condition the generator on a held-out free-text paraphrase of each task.
         max_seen_tasks: evenly spread training tasks evaluated (null: all).
@@ -335,7 +342,8 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
     check_writable(out, "benchmark folder")
     if threads:
         torch.set_num_threads(threads)
-    run_benchmark(suite, model, zoo, out, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+    run_benchmark(suite, model, zoo, out, num=num, steps=steps, sampler=sampler, guidance=guidance,
+                  latent_noise=latent_noise, seed=seed,
                   from_description=from_description, max_seen_tasks=max_seen_tasks,
                   max_unseen_tasks=max_unseen_tasks, sgd_tasks=sgd_tasks, sgd_ks=sgd_ks,
                   hypernet_steps=hypernet_steps, functional_loss_weight=functional_loss_weight,

@@ -56,7 +56,7 @@ from weightdiff.models.conditioning import (
     DEFAULT_NUM_EXAMPLES, TEST_TIME_SPLIT, check_description, check_unlabelled_inputs, examples_condition,
     none_condition, text_condition, unlabelled_inputs,
 )
-from weightdiff.models.generator import GeneratorArtefact, sample_tokens, seeded_noise
+from weightdiff.models.generator import GeneratorArtefact, sample_tokens, seeded_latent_noise, seeded_noise
 from weightdiff.models.schedule import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, SamplerName
 from weightdiff.models.windows import sample_windows
 from weightdiff.outputs import output_folder, terminate_as_exit
@@ -102,6 +102,8 @@ class SamplerSettings:
 
     ``temperature`` scales the initial noise x_T (1 = the trained prior; < 1 trades diversity
     for samples nearer the conditional mode; 0 with the ``x0`` sampler is deterministic).
+    ``latent_noise`` (latent generators only): std of Gaussian noise added to each sampled latent
+    before the decoder (in the diffused latent's units, unit std over the zoo); 0 = off.
     """
 
     steps: int = DEFAULT_NUM_INFERENCE_STEPS
@@ -109,6 +111,7 @@ class SamplerSettings:
     guidance: float = 1.0
     seed: int = 0
     temperature: float = 1.0
+    latent_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not _whole(self.steps) or self.steps < 1:
@@ -117,6 +120,8 @@ class SamplerSettings:
             raise ConditionError(f"--seed must be a whole number in [0, 2**63), got {self.seed!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConditionError(f"--temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (math.isfinite(self.latent_noise) and self.latent_noise >= 0):
+            raise ConditionError(f"--latent-noise must be a finite number >= 0, got {self.latent_noise!r}")
         if not math.isfinite(self.guidance):
             raise ConditionError(f"--guidance must be a finite number, got {self.guidance!r}")
 
@@ -248,17 +253,23 @@ class WeightDiffusionPipeline(GeneratorArtefact):
         return Condition((x.flatten(1).float()[None], y.long()[None]), {"examples": int(x.shape[0])})
 
     def settings(self, num_inference_steps: int | None = None, sampler: SamplerName | None = None,
-                 guidance_scale: float = 1.0, seed: int = 0, temperature: float = 1.0) -> SamplerSettings:
-        """Sampler settings, defaulting to the generator's own sampler and number of steps."""
+                 guidance_scale: float = 1.0, seed: int = 0, temperature: float = 1.0,
+                 latent_noise: float | None = None) -> SamplerSettings:
+        """Sampler settings, defaulting to the generator's own sampler, number of steps and latent noise."""
         default = self.info["sampling"]
-        return SamplerSettings(steps=default["steps"] if num_inference_steps is None else num_inference_steps,
-                               sampler=sampler or default["sampler"], guidance=guidance_scale, seed=seed,
-                               temperature=temperature)
+        settings = SamplerSettings(steps=default["steps"] if num_inference_steps is None else num_inference_steps,
+                                   sampler=sampler or default["sampler"], guidance=guidance_scale, seed=seed,
+                                   temperature=temperature,
+                                   latent_noise=default.get("latent_noise", 0.0) if latent_noise is None
+                                   else latent_noise)
+        check_latent_noise(self, settings)
+        return settings
 
     def __call__(self, description: str | None = None, *, task: str | None = None,
                  examples: tuple[torch.Tensor, torch.Tensor] | None = None, num_samples: int = 1,
                  num_inference_steps: int | None = None, sampler: SamplerName | None = None,
-                 guidance_scale: float = 1.0, seed: int = 0, temperature: float = 1.0, batch_size: int = 64,
+                 guidance_scale: float = 1.0, seed: int = 0, temperature: float = 1.0,
+                 latent_noise: float | None = None, batch_size: int = 64,
                  num_examples: int | None = None, inputs: UnlabelledInputs | None = None,
                  progress: bool = False) -> WeightSamples:
         """Generate ``num_samples`` weight sets for one condition.
@@ -269,13 +280,15 @@ class WeightDiffusionPipeline(GeneratorArtefact):
             guidance_scale: classifier-free guidance scale (1 = plain conditional).
             seed: sample ``i`` starts from noise drawn from seed ``seed + i``.
             temperature: scale of the initial noise.
+            latent_noise: (latent generators) std of the noise added to each latent before decoding
+                (default: the generator's).
             batch_size: samples per forward batch (bounds memory; results do not depend on it).
         Returns:
             :class:`WeightSamples` (``.save(out_dir)`` writes them).
         """
         cond = self.condition(description, task=task, examples=examples, num_examples=num_examples,
                               inputs=inputs, seed=seed)
-        settings = self.settings(num_inference_steps, sampler, guidance_scale, seed, temperature)
+        settings = self.settings(num_inference_steps, sampler, guidance_scale, seed, temperature, latent_noise)
         t0 = time.perf_counter()
         tokens = _generate(self, cond, num_samples, settings, batch_size=batch_size, progress=progress)
         return _samples(self, tokens, cond, settings, seconds=time.perf_counter() - t0)
@@ -436,6 +449,13 @@ def check_request(num: int, settings: SamplerSettings, batch_size: int, option: 
                              f"seed, {settings.seed + num - 1}, must be below 2**63")
 
 
+def check_latent_noise(gen: GeneratorArtefact, settings: SamplerSettings) -> None:
+    """Raise :class:`ConditionError` for latent noise asked of a generator with no latent."""
+    if settings.latent_noise > 0 and gen.generator.autoencoder is None:
+        raise ConditionError(f"--latent-noise {settings.latent_noise:g}: this generator diffuses weight tokens, "
+                             "not a latent; latent noise is for latent generators (model.latent_tokens > 0)")
+
+
 def _to_device(raw: Any, device: torch.device) -> Any:
     return tuple(r.to(device) for r in raw) if isinstance(raw, tuple) else raw.to(device)
 
@@ -444,6 +464,7 @@ def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sampl
               batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """Tokens (num, L, D) on the CPU, in batches of at most ``batch_size``, on the generator's device."""
     check_request(num, settings, batch_size)
+    check_latent_noise(gen, settings)
     net = gen.generator
     device = next(net.parameters()).device
     raw = _to_device(cond.raw, device)
@@ -452,8 +473,9 @@ def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sampl
     for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress, leave=False):
         seeds = range(settings.seed + start, settings.seed + min(num, start + batch_size))
         noise = seeded_noise(seeds, shape, settings.temperature, net.config.window).to(device)
+        latent = seeded_latent_noise(seeds, shape, settings.latent_noise) if settings.latent_noise > 0 else None
         out.append(sample_tokens(net, raw, len(seeds), gen.schedule, steps=settings.steps, sampler=settings.sampler,
-                                 guidance=settings.guidance, noise=noise).cpu())
+                                 guidance=settings.guidance, noise=noise, latent_noise=latent).cpu())
     return torch.cat(out)
 
 
@@ -561,6 +583,7 @@ def generate_tokens(gen: GeneratorArtefact, cond: Condition, num: int, settings:
     devices=N)`` to run it in Lightning's predict loop over N devices.
     """
     check_request(num, settings, batch_size)
+    check_latent_noise(gen, settings)
     path = _cache_dir() / f"{cache_key(gen, cond, settings, num)}.safetensors"
     net = gen.generator.config
     cached = _read_cache(path, (num, net.num_tokens, net.token_size)) if use_cache else None
@@ -598,6 +621,7 @@ def sample(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerS
     """
     check_request(num, settings, batch_size)
     gen.schedule.check_sampler(settings.sampler)  # before the output folder is touched
+    check_latent_noise(gen, settings)
     t0 = time.perf_counter()
     hits = []
     with terminate_as_exit(), output_folder(out, overwrite=overwrite) as folder:
@@ -630,6 +654,7 @@ def select_best(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sam
         raise ConditionError(f"--select-with and --candidates must be positive, got {examples} and {candidates}")
     check_request(num * candidates, settings, batch_size, option="--num x --candidates")
     gen.schedule.check_sampler(settings.sampler)
+    check_latent_noise(gen, settings)
     t0 = time.perf_counter()
     with terminate_as_exit(), output_folder(out, overwrite=overwrite) as folder:
         tokens, cached = generate_tokens(gen, cond, num * candidates, settings, use_cache=use_cache,

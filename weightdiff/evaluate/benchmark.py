@@ -52,7 +52,7 @@ from weightdiff.tasks import Metric, Task, get_task
 from weightdiff.tasks.suites import load_suite
 from weightdiff.models.generator import load_generator, mean_tokens
 from weightdiff.models.schedule import ScheduleConfig
-from weightdiff.sampling import SamplerSettings, generate_tokens, make_condition, num_examples
+from weightdiff.sampling import SamplerSettings, check_latent_noise, generate_tokens, make_condition, num_examples
 from weightdiff.zoo import Zoo
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def hypernet_functional_weight(trained: dict[str, Any]) -> float:
 def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | None, zoo: str | Path,
                   out: str | Path, *, num: int = 32,
                   steps: int | None = None, sampler: str | None = None, guidance: float = 1.0,
-                  from_description: bool = False,
+                  latent_noise: float | None = None, from_description: bool = False,
                   seed: int = 0, max_seen_tasks: int | None = 8, max_unseen_tasks: int | None = None,
                   sgd_tasks: int | None = None, sgd_ks: Sequence[int | str] = DEFAULT_KS,
                   sgd_seeds: Sequence[int] = (0,),
@@ -138,8 +138,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         zoo: the zoo directory (its training split is what the generator saw).
         out: output directory.
         num: samples per task (generated, gaussian) and the cap on noise-added sources per task.
-        steps, sampler, guidance, seed: generator sampling settings; ``None`` steps and sampler are
-            those the generator was validated with (``gen.config["sampling"]``).
+        steps, sampler, guidance, latent_noise, seed: generator sampling settings; ``None`` steps,
+            sampler and latent noise are the generator's own (``gen.config["sampling"]``).
         from_description: condition the generator on :func:`heldout_description` (free text; an
             imported zoo's held-out descriptions, as the generator recorded them).
         max_seen_tasks, max_unseen_tasks: evenly spread subsets of the tasks (``None``: all).
@@ -215,6 +215,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         validated = gen.config.get("sampling", {})
         steps = validated.get("steps", SamplerSettings.steps) if steps is None else steps
         sampler = validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler
+        latent_noise = validated.get("latent_noise", 0.0) if latent_noise is None else latent_noise
+        check_latent_noise(gen, SamplerSettings(latent_noise=latent_noise))
         # before the long baselines: ddim / dpm sample ddpm generators, euler flow-matching ones
         ScheduleConfig(**gen.config.get("schedule", {})).check_sampler(sampler)
     if hypernet_steps is None:
@@ -248,7 +250,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     one_step_settings = None
     recorded = getattr(gen, "descriptions", None)  # None: no generator, or one exported without them
     if gen is not None:
-        settings = SamplerSettings(steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+        settings = SamplerSettings(steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                                   latent_noise=latent_noise)
         one_step_settings = replace(settings, sampler="x0") if sampler != "x0" else None
         warm = make_condition(gen, task=sections[0][1]) if not from_description else \
             make_condition(gen, description=heldout_description(get_task(sections[0][1]), recorded))
@@ -348,7 +351,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         "generation_seconds": gen_seconds if gen is not None else None,
         "latency_ms_per_sample_one_step": (1000 * one_step_seconds / gen_total
                                            if gen_total and one_step_settings is not None else None),
-        "sampler": ({"sampler": sampler, "steps": steps, "model_evaluations": model_evaluations(sampler, steps, guidance)}
+        "sampler": ({"sampler": sampler, "steps": steps, "model_evaluations": model_evaluations(sampler, steps, guidance),
+                     "latent_noise": latent_noise}
                     if gen is not None else None),
         "generated_nonfinite_samples": nonfinite if gen is not None else None,
         "other_generators": {e.row: e.record() for e in extras},
@@ -396,7 +400,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         "generated_mean_on_sgd_tasks": gen_ref,
         "settings": {
             "model": str(model) if model is not None else None, "zoo": str(zoo), "num": num, "steps": steps,
-            "sampler": sampler, "guidance": guidance, "seed": seed, "from_description": from_description,
+            "sampler": sampler, "guidance": guidance, "latent_noise": latent_noise, "seed": seed,
+            "from_description": from_description,
             "select_per_class": select_per_class, "hypernet_functional_loss_weight": functional_loss_weight,
             "refine_lr": refine_lr,
             "condition": gen.config["model"]["condition"] if gen is not None else None,
@@ -475,7 +480,7 @@ def _extra_generators(paths: Sequence[str | Path], gens: Sequence[Any], guidance
         validated = g.config.get("sampling", {})
         settings = SamplerSettings(steps=validated.get("steps", SamplerSettings.steps),
                                    sampler=validated.get("sampler", SamplerSettings.sampler), guidance=guidance,
-                                   seed=seed)
+                                   seed=seed, latent_noise=validated.get("latent_noise", 0.0))
         ScheduleConfig(**g.config.get("schedule", {})).check_sampler(settings.sampler)
         condition = g.config["model"]["condition"]
         row = f"generated ({condition})"

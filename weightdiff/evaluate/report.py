@@ -208,7 +208,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     sampler = results.get("sampler")
     if sampler:
         parts.append(f"- sampler: {sampler['sampler']}, {sampler['steps']} steps, {sampler['model_evaluations']} model "
-                     f"evaluations per sample; the row 'generated one-step' is the same model's one-step estimate "
+                     f"evaluations per sample{_latent_noise(sampler)}; the row 'generated one-step' is the same model's one-step estimate "
                      f"from the same noise ({_fmt(results.get('latency_ms_per_sample_one_step'))} ms per sample)")
     for row, other in (results.get("other_generators") or {}).items():
         parts.append(f"- row '{row}': {other['model']} ({other['condition']} condition), {other['sampler']}, "
@@ -282,12 +282,18 @@ FAN_POINTS = 6.0             # radius (points) of the fan that spreads coincidin
 DOT_SHIFT_POINTS = 1.5       # per-row shift (points) of the per-model dots, so identical rows stay visible
 
 
+def _latent_noise(sampler: Mapping[str, Any]) -> str:
+    """", latent noise σ" when the samples' latents were noised before decoding, else ""."""
+    std = sampler.get("latent_noise") or 0.0
+    return f", latent noise {std:g} before decoding" if std > 0 else ""
+
+
 def figure_title(results: Mapping[str, Any]) -> str:
     """``suite · model · sampler`` line naming what a benchmark figure shows."""
     s = results.get("settings") or {}
     sampler = results.get("sampler")
     how = (f"sampler {sampler['sampler']}, {sampler['steps']} steps, {sampler['model_evaluations']} model "
-           f"evaluations per sample" if sampler else "no generator (baselines only)")
+           f"evaluations per sample{_latent_noise(sampler)}" if sampler else "no generator (baselines only)")
     return f"suite {results.get('suite', '?')} · model {s.get('model') or 'none'} · {how}"
 
 

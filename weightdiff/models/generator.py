@@ -446,15 +446,30 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, int], temperature: floa
         * temperature
 
 
+def seeded_latent_noise(seeds: Sequence[int], shape: tuple[int, int], std: float) -> torch.Tensor:
+    """(latent generators) Noise ``(len(seeds), K, d)`` of std ``std`` added to each sampled latent
+    before decoding: for sample i, the draw after its x_T from the same seed (:func:`seeded_noise`),
+    so x_T is unchanged and a sample does not depend on how samples were batched."""
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        torch.randn(shape, generator=g)  # x_T
+        out.append(torch.randn(shape, generator=g))
+    return torch.stack(out) * std
+
+
 @torch.no_grad()
 def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: ScheduleConfig, *, steps: int,
                   sampler: SamplerName, guidance: float, generator: torch.Generator | None = None,
-                  noise: torch.Tensor | None = None) -> torch.Tensor:
+                  noise: torch.Tensor | None = None, latent_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Generate ``num`` samples for each row of a raw condition batch.
 
     Args:
         raw_cond: raw condition batch with R rows (see :mod:`weightdiff.models.conditioning`).
         noise: optional initial noise (R * num, *net.sample_shape); otherwise drawn from ``generator``.
+        latent_noise: (latent generators) added to the sampled latents before decoding
+            (R * num, K, d), e.g. :func:`seeded_latent_noise`: the decoder, trained on noise-augmented
+            latents with the task loss, maps a neighbourhood of each latent to working weights.
     Returns:
         tokens (R * num, L, D), ordered condition-major (all samples of row 0 first).
     """
@@ -468,6 +483,10 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
     shape = (rows * num, *net.sample_shape)
     sample = denoise(net.guided_fn(cond, null, guidance), shape, schedule, steps=steps, sampler=sampler,
                      generator=generator, device=device, noise=noise, valid=net.sample_valid)
+    if latent_noise is not None:
+        if net.autoencoder is None:
+            raise ValueError("sample_tokens: latent_noise is for latent generators; this one diffuses weight tokens")
+        sample = sample + latent_noise.to(sample)
     mean = None if net.mean_net is None else mean_tokens(net, raw_cond).repeat_interleave(num, 0)
     tokens = net.to_tokens(sample, mean=mean)
     net.train(was_training)

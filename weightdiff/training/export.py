@@ -115,7 +115,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, results: str | Path 
     generator.eval()
     schedule = schedule_of(hp)
     info: dict[str, Any] = {
-        "sampling": {"sampler": schedule.default_sampler(hp.get("sampler")), "steps": hp["num_inference_steps"]},
+        "sampling": {"sampler": schedule.default_sampler(hp.get("sampler")), "steps": hp["num_inference_steps"],
+                     "latent_noise": float(hp.get("sampling_latent_noise", 0.0))},
         "zoo": {k: v for k, v in zoo.items() if k not in ("base", "adapter_config")},
         "training": {k: hp.get(k) for k in _TRAINING_KEYS},
         "data": data_hp,
@@ -177,7 +178,8 @@ def model_card(info: dict[str, Any], generator: WeightGenerator, results: dict[s
         *([f"| descriptions | the zoo's own ({trained} trained on, in `descriptions.json`) |"] if own else []),
         f"| denoiser | DiT, hidden {cfg.hidden}, depth {cfg.depth}, heads {cfg.heads}, "
         f"{cfg.num_tokens} tokens of {cfg.token_size} |",
-        f"| sampler | `{sampling['sampler']}`, {sampling['steps']} steps |",
+        f"| sampler | `{sampling['sampler']}`, {sampling['steps']} steps"
+        f"{', latent noise ' + format(sampling['latent_noise'], 'g') if sampling.get('latent_noise') else ''} |",
         "",
         "## Use",
         "",

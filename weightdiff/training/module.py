@@ -162,6 +162,10 @@ class WeightDiffusion(L.LightningModule):
         sampler, num_inference_steps: the generator's sampler (None: the objective's default, ``ddim``
             or ``euler``): used by the validation callback and exported as the default of
             ``weightdiff sample`` and the pipeline.
+        sampling_latent_noise: (latent diffusion) std of the Gaussian noise added to each sampled
+            latent before decoding, exported as the generator's default (0 = off; the latent has
+            unit std over the zoo). The decoder is trained on latents with ``autoencoder_latent_noise``
+            and the task loss, so it maps a neighbourhood of each latent to working weights.
         loss_weighting, min_snr_gamma: weight of the denoising loss over noise levels (``"min_snr"``:
             Min-SNR-γ; see :mod:`weightdiff.training.objectives`).
         timestep_shift: training noise levels (t, or σ for flow matching) drawn after the shift
@@ -224,7 +228,8 @@ class WeightDiffusion(L.LightningModule):
                  noise_draws: int = 1, window: int | None = None, train_windows: int = 0,
                  center_tokens: bool = False, mean_head: int = 0,
                  mean_input: Literal["embedding", "raw", "numeric"] = "embedding",
-                 mean_functional_weight: float | None = None, mean_clip: Literal["joint", "separate", "dit"] = "joint"):
+                 mean_functional_weight: float | None = None, mean_clip: Literal["joint", "separate", "dit"] = "joint",
+                 sampling_latent_noise: float = 0.0):
         super().__init__()
         if spec is None:
             raise ValueError("WeightDiffusion needs `spec` from the datamodule (link data.spec -> model.spec)")
@@ -248,6 +253,10 @@ class WeightDiffusion(L.LightningModule):
             raise WeightDiffError(f"model options: mean_head must be >= 0 (got {mean_head}) and is for weight-token "
                                   "diffusion: set latent_tokens, path_functional_weight to 0, window to null and "
                                   "center_tokens to false with a mean head")
+        if not (math.isfinite(sampling_latent_noise) and sampling_latent_noise >= 0) or \
+                (sampling_latent_noise > 0 and not latent_tokens):
+            raise WeightDiffError(f"model options: sampling_latent_noise must be a finite number >= 0 (got "
+                                  f"{sampling_latent_noise}) and is for latent diffusion (latent_tokens > 0)")
         if latent_tokens and path_functional_weight > 0:
             raise WeightDiffError("model options: path_functional_weight applies to weight-token diffusion; "
                                   "set it to 0 with latent_tokens > 0")
@@ -534,5 +543,13 @@ class WeightDiffusion(L.LightningModule):
                  guidance: float = 1.0, generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
         """Sample ``num`` token sets per condition row. Returns (num_conditions * num, L, D)."""
         net = self.ema.module if use_ema else self.generator
+        std = self.hparams.get("sampling_latent_noise", 0.0)
+        latent = None
+        if std > 0:  # drawn after x_T's noise from the same generator
+            rows = (raw_cond[0] if isinstance(raw_cond, tuple) else raw_cond).shape[0]
+            x_t = torch.randn((rows * num, *net.sample_shape), generator=generator)
+            latent = torch.randn(x_t.shape, generator=generator) * std
+            return sample_tokens(net, raw_cond, num, self.schedule, steps=steps or self.hparams.num_inference_steps,
+                                 sampler=sampler or self.sampler, guidance=guidance, noise=x_t, latent_noise=latent)
         return sample_tokens(net, raw_cond, num, self.schedule, steps=steps or self.hparams.num_inference_steps,
                              sampler=sampler or self.sampler, guidance=guidance, generator=generator)
