@@ -214,12 +214,13 @@ def test_mlp_hypernet_loss_goes_down():
 
 # ------------------------------------------------------------------------------------- reports
 def test_report_writes_required_keys(tmp_path):
-    stats = {"t1": {"generated": task_stats(torch.tensor([0.5, 0.7]), torch.tensor([0.2, float("nan")]),
-                                            torch.tensor([1.0, 3.0])),
+    stats = {"t1": {"generated": task_stats(torch.tensor([0.5, 0.7, 0.6]), torch.tensor([0.2, float("nan"), 0.2]),
+                                            torch.tensor([0.0, 3.0, float("nan")])),
                     "floor": task_stats(torch.tensor([0.1]), torch.tensor([0.9]), None)}}
     agg = aggregate(stats, ["t1"], spacing=2.0)
     assert agg["generated"]["mean"] == pytest.approx(0.6) and agg["generated"]["iou"] == pytest.approx(0.2)
-    assert agg["generated"]["distance_ratio"] == pytest.approx(1.0)
+    assert agg["generated"]["distance_ratio"] == pytest.approx(0.75)  # mean 1.5 over the two known
+    assert agg["generated"]["distance_median"] == pytest.approx(1.5)   # torch's median of [0, 3]: their midpoint
     assert agg["floor"]["distance"] is None
     results = {"suite": "digits-cnn", "seen": agg, "unseen": {}, "unseen_by_kind": {},
                "latency_ms_per_sample": 1.5, "generation_seconds": 0.1, "sgd": {"1": {"accuracy": 0.3, "seconds": 0.2}},
@@ -229,6 +230,9 @@ def test_report_writes_required_keys(tmp_path):
     assert set(RESULT_KEYS) <= set(loaded)
     assert loaded["seen"]["floor"]["distance"] is None  # NaN/None never reach the JSON as NaN
     assert "| generated | 70.0 | 60.0 |" in md_path.read_text()
+    whole = {**results, "runs_in_zoo": 2, "basins_covered": 1, "within_run_spacing": 0.5}
+    _, md_path = write_results(tmp_path / "whole", whole)
+    assert "median nearest-zoo distance 3.00 within-run spacings (mean 3.00)" in md_path.read_text()
     with pytest.raises(KeyError, match="sgd"):
         write_results(tmp_path, {k: v for k, v in results.items() if k != "sgd"})
 

@@ -19,7 +19,7 @@ from weightdiff.errors import ConditionError, ManifestError
 MAX_TASK_LINES = 20  # `zoo info` lists tasks one per line up to this many (all of them with --json)
 # weightdiff.models.schedule.SamplerName, spelled here so that --help imports no torch
 # (tests/test_cli.py checks that the two agree).
-Sampler = Literal["ddim", "dpm", "euler", "x0"]
+Sampler = Literal["ddim", "ddpm", "dpm", "euler", "x0"]
 Split = Literal["train", "val", "test"]
 
 
@@ -171,7 +171,8 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
         num: number of samples, at most 100000 (weightdiff.sampling.MAX_SAMPLES); written as they
             are generated, --batch-size at a time.
         steps: sampler steps (null: the generator's).
-        sampler: ddim / dpm (DPM-Solver++) for ddpm generators, euler for flow-matching ones, x0
+        sampler: ddim, ddpm (ancestral: fresh noise at every step) or dpm (DPM-Solver++) for ddpm
+            generators, euler for flow-matching ones, x0
             (one-step clean estimate) for both; null: the generator's.
         temperature: scale of the initial noise.
         latent_noise: (latent generators) std of the Gaussian noise added to each sampled latent
@@ -311,7 +312,7 @@ def benchmark(suite: str, zoo: str, out: str, model: str | list[str] | None = No
             conditions, each a row of the same run (the first is 'generated').
         num: samples per task.
         steps: sampler steps (null: the generator's).
-        sampler: ddim / dpm (ddpm generators), euler (flow matching), x0 (null: the generator's).
+        sampler: ddim / ddpm / dpm (ddpm generators), euler (flow matching), x0 (null: the generator's).
         guidance: classifier-free guidance scale.
         latent_noise: (latent generators) std of the noise added to each sampled latent before
             decoding (null: the generator's).
@@ -383,8 +384,8 @@ def diagnose(model: str, zoo: str, out: str, paths: Sequence[str] | None = None,
     parsed = []
     for spec in specs:
         name, _, steps = spec.partition(":")
-        if name not in ("ddim", "dpm", "euler") or not steps.isdigit() or int(steps) < 1:
-            raise ConditionError(f"--paths: {spec!r} is not sampler:steps with sampler ddim, dpm or euler and "
+        if name not in ("ddim", "ddpm", "dpm", "euler") or not steps.isdigit() or int(steps) < 1:
+            raise ConditionError(f"--paths: {spec!r} is not sampler:steps with sampler ddim, ddpm, dpm or euler and "
                                  "steps >= 1")
         parsed.append((name, int(steps)))
     if num < 1:

@@ -56,7 +56,13 @@ from weightdiff.models.conditioning import (
     DEFAULT_NUM_EXAMPLES, TEST_TIME_SPLIT, check_description, check_unlabelled_inputs, examples_condition,
     none_condition, text_condition, unlabelled_inputs,
 )
-from weightdiff.models.generator import GeneratorArtefact, sample_tokens, seeded_latent_noise, seeded_noise
+from weightdiff.models.generator import (
+    GeneratorArtefact,
+    sample_tokens,
+    seeded_latent_noise,
+    seeded_noise,
+    seeded_step_noise,
+)
 from weightdiff.models.schedule import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SAMPLER, SamplerName
 from weightdiff.models.windows import sample_windows
 from weightdiff.outputs import output_folder, terminate_as_exit
@@ -262,7 +268,7 @@ class WeightDiffusionPipeline(GeneratorArtefact):
                                    temperature=temperature,
                                    latent_noise=default.get("latent_noise", 0.0) if latent_noise is None
                                    else latent_noise)
-        check_latent_noise(self, settings)
+        check_settings_fit(self, settings)
         return settings
 
     def __call__(self, description: str | None = None, *, task: str | None = None,
@@ -449,8 +455,12 @@ def check_request(num: int, settings: SamplerSettings, batch_size: int, option: 
                              f"seed, {settings.seed + num - 1}, must be below 2**63")
 
 
-def check_latent_noise(gen: GeneratorArtefact, settings: SamplerSettings) -> None:
-    """Raise :class:`ConditionError` for latent noise asked of a generator with no latent."""
+def check_settings_fit(gen: GeneratorArtefact, settings: SamplerSettings) -> None:
+    """Raise :class:`ConditionError` for settings the generator cannot take: latent noise without a
+    latent, the ``ddpm`` sampler's per-step noise with windows (drawn per window it would differ
+    from the whole-sequence draw)."""
+    if settings.sampler == "ddpm" and gen.generator.config.window is not None:
+        raise ConditionError("--sampler ddpm: a windowed generator samples window by window; use ddim or dpm")
     if settings.latent_noise > 0 and gen.generator.autoencoder is None:
         raise ConditionError(f"--latent-noise {settings.latent_noise:g}: this generator diffuses weight tokens, "
                              "not a latent; latent noise is for latent generators (model.latent_tokens > 0)")
@@ -464,7 +474,7 @@ def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sampl
               batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """Tokens (num, L, D) on the CPU, in batches of at most ``batch_size``, on the generator's device."""
     check_request(num, settings, batch_size)
-    check_latent_noise(gen, settings)
+    check_settings_fit(gen, settings)
     net = gen.generator
     device = next(net.parameters()).device
     raw = _to_device(cond.raw, device)
@@ -474,8 +484,10 @@ def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sampl
         seeds = range(settings.seed + start, settings.seed + min(num, start + batch_size))
         noise = seeded_noise(seeds, shape, settings.temperature, net.config.window).to(device)
         latent = seeded_latent_noise(seeds, shape, settings.latent_noise) if settings.latent_noise > 0 else None
+        steps = seeded_step_noise(seeds, shape, settings.steps) if settings.sampler == "ddpm" else None
         out.append(sample_tokens(net, raw, len(seeds), gen.schedule, steps=settings.steps, sampler=settings.sampler,
-                                 guidance=settings.guidance, noise=noise, latent_noise=latent).cpu())
+                                 guidance=settings.guidance, noise=noise, latent_noise=latent,
+                                 step_noise=steps).cpu())
     return torch.cat(out)
 
 
@@ -583,7 +595,7 @@ def generate_tokens(gen: GeneratorArtefact, cond: Condition, num: int, settings:
     devices=N)`` to run it in Lightning's predict loop over N devices.
     """
     check_request(num, settings, batch_size)
-    check_latent_noise(gen, settings)
+    check_settings_fit(gen, settings)
     path = _cache_dir() / f"{cache_key(gen, cond, settings, num)}.safetensors"
     net = gen.generator.config
     cached = _read_cache(path, (num, net.num_tokens, net.token_size)) if use_cache else None
@@ -621,7 +633,7 @@ def sample(gen: GeneratorArtefact, cond: Condition, num: int, settings: SamplerS
     """
     check_request(num, settings, batch_size)
     gen.schedule.check_sampler(settings.sampler)  # before the output folder is touched
-    check_latent_noise(gen, settings)
+    check_settings_fit(gen, settings)
     t0 = time.perf_counter()
     hits = []
     with terminate_as_exit(), output_folder(out, overwrite=overwrite) as folder:
@@ -654,7 +666,7 @@ def select_best(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sam
         raise ConditionError(f"--select-with and --candidates must be positive, got {examples} and {candidates}")
     check_request(num * candidates, settings, batch_size, option="--num x --candidates")
     gen.schedule.check_sampler(settings.sampler)
-    check_latent_noise(gen, settings)
+    check_settings_fit(gen, settings)
     t0 = time.perf_counter()
     with terminate_as_exit(), output_folder(out, overwrite=overwrite) as folder:
         tokens, cached = generate_tokens(gen, cond, num * candidates, settings, use_cache=use_cache,

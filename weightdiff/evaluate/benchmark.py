@@ -52,7 +52,7 @@ from weightdiff.tasks import Metric, Task, get_task
 from weightdiff.tasks.suites import load_suite
 from weightdiff.models.generator import load_generator, mean_tokens
 from weightdiff.models.schedule import ScheduleConfig
-from weightdiff.sampling import SamplerSettings, check_latent_noise, generate_tokens, make_condition, num_examples
+from weightdiff.sampling import SamplerSettings, check_settings_fit, generate_tokens, make_condition, num_examples
 from weightdiff.zoo import Zoo
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def heldout_description(task: Task, descriptions: Mapping[str, Any] | None = Non
 
 
 def model_evaluations(sampler: str, steps: int, guidance: float = 1.0) -> int:
-    """Denoiser evaluations per sample: one per step of ``ddim`` / ``dpm`` / ``euler`` (one for ``x0``),
+    """Denoiser evaluations per sample: one per step of ``ddim`` / ``ddpm`` / ``dpm`` / ``euler`` (one for ``x0``),
     twice with guidance."""
     per_step = 1 if guidance == 1.0 else 2
     return per_step * (1 if sampler == "x0" else steps)
@@ -216,8 +216,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         steps = validated.get("steps", SamplerSettings.steps) if steps is None else steps
         sampler = validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler
         latent_noise = validated.get("latent_noise", 0.0) if latent_noise is None else latent_noise
-        check_latent_noise(gen, SamplerSettings(latent_noise=latent_noise))
-        # before the long baselines: ddim / dpm sample ddpm generators, euler flow-matching ones
+        check_settings_fit(gen, SamplerSettings(sampler=sampler, latent_noise=latent_noise))
+        # before the long baselines: ddim / ddpm / dpm sample ddpm generators, euler flow-matching ones
         ScheduleConfig(**gen.config.get("schedule", {})).check_sampler(sampler)
     if hypernet_steps is None:
         hypernet_steps = max(2000, int(gen.config.get("global_step", 0)) if gen is not None else 0)

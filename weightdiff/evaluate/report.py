@@ -45,17 +45,21 @@ def result_metric(results: Mapping[str, Any]) -> Metric:
 def task_stats(scores: torch.Tensor, iou: torch.Tensor | None, distance: torch.Tensor | None,
                higher_is_better: bool = True) -> dict[str, Any]:
     """Per-task numbers of one row from per-model ``scores (S,)``, ``iou (S,)``, ``distance (S,)``
-    (``best``: the lowest score when lower is better)."""
+    (``best``: the lowest score when lower is better; ``distance``: the mean, ``distance_median``:
+    the median over the models with a distance)."""
     a = scores.double()
     best = a.max() if higher_is_better else a.min()
+    known = distance[~torch.isnan(distance)].double() if distance is not None else None
     return {"num": int(a.numel()), "best": float(best), "mean": float(a.mean()), "median": float(a.quantile(0.5)),
             "iou": _nanmean(iou.tolist()) if iou is not None else None,
-            "distance": _nanmean(distance.tolist()) if distance is not None else None}
+            "distance": _nanmean(distance.tolist()) if distance is not None else None,
+            "distance_median": float(known.quantile(0.5)) if known is not None and known.numel() else None}
 
 
 def aggregate(per_task: Mapping[str, Mapping[str, Mapping[str, Any]]], tasks: Sequence[str],
               spacing: float | None) -> dict[str, dict[str, float | None]]:
-    """Average per-task stats over ``tasks``: ``{row: {best, mean, median, iou, distance, distance_ratio}}``.
+    """Average per-task stats over ``tasks``: ``{row: {best, mean, median, iou, distance, distance_median,
+    distance_ratio}}``.
 
     Args:
         per_task: ``{task: {row: task_stats(...)}}``.
@@ -68,8 +72,8 @@ def aggregate(per_task: Mapping[str, Mapping[str, Mapping[str, Any]]], tasks: Se
     out = {}
     for row in rows:
         stats = [per_task[t][row] for t in tasks if row in per_task[t]]
-        entry: dict[str, float | None] = {k: _nanmean([s[k] for s in stats]) for k in ("best", "mean", "median",
-                                                                                          "iou", "distance")}
+        entry: dict[str, float | None] = {k: _nanmean([s.get(k) for s in stats])
+                                          for k in ("best", "mean", "median", "iou", "distance", "distance_median")}
         d = entry["distance"]
         entry["distance_ratio"] = d / spacing if d is not None and spacing and not math.isnan(spacing) else None
         entry["tasks"] = len(stats)
@@ -217,7 +221,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     if results.get("runs_in_zoo"):
         parts.append(f"- basins: the generated networks' nearest zoo checkpoints come from "
                      f"{results.get('basins_covered', '–')} of the zoo's {results['runs_in_zoo']} independent runs; "
-                     f"within-run spacing {_fmt(results.get('within_run_spacing'))}")
+                     f"within-run spacing {_fmt(results.get('within_run_spacing'))}{_generated_spacings(results)}")
     parts.append("")
     aligned = ("after hidden-unit alignment (full networks)" if results.get("hidden_units_aligned", True) else
                "with hidden units as they are (every run fine-tunes one parent, whose units they keep)")
@@ -280,6 +284,16 @@ ROW_MARKERS = ("o", "s", "D", "^", "v", "X", "8", "<", ">", "h", "p", "d")
 COINCIDENT_FRACTION = 0.025  # means closer than this fraction of both axis spans would hide each other
 FAN_POINTS = 6.0             # radius (points) of the fan that spreads coinciding means around their position
 DOT_SHIFT_POINTS = 1.5       # per-row shift (points) of the per-model dots, so identical rows stay visible
+
+
+def _generated_spacings(results: Mapping[str, Any]) -> str:
+    """"; generated: median (mean) nearest-zoo distance in within-run spacings" for the seen section."""
+    row, spacing = (results.get("seen") or {}).get("generated") or {}, results.get("within_run_spacing")
+    median, mean = row.get("distance_median"), row.get("distance")
+    if not spacing or median is None or mean is None:
+        return ""
+    return (f"; generated: median nearest-zoo distance {median / spacing:.2f} within-run spacings "
+            f"(mean {mean / spacing:.2f})")
 
 
 def _latent_noise(sampler: Mapping[str, Any]) -> str:

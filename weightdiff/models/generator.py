@@ -446,22 +446,38 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, int], temperature: floa
         * temperature
 
 
+def _seeded_draws(seeds: Sequence[int], shape: tuple[int, ...], first: int, count: int) -> torch.Tensor:
+    """Draws ``first .. first + count - 1`` of shape ``shape`` from each seed's CPU generator:
+    ``(count, len(seeds), *shape)``. Draw 0 is x_T (:func:`seeded_noise`), draw 1 the latent noise
+    (:func:`seeded_latent_noise`), draws 2, 3, ... the ``ddpm`` sampler's step noise (:func:`seeded_step_noise`)."""
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        for _ in range(first):
+            torch.randn(shape, generator=g)
+        out.append(torch.stack([torch.randn(shape, generator=g) for _ in range(count)]))
+    return torch.stack(out, 1)
+
+
 def seeded_latent_noise(seeds: Sequence[int], shape: tuple[int, int], std: float) -> torch.Tensor:
     """(latent generators) Noise ``(len(seeds), K, d)`` of std ``std`` added to each sampled latent
     before decoding: for sample i, the draw after its x_T from the same seed (:func:`seeded_noise`),
     so x_T is unchanged and a sample does not depend on how samples were batched."""
-    out = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        torch.randn(shape, generator=g)  # x_T
-        out.append(torch.randn(shape, generator=g))
-    return torch.stack(out) * std
+    return _seeded_draws(seeds, shape, 1, 1)[0] * std
+
+
+def seeded_step_noise(seeds: Sequence[int], shape: tuple[int, int], steps: int) -> torch.Tensor:
+    """The ``ddpm`` sampler's fresh noise of each step, ``(steps, len(seeds), *shape)``: for sample i,
+    the draws after its x_T and latent noise from the same seed, so a sample does not depend on
+    how samples were batched."""
+    return _seeded_draws(seeds, shape, 2, steps)
 
 
 @torch.no_grad()
 def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: ScheduleConfig, *, steps: int,
                   sampler: SamplerName, guidance: float, generator: torch.Generator | None = None,
-                  noise: torch.Tensor | None = None, latent_noise: torch.Tensor | None = None) -> torch.Tensor:
+                  noise: torch.Tensor | None = None, latent_noise: torch.Tensor | None = None,
+                  step_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Generate ``num`` samples for each row of a raw condition batch.
 
     Args:
@@ -470,6 +486,8 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
         latent_noise: (latent generators) added to the sampled latents before decoding
             (R * num, K, d), e.g. :func:`seeded_latent_noise`: the decoder, trained on noise-augmented
             latents with the task loss, maps a neighbourhood of each latent to working weights.
+        step_noise: (``"ddpm"`` sampler) each step's fresh noise (steps, R * num, *net.sample_shape),
+            e.g. :func:`seeded_step_noise`; otherwise drawn from ``generator`` after x_T.
     Returns:
         tokens (R * num, L, D), ordered condition-major (all samples of row 0 first).
     """
@@ -482,7 +500,8 @@ def sample_tokens(net: WeightGenerator, raw_cond: Any, num: int, schedule: Sched
     cond, null = cond.repeat_interleave(num), null.repeat_interleave(num)  # (R * num, H)
     shape = (rows * num, *net.sample_shape)
     sample = denoise(net.guided_fn(cond, null, guidance), shape, schedule, steps=steps, sampler=sampler,
-                     generator=generator, device=device, noise=noise, valid=net.sample_valid)
+                     generator=generator, device=device, noise=noise, valid=net.sample_valid,
+                     step_noise=step_noise)
     if latent_noise is not None:
         if net.autoencoder is None:
             raise ValueError("sample_tokens: latent_noise is for latent generators; this one diffuses weight tokens")

@@ -41,7 +41,7 @@ Objective = Literal["ddpm", "flow_matching"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 PredictionType = Literal["epsilon", "sample", "v_prediction", "flow_prediction"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
-SamplerName = Literal["ddim", "dpm", "euler", "x0"]
+SamplerName = Literal["ddim", "ddpm", "dpm", "euler", "x0"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 
 #: The diffusers scheduler class each objective is exported as (``scheduler/``, ``model_index.json``).
@@ -52,8 +52,10 @@ SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {"ddpm": DDPMScheduler,
 #: where its sampler starts, and DDPM's v assumes a² + s² = 1.
 PREDICTION_TYPES: dict[str, tuple[str, ...]] = {"ddpm": ("epsilon", "sample", "v_prediction"),
                                                 "flow_matching": ("flow_prediction", "sample")}
-#: The samplers of each objective (``"x0"``: the one-step clean estimate from pure noise).
-OBJECTIVE_SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "dpm", "x0"), "flow_matching": ("euler", "x0")}
+#: The samplers of each objective (``"x0"``: the one-step clean estimate from pure noise; ``"ddpm"``:
+#: ancestral sampling, DDIM's step with η = 1, fresh noise at every step).
+OBJECTIVE_SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "ddpm", "dpm", "x0"),
+                                                  "flow_matching": ("euler", "x0")}
 #: The sampler a generator is validated and sampled with unless told otherwise, per objective.
 DEFAULT_SAMPLERS: dict[str, SamplerName] = {"ddpm": "ddim", "flow_matching": "euler"}
 DEFAULT_SAMPLER: SamplerName = DEFAULT_SAMPLERS["ddpm"]
@@ -180,14 +182,14 @@ class ScheduleConfig:
                                  f"its samplers are {OBJECTIVE_SAMPLERS[self.objective]}")
 
     def sampling_scheduler(self, sampler: SamplerName):
-        """DDIM (``"ddim"``, ``"x0"``), DPM-Solver++ (``"dpm"``) or flow Euler (``"euler"``), from the
+        """DDIM (``"ddim"``, ``"ddpm"``: its step with η = 1, ``"x0"``), DPM-Solver++ (``"dpm"``) or flow Euler (``"euler"``), from the
         training scheduler's config."""
         self.check_sampler(sampler)
         config = self.training_scheduler().config
         if self.objective == "flow_matching":  # "euler" or "x0"
             return FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in config.items()
                                                                 if k != "prediction_type"})
-        if sampler in ("ddim", "x0"):
+        if sampler in ("ddim", "ddpm", "x0"):
             # timestep_spacing="trailing" makes the first step start at t = T - 1 (pure noise).
             return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True,
                                              timestep_spacing="trailing")
@@ -338,7 +340,7 @@ def denoise(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shap
             sampler: SamplerName = DEFAULT_SAMPLER,
             generator: torch.Generator | None = None, device: torch.device | str = "cpu",
             dtype: torch.dtype = torch.float32, noise: torch.Tensor | None = None,
-            valid: torch.Tensor | None = None) -> torch.Tensor:
+            valid: torch.Tensor | None = None, step_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Run the reverse process from Gaussian noise to clean tokens.
 
     Args:
@@ -353,6 +355,9 @@ def denoise(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shap
             a sample does not depend on how samples were batched; overrides ``generator``.
         valid: (L, D) bool, False on padded token entries: their clean estimate is set to 0 at
             every step (:func:`mask_padding`) and they are 0 in the result.
+        step_noise: (``"ddpm"``) the fresh noise of every step (steps, B, L, D), e.g. drawn per
+            sample from its own seed (:func:`weightdiff.models.generator.seeded_step_noise`);
+            otherwise drawn from ``generator`` after x_T (or from torch's global generator).
 
     Returns:
         x0 tokens (B, L, D).
@@ -360,6 +365,8 @@ def denoise(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shap
     schedule.check_sampler(sampler)
     if noise is None:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if sampler == "ddpm" and step_noise is None and generator is not None:
+        step_noise = torch.randn((steps, *shape), generator=generator, dtype=torch.float32)
     x = noise.to(device=device, dtype=dtype)
     if valid is not None:
         valid = valid.to(device)
@@ -367,19 +374,25 @@ def denoise(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shap
         t, level = schedule.pure_noise(shape[0], device)
         x0 = predicted_x0(model_fn(x, t), x, level, schedule.prediction_type)
         return x0 if valid is None else x0.masked_fill(~valid, 0.0)
-    for x, _ in reverse_process(model_fn, x, schedule, steps=steps, sampler=sampler, valid=valid):
+    if step_noise is not None:
+        step_noise = step_noise.to(device=device, dtype=dtype)
+    for x, _ in reverse_process(model_fn, x, schedule, steps=steps, sampler=sampler, valid=valid,
+                                step_noise=step_noise):
         pass
     return x
 
 
 def reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
                     schedule: ScheduleConfig, *, steps: int, sampler: SamplerName,
-                    valid: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The states of a multi-step sampler (``"ddim"``, ``"dpm"`` or ``"euler"``) from ``noise`` x_T (B, L, D).
+                    valid: torch.Tensor | None = None,
+                    step_noise: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The states of a multi-step sampler (``"ddim"``, ``"ddpm"``, ``"dpm"`` or ``"euler"``) from
+    ``noise`` x_T (B, L, D).
 
     Yields ``(x_t, t (B,))``, the model's input before each of the ``steps`` evaluations (the
     model runs only when the next state is asked for), then ``(x0, None)``: the sample, 0 on
-    padding when ``valid`` (L, D) is given (see :func:`denoise`).
+    padding when ``valid`` (L, D) is given (see :func:`denoise`). ``"ddpm"`` adds fresh noise at
+    each step: ``step_noise[i]`` (steps, B, L, D) at step i, else a draw of torch's global generator.
     """
     if schedule.objective == "flow_matching":
         yield from _euler_process(model_fn, noise, schedule, steps=steps, sampler=sampler, valid=valid)
@@ -388,8 +401,12 @@ def reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     alphas_cumprod = schedule.training_scheduler().alphas_cumprod.to(device)
     scheduler = schedule.sampling_scheduler(sampler)
     scheduler.set_timesteps(steps, device=device)
+    if step_noise is not None and (sampler != "ddpm" or tuple(step_noise.shape) != (steps, *noise.shape)):
+        raise ValueError(f"step_noise is the ddpm sampler's, of shape {(steps, *noise.shape)}; got "
+                         f"{tuple(step_noise.shape)} for sampler {sampler!r}")
+    ancestral = {}
     x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         tt = torch.full((noise.shape[0],), int(t), dtype=torch.long, device=device)
         x_in = scheduler.scale_model_input(x, t)
         yield x_in, tt
@@ -397,7 +414,9 @@ def reverse_process(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         if valid is not None:
             out = mask_padding(out, x_in, NoiseLevel.from_alpha_bar(alphas_cumprod[tt]), schedule.prediction_type,
                                valid)
-        x = scheduler.step(out, t, x).prev_sample
+        if sampler == "ddpm":
+            ancestral = {"eta": 1.0, "variance_noise": step_noise[i] if step_noise is not None else torch.randn_like(x)}
+        x = scheduler.step(out, t, x, **ancestral).prev_sample
     yield (x if valid is None else x.masked_fill(~valid, 0.0)), None
 
 

@@ -101,6 +101,8 @@ def sample_windows(net: nn.Module, raw_cond: Any, seeds: Sequence[int], schedule
     window = net.config.window
     if window is None:
         raise ValueError("sample_windows needs a windowed generator (its config has window = None)")
+    if sampler == "ddpm":
+        raise ValueError("sample_windows: the ddpm sampler's step noise is drawn for whole sequences; use ddim or dpm")
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from weightdiff.models.generator import sample_tokens, seeded_latent_noise, seeded_noise
+from weightdiff.models.generator import sample_tokens, seeded_latent_noise, seeded_noise, seeded_step_noise
 from weightdiff.runtime import quiet_library_chatter
 
 
@@ -51,10 +51,12 @@ class TokenPredictor(L.LightningModule):
         noise = seeded_noise([s.seed + int(i) for i in batch], self.net.sample_shape, s.temperature,
                              self.net.config.window)
         raw = tuple(r.to(self.device) for r in self.raw) if isinstance(self.raw, tuple) else self.raw.to(self.device)
-        latent = (seeded_latent_noise([s.seed + int(i) for i in batch], self.net.sample_shape, s.latent_noise)
-                  if getattr(s, "latent_noise", 0.0) > 0 else None)
+        seeds = [s.seed + int(i) for i in batch]
+        latent = seeded_latent_noise(seeds, self.net.sample_shape, s.latent_noise) if s.latent_noise > 0 else None
+        steps = seeded_step_noise(seeds, self.net.sample_shape, s.steps) if s.sampler == "ddpm" else None
         tokens = sample_tokens(self.net, raw, len(batch), self.schedule, steps=s.steps, sampler=s.sampler,
-                               guidance=s.guidance, noise=noise.to(self.device), latent_noise=latent)
+                               guidance=s.guidance, noise=noise.to(self.device), latent_noise=latent,
+                               step_noise=steps)
         batch = batch.to(self.device)
         if self.trainer.world_size > 1:
             batch, tokens = self.all_gather(batch).flatten(0, 1), self.all_gather(tokens).flatten(0, 1)
