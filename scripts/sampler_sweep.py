@@ -4,7 +4,7 @@
         --setting steps=20 --setting sampler=x0 --setting steps=20,guidance=2
 
 Each setting is ``key=value[,key=value]`` over SamplerSettings fields (steps, sampler, guidance,
-seed, temperature); steps and sampler left out are the generator's own (``model_index.json``).
+seed, temperature, latent_noise); steps and sampler left out are the generator's own (``model_index.json``).
 Samples are conditioned on held-out free-text paraphrases; prints the mean test accuracy over
 held-out tasks (and per held-out kind) and over every 40th training task. Choose settings on the
 seen tasks; the full benchmark (scripts/benchmark.py) is the number to report.
@@ -22,7 +22,8 @@ from weightdiff.sampling import SamplerSettings, WeightDiffusionPipeline, genera
 from weightdiff.tasks import get_task
 from weightdiff.zoo import Zoo
 
-_TYPES = {"steps": int, "sampler": str, "guidance": float, "seed": int, "temperature": float}
+_TYPES = {"steps": int, "sampler": str, "guidance": float, "seed": int, "temperature": float,
+          "latent_noise": float}
 
 
 def parse_setting(text: str) -> dict:
