@@ -28,7 +28,7 @@ def test_a_shipped_config_names_only_real_options_and_samples_in_ten_steps_or_mo
     assert set(model) <= _params(WeightDiffusion), set(model) - _params(WeightDiffusion)
     assert set(data) <= _params(ZooDataModule), set(data) - _params(ZooDataModule)
     # The default sampler is a multi-step one (x0 is the one-step clean estimate).
-    assert model.get("sampler", "ddim") in ("ddim", "dpm", "euler")
+    assert model.get("sampler", "ddim") in ("ddim", "ddpm", "dpm", "euler")
     assert model.get("num_inference_steps", 20) >= 10
     if model.get("latent_tokens"):
         assert model["autoencoder_steps"] < config["trainer"]["max_steps"]  # the diffusion gets steps too
