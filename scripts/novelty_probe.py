@@ -21,21 +21,16 @@ from dataclasses import replace
 import torch
 
 from weightdiff.evaluate.rows import ZooState
-from weightdiff.sampling import SamplerSettings, WeightDiffusionPipeline, generate_tokens, make_condition
+from weightdiff.sampling import (
+    SamplerSettings,
+    WeightDiffusionPipeline,
+    generate_tokens,
+    make_condition,
+    parse_sampler_setting,
+)
 from weightdiff.tasks import get_task
 from weightdiff.zoo import Zoo
 
-_TYPES = {"steps": int, "sampler": str, "seed": int, "temperature": float, "latent_noise": float}
-
-
-def parse_setting(text: str) -> dict:
-    kwargs = {}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        if key not in _TYPES:
-            raise argparse.ArgumentTypeError(f"unknown sampler setting {key!r}; expected one of {sorted(_TYPES)}")
-        kwargs[key] = _TYPES[key](value)
-    return kwargs
 
 
 def summarize(accuracy: torch.Tensor, distance: torch.Tensor, runs: list[str], spacing: float) -> dict[str, float]:
@@ -53,10 +48,11 @@ def summarize(accuracy: torch.Tensor, distance: torch.Tensor, runs: list[str], s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--zoo", required=True)
-    p.add_argument("--setting", type=parse_setting, action="append", required=True)
+    p.add_argument("--model", required=True, help="exported whole-network generator")
+    p.add_argument("--zoo", required=True, help="the zoo it was trained on")
     p.add_argument("--num", type=int, default=240, help="samples per setting")
+    p.add_argument("--setting", type=parse_sampler_setting, action="append", required=True,
+                   help="key=value[,key=value] over SamplerSettings fields; repeat for more")
     args = p.parse_args()
     zoo = Zoo.open(args.zoo)
     if zoo.kind != "full":

@@ -18,29 +18,23 @@ import time
 from dataclasses import replace
 
 from weightdiff.evaluate.benchmark import heldout_description
-from weightdiff.sampling import SamplerSettings, WeightDiffusionPipeline, generate_tokens, make_condition
+from weightdiff.sampling import (
+    SamplerSettings,
+    WeightDiffusionPipeline,
+    generate_tokens,
+    make_condition,
+    parse_sampler_setting,
+)
 from weightdiff.tasks import get_task
 from weightdiff.zoo import Zoo
 
-_TYPES = {"steps": int, "sampler": str, "guidance": float, "seed": int, "temperature": float,
-          "latent_noise": float}
-
-
-def parse_setting(text: str) -> dict:
-    kwargs = {}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        if key not in _TYPES:
-            raise argparse.ArgumentTypeError(f"unknown sampler setting {key!r}; expected one of {sorted(_TYPES)}")
-        kwargs[key] = _TYPES[key](value)
-    return kwargs
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--zoo", required=True)
-    p.add_argument("--setting", type=parse_setting, action="append", required=True)
+    p.add_argument("--setting", type=parse_sampler_setting, action="append", required=True)
     p.add_argument("--num", type=int, default=8, help="samples per task")
     p.add_argument("--seen-stride", type=int, default=40)
     args = p.parse_args()

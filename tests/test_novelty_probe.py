@@ -25,8 +25,12 @@ def test_distances_are_in_within_run_spacings_and_unknown_ones_are_left_out():
     assert s["basins"] == 3
 
 
-def test_settings_parse_to_sampler_fields_and_unknown_keys_are_named():
-    assert probe.parse_setting("sampler=ddpm,latent_noise=0.3,steps=20") == {"sampler": "ddpm", "latent_noise": 0.3,
-                                                                             "steps": 20}
+def test_settings_parse_to_sampler_fields_and_bad_ones_are_named():
+    from weightdiff.sampling import parse_sampler_setting
+
+    assert parse_sampler_setting("sampler=ddpm,latent_noise=0.3,steps=20") == {"sampler": "ddpm", "latent_noise": 0.3,
+                                                                               "steps": 20}
     with pytest.raises(argparse.ArgumentTypeError, match="'eta'"):
-        probe.parse_setting("eta=1")
+        parse_sampler_setting("eta=1")
+    with pytest.raises(argparse.ArgumentTypeError, match="steps='ten' is not a int"):
+        parse_sampler_setting("steps=ten")

@@ -33,6 +33,7 @@ they are denoised, so memory holds one span of a batch, whatever the size of the
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -440,6 +441,28 @@ def _text(gen: GeneratorArtefact, description: str, info: dict[str, Any], family
 
 
 # ------------------------------------------------------------------------------- the sampling core
+#: The type of each :class:`SamplerSettings` field, for :func:`parse_sampler_setting`.
+SETTING_TYPES: dict[str, type] = {"steps": int, "sampler": str, "guidance": float, "seed": int,
+                                  "temperature": float, "latent_noise": float}
+
+
+def parse_sampler_setting(text: str) -> dict[str, Any]:
+    """``key=value[,key=value]`` over :class:`SamplerSettings` fields → keyword arguments, e.g.
+    ``"sampler=ddpm,steps=20"`` → ``{"sampler": "ddpm", "steps": 20}``. Raises
+    :class:`argparse.ArgumentTypeError` naming an unknown key or a bad value (an argparse ``type=``)."""
+    kwargs: dict[str, Any] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in SETTING_TYPES:
+            raise argparse.ArgumentTypeError(f"unknown sampler setting {key!r}; expected one of {sorted(SETTING_TYPES)}")
+        try:
+            kwargs[key] = SETTING_TYPES[key](value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"sampler setting {key}={value!r} is not a {SETTING_TYPES[key].__name__}") \
+                from None
+    return kwargs
+
+
 def check_request(num: int, settings: SamplerSettings, batch_size: int, option: str = "--num") -> None:
     """Raise :class:`ConditionError` naming the option unless ``num`` samples can be drawn.
 
