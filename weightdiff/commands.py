@@ -190,10 +190,10 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
             (its only array, or the one named 'x'), for an unlabelled-conditioned generator.
     """
     from weightdiff.models.conditioning import check_description
-    from weightdiff.models.generator import load_generator
     from weightdiff.outputs import check_output_folder
     from weightdiff.sampling import (
         SamplerSettings,
+        WeightDiffusionPipeline,
         check_request,
         make_condition,
         select_best,
@@ -215,13 +215,10 @@ def sample(model: str, out: str, task: str | None = None, description: str | Non
     if select_with is not None and task is None:
         raise ConditionError("--select-with needs --task (the labelled examples come from the task)")
     check_output_folder(out, overwrite=overwrite)
-    gen = load_generator(model)
+    gen = WeightDiffusionPipeline.from_pretrained(model)
     cond = make_condition(gen, task=task, description=description, examples=examples, inputs=inputs, seed=seed)
-    validated = gen.config.get("sampling", {})  # the sampler the generator was validated with
-    settings = SamplerSettings(steps=validated.get("steps", SamplerSettings.steps) if steps is None else steps,
-                               sampler=validated.get("sampler", SamplerSettings.sampler) if sampler is None else sampler,
-                               guidance=guidance, seed=seed, temperature=temperature,
-                               latent_noise=validated.get("latent_noise", 0.0) if latent_noise is None else latent_noise)
+    # the generator's own sampler, steps and latent noise where none is given
+    settings = gen.settings(steps, sampler, guidance, seed, temperature, latent_noise)
     if select_with is not None:
         dirs, info = select_best(gen, cond, num, settings, out, task=task, examples=select_with,
                                  candidates=candidates, use_cache=not no_cache, batch_size=batch_size,

@@ -497,7 +497,6 @@ def _generate(gen: GeneratorArtefact, cond: Condition, num: int, settings: Sampl
               batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """Tokens (num, L, D) on the CPU, in batches of at most ``batch_size``, on the generator's device."""
     check_request(num, settings, batch_size)
-    check_settings_fit(gen, settings)
     net = gen.generator
     device = next(net.parameters()).device
     raw = _to_device(cond.raw, device)
