@@ -544,12 +544,11 @@ class WeightDiffusion(L.LightningModule):
         """Sample ``num`` token sets per condition row. Returns (num_conditions * num, L, D)."""
         net = self.ema.module if use_ema else self.generator
         std = self.hparams.get("sampling_latent_noise", 0.0)
-        latent = None
-        if std > 0:  # drawn after x_T's noise from the same generator
+        x_t = latent = None
+        if std > 0:  # x_T first, then the latent noise, from the same generator (as sampling draws them)
             rows = (raw_cond[0] if isinstance(raw_cond, tuple) else raw_cond).shape[0]
             x_t = torch.randn((rows * num, *net.sample_shape), generator=generator)
             latent = torch.randn(x_t.shape, generator=generator) * std
-            return sample_tokens(net, raw_cond, num, self.schedule, steps=steps or self.hparams.num_inference_steps,
-                                 sampler=sampler or self.sampler, guidance=guidance, noise=x_t, latent_noise=latent)
         return sample_tokens(net, raw_cond, num, self.schedule, steps=steps or self.hparams.num_inference_steps,
-                             sampler=sampler or self.sampler, guidance=guidance, generator=generator)
+                             sampler=sampler or self.sampler, guidance=guidance, generator=generator, noise=x_t,
+                             latent_noise=latent)
