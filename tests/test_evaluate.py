@@ -109,6 +109,37 @@ def test_comparison_space_ignores_symmetries(digits):
     assert space.nearest_distance(zoo, exclude=[0, 1, 2]).min().item() > 0.5  # independent networks are far apart
 
 
+def test_comparison_space_aligns_each_run_as_one(digits):
+    """With groups, a run's checkpoints share one permutation, so their distance is the plain one."""
+    from weightdiff.weights.canonical import permute_state_dict, random_permutations, sequential_permutation_spec
+
+    target = Target.full(digits.build_network())
+    base = _random_nets(digits, 2)
+    gen = torch.Generator().manual_seed(3)
+    step = {k: 0.1 * v.std() * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    # runs A and B, two checkpoints each: a network and the same network a small step later
+    zoo = {k: torch.stack([v[0], v[0] + step[k][0], v[1], v[1] + step[k][1]]) for k, v in base.items()}
+    space = ComparisonSpace(target, zoo, groups=["A", "A", "B", "B"])
+    assert space.refine == 0 and set(space.groups) == {"A", "B"}
+    pts = torch.cat([(v / space.scale[k]).flatten(1) for k, v in zoo.items()], 1).double()
+    plain = [float((pts[1] - pts[0]).norm() / pts.shape[1] ** 0.5), float((pts[3] - pts[2]).norm() / pts.shape[1] ** 0.5)]
+    # a permutation is an isometry of the per-tensor z-scored space: equal up to float32 z-scoring
+    assert space.within_group_spacing(["A", "A", "B", "B"]) == pytest.approx(sum(plain) / 2, rel=1e-5)
+    # a permuted copy of A's first checkpoint, a quarter step on: found in run A, no farther than as it is
+    one = {k: v[0] + 0.25 * step[k][0] for k, v in base.items()}
+    spec = sequential_permutation_spec(one)
+    permuted = permute_state_dict(one, spec, random_permutations(one, spec, torch.Generator().manual_seed(4)))
+    d, index = space.nearest(stack_params([permuted]))
+    assert int(index[0]) in (0, 1)
+    assert float(d[0]) <= 0.25 * plain[0] * (1 + 1e-5)
+    # the zoo against itself: each checkpoint's nearest other is the other checkpoint of its run
+    d, index = space.nearest(zoo, exclude=[0, 1, 2, 3])
+    assert index.tolist() == [1, 0, 3, 2]
+    assert d.tolist() == pytest.approx([plain[0], plain[0], plain[1], plain[1]], rel=1e-5)
+    with pytest.raises(ValueError, match="one per zoo checkpoint"):
+        ComparisonSpace(target, zoo, groups=["A", "B"])
+
+
 # ------------------------------------------------------------------------------------ baselines
 def test_average_gaussian_noise_shapes_and_values():
     params = {"w": torch.arange(12.0).reshape(3, 2, 2), "b": torch.tensor([[1.0], [2.0], [3.0]])}
@@ -419,3 +450,32 @@ def test_comparison_space_without_alignment_measures_networks_as_they_are(digits
     assert float(plain.nearest_distance(one)[0]) == 0.0
     # aligned, random networks come closer than as they are (their units are matched first)
     assert float(ComparisonSpace(target, zoo).nearest_distance(one, exclude=[0])[0]) < float(want)
+
+
+def test_align_runs_gives_a_runs_checkpoints_one_permutation(tiny_zoos):
+    """align_runs: each run's checkpoints are permuted alike, as its last aligns to the reference."""
+    from weightdiff.errors import CanonicalizationError
+    from weightdiff.training.datamodule import ZooDataModule
+    from weightdiff.weights.canonical import RunAlignment, align_to_reference, sequential_permutation_spec
+    from weightdiff.zoo import Zoo
+
+    zoo = Zoo.open(tiny_zoos[1])
+    dm = ZooDataModule(zoo=str(tiny_zoos[1]), token_size=64, condition="none", align_runs=True)
+    rows = dm.train_rows
+    by_run: dict[str, list[dict]] = {}
+    for r in rows:
+        by_run.setdefault(r["run_id"], []).append(r)
+    reference = zoo.load(rows[0]["id"])
+    spec = sequential_permutation_spec(reference)
+    for members in by_run.values():
+        assert len(members) == 2
+        first, last = (zoo.load(r["id"]) for r in members)
+        a, b = (dm.prepared(r) for r in members)
+        want = align_to_reference(last, reference, spec)
+        assert all(torch.equal(b[k], want[k]) for k in want)  # the last: aligned on its own
+        # one permutation for both: their difference is the raw difference, permuted (equal norms)
+        for k in first:
+            assert float((a[k] - b[k]).norm()) == pytest.approx(float((first[k] - last[k]).norm()), rel=1e-6)
+            assert sorted((a[k] - b[k]).flatten().tolist()) == sorted((first[k] - last[k]).flatten().tolist())
+    with pytest.raises(CanonicalizationError, match="run 'nope'"):
+        RunAlignment(rows, zoo.load, reference)(reference, "nope")

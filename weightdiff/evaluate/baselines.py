@@ -32,6 +32,7 @@ from weightdiff.targets import Target
 from weightdiff.tasks import Task
 from weightdiff.weights.canonical import (
     PermutationSpec, align_to_reference, canonicalize_lora, permute_state_dict, sequential_permutation_spec,
+    weight_matching,
 )
 
 NOISE_SCALES = (0.01, 0.05, 0.1, 0.2, 0.5)
@@ -64,6 +65,11 @@ def sort_hidden_units(sd: Mapping[str, torch.Tensor], spec: PermutationSpec) -> 
     Weight matching (a local search) then starts from the same point for any permuted copy, which
     makes the alignment of a copy exactly the alignment of its original.
     """
+    return permute_state_dict(sd, spec, hidden_unit_order(sd, spec))
+
+
+def hidden_unit_order(sd: Mapping[str, torch.Tensor], spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    """The permutations :func:`sort_hidden_units` applies: ``{perm name: LongTensor (n,)}``."""
     perms = {}
     for name, refs in spec.perms.items():
         first = refs[0]  # the producing layer's weight, units on axis 0 (sequential_permutation_spec)
@@ -73,13 +79,28 @@ def sort_hidden_units(sd: Mapping[str, torch.Tensor], spec: PermutationSpec) -> 
         if bias in sd and sd[bias].dim() == 1 and sd[bias].shape[0] == norm.shape[0]:
             norm = norm + sd[bias].double().pow(2)
         perms[name] = torch.argsort(norm, descending=True, stable=True)
-    return permute_state_dict(sd, spec, perms)
+    return perms
 
 
 def align_full(sd: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
                spec: PermutationSpec) -> dict[str, torch.Tensor]:
     """``sd`` with hidden units sorted (:func:`sort_hidden_units`), then weight-matched to ``reference``."""
     return align_to_reference(sort_hidden_units(sd, spec), reference, spec)
+
+
+def align_group(members: Sequence[Mapping[str, torch.Tensor]], reference: Mapping[str, torch.Tensor],
+                spec: PermutationSpec) -> list[dict[str, torch.Tensor]]:
+    """Checkpoints of one training run, all permuted as its last one aligns to ``reference``.
+
+    The checkpoints of one run share their hidden units' order (they are one network at several
+    times), so they must share one permutation too. Aligned one by one, weight matching (a local
+    search) can put two nearly equal checkpoints into different orders, which turns the small
+    distance between them into the distance between unrelated networks.
+    """
+    last = members[-1]
+    order = hidden_unit_order(last, spec)
+    match = weight_matching(reference, permute_state_dict(last, spec, order), spec)
+    return [permute_state_dict(permute_state_dict(m, spec, order), spec, match) for m in members]
 
 
 def canonical_params(params: Mapping[str, torch.Tensor], kind: Literal["full", "lora"],

@@ -292,9 +292,6 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
             if getattr(getattr(gen, "generator", None), "mean_net", None) is not None:
                 mean = {k: v.detach().float().cpu()
                         for k, v in gen.tokenizer.decode_float(mean_tokens(gen.generator, cond.raw)).items()}
-            if kind == "full":
-                _, nearest_index = z.space.nearest(generated)
-                generated_runs += [z.rows[int(i)]["run_id"] for i in nearest_index if int(i) >= 0]
         _, y_test = task.data().split("test")
         if accuracy:
             _, zoo_preds = evaluate_params(z.target, task, z.params)              # (Z, N)
@@ -313,7 +310,11 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
         if extras:
             rows = _with_extra_rows(rows, extras, task, from_description, recorded, num, batch_size)
         for row, m in rows.items():
-            distance = z.space.nearest_distance(m.params, m.exclude) if m.params is not None else None
+            distance = None
+            if m.params is not None:
+                distance, nearest_index = z.space.nearest(m.params, m.exclude)
+                if row == "generated" and kind == "full":
+                    generated_runs += [z.rows[int(i)]["run_id"] for i in nearest_index if int(i) >= 0]
             if accuracy:
                 if m.params is not None:
                     scores, preds = evaluate_params(z.target, task, m.params)

@@ -46,7 +46,7 @@ from weightdiff.models.generator import mean_tokens
 from weightdiff.models.schedule import NoiseLevel, as_noise_level, denoise, predicted_x0
 from weightdiff.sampling import make_condition
 from weightdiff.tasks import get_task
-from weightdiff.weights.canonical import canonicalize
+from weightdiff.weights.canonical import RunAlignment, canonicalize
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,13 @@ class _Entries:
         if zoo.kind == "full" and data.get("canonicalize", True):
             reference = zoo.load(zoo.rows("train")[0]["id"])  # the datamodule's alignment reference
 
+        runs = (RunAlignment(zoo.rows("train") + zoo.rows("heldout"), zoo.load, reference)
+                if reference is not None and data.get("align_runs", False) else None)
+
         def prepared(row: dict) -> dict[str, torch.Tensor]:
             state = zoo.load(row["id"])
+            if runs is not None:
+                return runs(state, row["run_id"])
             return canonicalize(state, zoo.kind, reference) if data.get("canonicalize", True) else state
 
         rows = zoo.rows(split)

@@ -223,7 +223,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                      f"{results.get('basins_covered', '–')} of the zoo's {results['runs_in_zoo']} independent runs; "
                      f"within-run spacing {_fmt(results.get('within_run_spacing'))}{_generated_spacings(results)}")
     parts.append("")
-    aligned = ("after hidden-unit alignment (full networks)" if results.get("hidden_units_aligned", True) else
+    aligned = ("after hidden-unit alignment (full networks: each model aligned to every training run, whose "
+               "checkpoints share one permutation)" if results.get("hidden_units_aligned", True) else
                "with hidden units as they are (every run fine-tunes one parent, whose units they keep)")
     distance = ("*Distance*: RMS distance to the nearest training checkpoint in the zoo's per-tensor z-scored "
                 f"space, {aligned} or on merged ΔW = scaling·B·A (LoRA); *spacing* "

@@ -52,7 +52,7 @@ from weightdiff.models.conditioning import (
     unlabelled_condition,
 )
 from weightdiff.tasks import get_task
-from weightdiff.weights.canonical import canonicalize
+from weightdiff.weights.canonical import RunAlignment, canonicalize
 from weightdiff.weights.layout import TokenLayout, parse_dtype
 from weightdiff.weights.tokenizer import WeightTokenizer
 from weightdiff.zoo import Zoo
@@ -239,6 +239,10 @@ class ZooDataModule(L.LightningDataModule):
         token_size: entries per token (D).
         normalize: per-tensor z-scoring of weights before tokenising.
         canonicalize: remove weight-space symmetries first (LoRA gauge / hidden-unit permutations).
+        align_runs: (full networks, with ``canonicalize``) permute every checkpoint of a training
+            run as its run's last checkpoint aligns to the reference
+            (:class:`~weightdiff.weights.canonical.RunAlignment`), so that a run's checkpoints stay
+            as close as they are; by default each checkpoint is aligned on its own.
         condition: which condition the items carry (must match the model's provider; linked).
         num_examples: examples per item for the ``examples`` (labelled) and ``unlabelled``
             (inputs only) conditions, drawn from the task's training split.
@@ -250,7 +254,7 @@ class ZooDataModule(L.LightningDataModule):
     def __init__(self, zoo: str, token_size: int = 64, normalize: bool = True, canonicalize: bool = True,
                  condition: ConditionKind = "text", num_examples: int = DEFAULT_NUM_EXAMPLES,
                  functional_batch: int = 64, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 cache_tokens: bool = True):
+                 cache_tokens: bool = True, align_runs: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.zoo_path = Path(zoo)
@@ -282,9 +286,18 @@ class ZooDataModule(L.LightningDataModule):
             return None
         return self.zoo.load(self.train_rows[0]["id"])
 
+    @cached_property
+    def run_alignment(self) -> RunAlignment | None:
+        """The shared permutation of each run's checkpoints (``align_runs``), else None."""
+        if self.reference is None or not self.hparams.align_runs:
+            return None
+        return RunAlignment(self.train_rows + self.heldout_rows, self.zoo.load, self.reference)
+
     def prepared(self, row: dict) -> dict[str, torch.Tensor]:
         """A zoo entry as the tokenizer sees it (canonicalised when ``canonicalize`` is set)."""
         state = self.zoo.load(row["id"])
+        if self.run_alignment is not None:
+            return self.run_alignment(state, row["run_id"])
         return canonicalize(state, self.zoo.kind, self.reference) if self.hparams.canonicalize else state
 
     @property

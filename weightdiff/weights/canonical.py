@@ -23,7 +23,7 @@ on the next linear layer's input axis in blocks of ``H*W`` (``AxisRef.block``). 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -295,3 +295,35 @@ def canonicalize(sd: Mapping[str, torch.Tensor], kind: Literal["full", "lora"],
     if reference is None:
         return dict(sd)
     return align_to_reference(sd, reference, sequential_permutation_spec(reference))
+
+
+class RunAlignment:
+    """Canonical forms of a zoo's entries in which every checkpoint of one training run shares a
+    permutation: the one that aligns the run's last checkpoint (in ``rows`` order) to ``reference``.
+
+    The checkpoints of a run are one network at several times, with its hidden units in one order.
+    Aligned one by one to an unrelated reference, weight matching (a local search) can put two of
+    them into different orders, and a run's four late checkpoints then look as far apart as
+    independent networks (measured on the MNIST-1D zoo: 1.21 z-scored RMS where they are 0.17).
+
+    Args:
+        rows: the zoo's entries (``id``, ``run_id``), in order.
+        load: entry id -> its state dict.
+        reference: the state dict every run is aligned to.
+    """
+
+    def __init__(self, rows: Sequence[Mapping[str, object]], load: Callable[[str], Mapping[str, torch.Tensor]],
+                 reference: Mapping[str, torch.Tensor]) -> None:
+        self.reference = dict(reference)
+        self.spec = sequential_permutation_spec(self.reference)
+        self._load = load
+        self._last = {str(r["run_id"]): str(r["id"]) for r in rows}   # the last entry of each run
+        self._perms: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, sd: Mapping[str, torch.Tensor], run_id: str) -> dict[str, torch.Tensor]:
+        """``sd`` (a checkpoint of run ``run_id``) permuted as its run's last checkpoint aligns."""
+        if run_id not in self._last:
+            raise CanonicalizationError(f"run '{run_id}' has no entry among the rows this alignment was built on")
+        if run_id not in self._perms:
+            self._perms[run_id] = weight_matching(self.reference, self._load(self._last[run_id]), self.spec)
+        return permute_state_dict(sd, self.spec, self._perms[run_id])
