@@ -211,7 +211,7 @@ def main() -> None:
             k = torch.randint(0, n, (args.samples,), generator=g)
             variants[f"latent-noise copies {s}"] = ae.decode(z_train[k] + s * torch.randn(args.samples, args.latent, generator=g))
     zoo_params = to_params(flat)
-    space = ComparisonSpace(target, {k: v.detach() for k, v in zoo_params.items()})
+    space = ComparisonSpace(target, {k: v.detach() for k, v in zoo_params.items()}, groups=runs)
     within = space.within_group_spacing(runs)
     zdist = torch.cdist(z_gen, z_train).min(1).values
     zspace = torch.cdist(z_train, z_train).fill_diagonal_(float("inf")).min(1).values.median()
