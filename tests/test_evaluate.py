@@ -396,6 +396,20 @@ def test_full_suite_benchmark_reports_one_step_row_evaluations_and_basins(tiny_z
     assert r["basins_covered"] == 2  # samples are copies of entries of both runs
     assert r["within_run_spacing"] > 0
     assert "generated one-step" in (tmp_path / "bench" / "results.md").read_text()
+    # the run-average baseline: one network per run, the mean of that run's checkpoints
+    from weightdiff.tasks import get_task
+    by_run: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_run.setdefault(row["run_id"], []).append(i)
+    assert all(len(ix) > 1 for ix in by_run.values())
+    means = [{k: torch.stack([sds[i][k].float() for i in ix]).mean(0) for k in sds[0]} for ix in by_run.values()]
+    x_te, y_te = get_task(task).data().split("test")
+    expected = zoo.target().accuracy({k: torch.stack([m[k] for m in means]) for k in means[0]}, x_te, y_te)
+    got = r["per_task"]["seen"][task]["run average"]
+    assert got["num"] == len(by_run) == 2
+    half_example = 0.5 / len(y_te)  # accuracies are counts over the test set: equal predictions agree to rounding
+    assert abs(got["mean"] - float(expected.mean())) < half_example
+    assert abs(got["best"] - float(expected.max())) < half_example
 
 
 def test_a_one_condition_hypernetwork_with_a_huge_head_is_trained_as_its_one_output(digits, monkeypatch):

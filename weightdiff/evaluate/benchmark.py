@@ -552,7 +552,10 @@ def _notes(kind: str, gen: Any, from_description: bool, num: int, metric: Metric
         notes.append("Full-network suite: the zoo has a single task, which the generator was trained on; it is "
                      "reported as the seen task and there are no unseen tasks. With one task the condition is "
                      "constant, so the linear hypernetwork equals the average checkpoint and the MLP hypernetwork "
-                     "is one network fitted to the zoo (weight MSE) and to the task (cross-entropy).")
+                     "is one network fitted to the zoo (weight MSE) and to the task (cross-entropy). Run average: "
+                     "one network per training run, the mean of that run's checkpoints (no alignment needed: they "
+                     "share their hidden units); where a generator's samples sit at the run averages' accuracy and "
+                     "distance, it reproduces what the zoo's runs already average to.")
     else:
         notes.append("Unseen tasks are the zoo's held-out tasks (never in the generator's training data); their "
                      "'zoo (original)' row is the held-out oracle adapters trained directly on them.")

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 #: The benchmark row of a generator's conditional mean μ(c) (generators with ``mean_head``).
 MEAN_ROW = "generated mean μ(c)"
+RUN_AVERAGE_ROW = "run average"  # whole networks: each training run's checkpoints averaged
 
 
 @dataclass
@@ -253,6 +254,10 @@ def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Te
     rows["MLP hypernetwork"] = Models(["mlp"], mlp)
     avg_src = select(z.canon, own) if seen else z.canon
     rows["average"] = Models(["average"], average_params(avg_src))
+    runs = run_groups(z, own) if seen and z.kind == "full" else {}
+    if any(len(ix) > 1 for ix in runs.values()):  # what averaging a run's own checkpoints gives, no generator
+        rows[RUN_AVERAGE_ROW] = Models([f"{run}/average" for run in runs],
+                                       {k: torch.stack([v[ix].mean(0) for ix in runs.values()]) for k, v in z.params.items()})
     rows["gaussian"] = Models([f"gaussian_{i:04d}" for i in range(z.num)], gaussian_params(z.canon, z.num, z.seed))
     src = near[:z.num]
     for scale in noise_scales:
@@ -266,6 +271,17 @@ def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Te
     else:
         rows["floor"] = Models(["constant-output"], outputs=constant_outputs(task))
     return rows
+
+
+def run_groups(z: ZooState, indices: Sequence[int]) -> dict[str, list[int]]:
+    """``{run id: [zoo indices]}`` of ``indices``, runs in order of first appearance. A run's
+    checkpoints share their hidden units' identity, so their mean needs no alignment."""
+    runs: dict[str, list[int]] = defaultdict(list)
+    for i in indices:
+        run = z.rows[i].get("run_id")
+        if run is not None:
+            runs[run].append(i)
+    return dict(runs)
 
 
 def polish_row(start: str, steps: int) -> str:
