@@ -10,8 +10,8 @@ Reports, in one run (distances as the benchmark measures them, in within-run spa
   accuracy, distance to the nearest zoo checkpoint, and how often that nearest checkpoint is the
   input itself (the autoencoder keeps a run's checkpoints apart) or a run-mate;
 * **the run averages**: each run's checkpoints averaged in weight space (what a generator that
-  collapses a run to one point would give), and points along a run's own span: from its average
-  through its last checkpoint and past it, and random affine combinations of its checkpoints;
+  collapses a run to one point would give; ``scripts/within_run_probe.py`` goes along and past a
+  run's own span);
 * **the latent space**: the median distance between latents of one run against that to the
   nearest latent of another run, and, for ``--num`` samples, each sampled latent's distance to the
   nearest training latent and to the nearest run's latent centroid, as fractions of the latent
@@ -90,17 +90,6 @@ def main() -> None:
         by_run[r].append(i)
     report("run averages (weight space)", {k: torch.stack([v[ix].mean(0) for ix in by_run.values()])
                                             for k, v in z.params.items()})
-    for a in (0.5, 1.5, 2.0):  # along the run: from its average through (and past) its last checkpoint
-        report(f"run average + {a:g} (last - average)",
-               {k: torch.stack([v[ix].mean(0) + a * (v[ix[-1]] - v[ix].mean(0)) for ix in by_run.values()])
-                for k, v in z.params.items()})
-    g = torch.Generator().manual_seed(0)
-    for std in (0.5, 1.0):  # random affine combinations of a run's checkpoints, coefficients summing to 1
-        groups = list(by_run.values())
-        coef = [c - c.mean() + 1 / len(ix) for c, ix in ((std * torch.randn(len(ix), generator=g), ix) for ix in groups)]
-        report(f"affine combinations within a run, coefficient std {std:g}",
-               {k: torch.stack([torch.einsum("c,c...->...", c, v[ix]) for c, ix in zip(coef, groups)])
-                for k, v in z.params.items()})
     within, between = within_and_between(latents, runs)
     print(f"latents: within-run median distance {within:.3f}, nearest other run {between:.3f} "
           f"(ratio {between / within:.2f})", flush=True)
