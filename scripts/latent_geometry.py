@@ -22,15 +22,13 @@ Reports, in one run (distances as the benchmark measures them, in within-run spa
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import torch
 
-from weightdiff.evaluate.rows import ZooState
+from weightdiff.errors import BenchmarkError
+from weightdiff.evaluate.rows import ZooState, run_groups
 from weightdiff.sampling import WeightDiffusionPipeline, generate_tokens, make_condition
-from weightdiff.tasks import get_task
 from weightdiff.training.datamodule import ZooDataModule
-from weightdiff.zoo import Zoo
 
 
 def within_and_between(latents: torch.Tensor, runs: list[str]) -> tuple[float, float]:
@@ -56,12 +54,12 @@ def main() -> None:
     net = gen.generator
     if net.autoencoder is None:
         p.error(f"--model {args.model}: not a latent generator (it has no weight autoencoder)")
-    zoo = Zoo.open(args.zoo)
-    z = ZooState(zoo, num=1, seed=0)
-    runs = [r["run_id"] for r in z.rows]
-    spacing = z.space.within_group_spacing(runs)
-    task = z.rows[0]["task"]
-    x_te, y_te = get_task(task).data().split("test")
+    try:
+        z = ZooState.whole_network(args.zoo)
+    except BenchmarkError as exc:
+        p.error(f"--zoo: {exc}")
+    runs, spacing, task = z.run_ids, z.within_run_spacing(), z.rows[0]["task"]
+    x_te, y_te = z.test_split()
     data = gen.config["data"]
     dm = ZooDataModule(zoo=args.zoo, token_size=data["token_size"], normalize=data.get("normalize", True),
                        canonicalize=data.get("canonicalize", True), align_runs=data.get("align_runs", False),
@@ -85,9 +83,7 @@ def main() -> None:
         recon = {k: v.float() for k, v in gen.tokenizer.decode_float(net.to_tokens(latents.view(-1, *net.sample_shape))).items()}
     print(f"zoo: {len(set(runs))} runs, {len(runs)} checkpoints, within-run spacing {spacing:.4f}", flush=True)
     report("zoo checkpoints through the autoencoder", recon, own=list(range(len(runs))))
-    by_run: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(runs):
-        by_run[r].append(i)
+    by_run = run_groups(z, range(len(runs)))
     report("run averages (weight space)", {k: torch.stack([v[ix].mean(0) for ix in by_run.values()])
                                             for k, v in z.params.items()})
     within, between = within_and_between(latents, runs)

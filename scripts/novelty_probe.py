@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from weightdiff.errors import BenchmarkError
 from weightdiff.evaluate.rows import ZooState
 from weightdiff.sampling import (
     SamplerSettings,
@@ -28,9 +29,6 @@ from weightdiff.sampling import (
     make_condition,
     parse_sampler_setting,
 )
-from weightdiff.tasks import get_task
-from weightdiff.zoo import Zoo
-
 
 
 def summarize(accuracy: torch.Tensor, distance: torch.Tensor, runs: list[str], spacing: float) -> dict[str, float]:
@@ -54,15 +52,13 @@ def main() -> None:
     p.add_argument("--setting", type=parse_sampler_setting, action="append", required=True,
                    help="key=value[,key=value] over SamplerSettings fields; repeat for more")
     args = p.parse_args()
-    zoo = Zoo.open(args.zoo)
-    if zoo.kind != "full":
-        p.error(f"--zoo {args.zoo}: a whole-network zoo is needed (this one holds {zoo.kind} checkpoints)")
+    try:
+        z = ZooState.whole_network(args.zoo)
+    except BenchmarkError as exc:
+        p.error(f"--zoo: {exc}")
     gen = WeightDiffusionPipeline.from_pretrained(args.model)
-    z = ZooState(zoo, num=1, seed=0)
-    zoo_runs = [r["run_id"] for r in z.rows]
-    spacing = z.space.within_group_spacing(zoo_runs)
-    task = z.rows[0]["task"]
-    x_te, y_te = get_task(task).data().split("test")
+    zoo_runs, spacing, task = z.run_ids, z.within_run_spacing(), z.rows[0]["task"]
+    x_te, y_te = z.test_split()
     cond = make_condition(gen, task=task)
     print(f"zoo: {len(set(zoo_runs))} runs, within-run spacing {spacing:.3f}; {args.num} samples per setting", flush=True)
     for kwargs in args.setting:

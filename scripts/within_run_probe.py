@@ -15,13 +15,11 @@ noise-added rows at equal distance to see whether a run's spread is a direction 
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import torch
 
-from weightdiff.evaluate.rows import ZooState
-from weightdiff.tasks import get_task
-from weightdiff.zoo import Zoo
+from weightdiff.errors import BenchmarkError
+from weightdiff.evaluate.rows import ZooState, run_groups
 
 
 def affine_combinations(checkpoints: dict[str, torch.Tensor], gamma: float, num: int,
@@ -40,16 +38,13 @@ def main() -> None:
     p.add_argument("--per-run", type=int, default=2, help="combinations per run and γ")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    zoo = Zoo.open(args.zoo)
-    if zoo.kind != "full":
-        p.error(f"--zoo {args.zoo}: a whole-network zoo is needed (this one holds {zoo.kind} checkpoints)")
-    z = ZooState(zoo, num=args.per_run, seed=args.seed)
-    runs = [r["run_id"] for r in z.rows]
-    by_run: dict[str, list[int]] = defaultdict(list)
-    for i, run in enumerate(runs):
-        by_run[run].append(i)
-    spacing = z.space.within_group_spacing(runs)
-    x, y = get_task(z.rows[0]["task"]).data().split("test")
+    try:
+        z = ZooState.whole_network(args.zoo, num=args.per_run, seed=args.seed)
+    except BenchmarkError as exc:
+        p.error(f"--zoo: {exc}")
+    by_run = run_groups(z, range(len(z.rows)))
+    spacing = z.within_run_spacing()
+    x, y = z.test_split()
     acc = z.target.accuracy(z.params, x, y)
     print(f"zoo: {len(by_run)} runs, mean {100 * acc.mean():.2f} % (best {100 * acc.max():.2f}); "
           f"within-run spacing {spacing:.3f}")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from tests._tolerance import matmul_tol, network_tol, ridge_prediction_tol
-from weightdiff.errors import TargetMismatchError, WeightFileError
+from weightdiff.errors import BenchmarkError, TargetMismatchError, WeightFileError
 from weightdiff.evaluate.baselines import (
     average_params, canonical_params, floor_predictions, gaussian_params, nearest_task, noise_added_params,
     stack_params, zero_adapter,
@@ -493,3 +494,19 @@ def test_align_runs_gives_a_runs_checkpoints_one_permutation(tiny_zoos):
             assert sorted((a[k] - b[k]).flatten().tolist()) == sorted((first[k] - last[k]).flatten().tolist())
     with pytest.raises(CanonicalizationError, match="run 'nope'"):
         RunAlignment(rows, zoo.load, reference)(reference, "nope")
+
+
+def test_whole_network_zoo_state_names_a_lora_zoo_and_groups_runs(tiny_zoos):
+    """The probe scripts' entry: a LoRA zoo is refused by name; a full zoo gives its runs and spacing."""
+    from weightdiff.evaluate.rows import ZooState, run_groups
+
+    with pytest.raises(BenchmarkError, match=re.escape(f"zoo {tiny_zoos[0]}: a whole-network zoo is needed")):
+        ZooState.whole_network(str(tiny_zoos[0]))
+    z = ZooState.whole_network(str(tiny_zoos[1]))
+    assert z.run_ids == [r["run_id"] for r in z.rows] and len(set(z.run_ids)) == 2
+    groups = run_groups(z, range(len(z.rows)))
+    assert sorted(len(ix) for ix in groups.values()) == [2, 2]  # 2 runs x 2 checkpoints
+    assert all(len({z.run_ids[i] for i in ix}) == 1 for ix in groups.values())
+    assert z.within_run_spacing() == z.space.within_group_spacing(z.run_ids) > 0
+    x, y = z.test_split()
+    assert x.shape[0] == y.shape[0] > 0

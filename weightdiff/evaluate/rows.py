@@ -32,6 +32,7 @@ from weightdiff.evaluate.novelty import ComparisonSpace
 from weightdiff.models.conditioning import text_condition, unlabelled_inputs
 from weightdiff.targets import Target
 from weightdiff.tasks import Metric, Task, get_task
+from weightdiff.zoo import Zoo
 from weightdiff.zoo.training import few_shot_indices
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,31 @@ class ZooState:
         else:
             self.features = {t: self._text_features(self.rows[ix[0]].get("descriptions") or [], t)
                              for t, ix in self.index.items()}
+
+    @classmethod
+    def whole_network(cls, path: str, *, num: int = 1, seed: int = 0) -> ZooState:
+        """The state of the whole-network zoo at ``path`` (for the probe scripts).
+
+        Raises:
+            BenchmarkError: the zoo holds adapters, not whole networks (naming it).
+        """
+        zoo = Zoo.open(path)
+        if zoo.kind != "full":
+            raise BenchmarkError(f"zoo {path}: a whole-network zoo is needed (this one holds {zoo.kind} checkpoints)")
+        return cls(zoo, num=num, seed=seed)
+
+    @property
+    def run_ids(self) -> list[str]:
+        """The training run of each training checkpoint (whole-network zoos)."""
+        return [r["run_id"] for r in self.rows]
+
+    def within_run_spacing(self) -> float:
+        """Median distance of a checkpoint to its nearest run-mate, as the benchmark measures it."""
+        return self.space.within_group_spacing(self.run_ids)
+
+    def test_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test inputs and labels of the zoo's first training task (a whole-network zoo's one task)."""
+        return get_task(self.rows[0]["task"]).data().split("test")
 
     def _text_features(self, descriptions: Sequence[str], task: str) -> torch.Tensor:
         if not descriptions:
