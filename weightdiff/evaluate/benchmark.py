@@ -360,9 +360,8 @@ def run_benchmark(suite: str | Path, model: str | Path | Sequence[str | Path] | 
     }
 
     if kind == "full":
-        runs = [r["run_id"] for r in z.rows]
-        results["runs_in_zoo"] = len(set(runs))
-        results["within_run_spacing"] = z.space.within_group_spacing(runs)
+        results["runs_in_zoo"] = len(set(z.run_ids))
+        results["within_run_spacing"] = z.within_run_spacing()
         results["hidden_units_aligned"] = not z.one_parent  # one parent: its units already correspond
         results["basins_covered"] = len(set(generated_runs)) if gen is not None else None
 

@@ -116,7 +116,7 @@ class ZooState:
         self.canon = self.params if self.one_parent else canonical_params(self.params, self.kind)[0]
         self.codec = ParamCodec.fit(self.canon)
         self.space = ComparisonSpace(self.target, self.params, align=not self.one_parent,
-                                     groups=[r["run_id"] for r in self.rows] if self.kind == "full" else None)
+                                     groups=self.run_ids if self.kind == "full" else None)
         self.spacing = self.space.spacing()
         self.index: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(self.rows):
