@@ -26,9 +26,9 @@ import argparse
 import torch
 
 from weightdiff.errors import BenchmarkError
-from weightdiff.evaluate.rows import ZooState, run_groups
+from weightdiff.evaluate.diagnose import ZooEntries, diffusion_space
+from weightdiff.evaluate.rows import ZooState, run_average_params, run_groups
 from weightdiff.sampling import WeightDiffusionPipeline, generate_tokens, make_condition
-from weightdiff.training.datamodule import ZooDataModule
 
 
 def within_and_between(latents: torch.Tensor, runs: list[str]) -> tuple[float, float]:
@@ -60,10 +60,6 @@ def main() -> None:
         p.error(f"--zoo: {exc}")
     runs, spacing, task = z.run_ids, z.within_run_spacing(), z.rows[0]["task"]
     x_te, y_te = z.test_split()
-    data = gen.config["data"]
-    dm = ZooDataModule(zoo=args.zoo, token_size=data["token_size"], normalize=data.get("normalize", True),
-                       canonicalize=data.get("canonicalize", True), align_runs=data.get("align_runs", False),
-                       condition="none")
 
     def report(name: str, params: dict[str, torch.Tensor], own: list[int] | None = None) -> None:
         acc = 100 * z.target.accuracy(params, x_te, y_te).double()
@@ -77,15 +73,15 @@ def main() -> None:
             line += f"; nearest is itself {100 * itself:.0f} %, its own run {100 * mate:.0f} %"
         print(line, flush=True)
 
+    into, back = diffusion_space(gen)
+    encoded = ZooEntries(gen, z.zoo, "train", into).tokens  # as in training: canonicalised, runs aligned if so
+    latents = encoded.flatten(1)
     with torch.no_grad():
-        tokens = gen.tokenizer.encode_batch([dm.prepared(r) for r in z.rows])
-        latents = net.encode_latent(tokens).flatten(1)
-        recon = {k: v.float() for k, v in gen.tokenizer.decode_float(net.to_tokens(latents.view(-1, *net.sample_shape))).items()}
+        recon = {k: v.float() for k, v in gen.tokenizer.decode_float(back(encoded)).items()}
     print(f"zoo: {len(set(runs))} runs, {len(runs)} checkpoints, within-run spacing {spacing:.4f}", flush=True)
     report("zoo checkpoints through the autoencoder", recon, own=list(range(len(runs))))
     by_run = run_groups(z, range(len(runs)))
-    report("run averages (weight space)", {k: torch.stack([v[ix].mean(0) for ix in by_run.values()])
-                                            for k, v in z.params.items()})
+    report("run averages (weight space)", run_average_params(z, by_run))
     within, between = within_and_between(latents, runs)
     print(f"latents: within-run median distance {within:.3f}, nearest other run {between:.3f} "
           f"(ratio {between / within:.2f})", flush=True)
@@ -109,7 +105,7 @@ def main() -> None:
     centroids = torch.stack([latents[ix].mean(0) for ix in by_run.values()])
     to_member = torch.cdist(sampled, latents).min(1).values / within
     to_centroid = torch.cdist(sampled, centroids).min(1).values / within
-    member_to_centroid = torch.stack([(latents[ix] - latents[ix].mean(0)).norm(dim=1) for ix in by_run.values()]).flatten() / within
+    member_to_centroid = torch.cat([(latents[ix] - latents[ix].mean(0)).norm(dim=1) for ix in by_run.values()]) / within
     print(f"sampled latents, in latent within-run spacings: to the nearest training latent median "
           f"{to_member.median():.2f}, to the nearest run centroid {to_centroid.median():.2f} "
           f"(a training latent to its own run's centroid: {member_to_centroid.median():.2f})", flush=True)

@@ -136,7 +136,7 @@ def sample_valid(gen: Any) -> torch.Tensor:
     return valid.cpu() if valid is not None else torch.ones(net.sample_shape, dtype=torch.bool)
 
 
-class _Entries:
+class ZooEntries:
     """Zoo entries of one split as the generator saw them: diffused tokens (N, L, D) and task names."""
 
     def __init__(self, gen: Any, zoo: Any, split: str, into: Transform) -> None:
@@ -160,12 +160,12 @@ class _Entries:
             self.tokens = into(gen.tokenizer.encode_batch([prepared(r) for r in rows]), self.tasks) \
                 if rows else torch.empty(0)
 
-    def subset(self, limit: int | None, seed: int) -> _Entries:
+    def subset(self, limit: int | None, seed: int) -> ZooEntries:
         """At most ``limit`` entries, drawn without replacement (kept in zoo order)."""
         if limit is None or len(self.tasks) <= limit:
             return self
         pick = sorted(torch.randperm(len(self.tasks), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
-        out = object.__new__(_Entries)
+        out = object.__new__(ZooEntries)
         out.tasks, out.tokens = [self.tasks[i] for i in pick], self.tokens[pick]
         return out
 
@@ -200,7 +200,7 @@ class _Scorer:
 def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
                        condition: Callable[[str], Any], *, timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
                        max_entries: int | None = 64, accuracy: bool = True, seed: int = 0,
-                       train_entries: _Entries | None = None) -> dict[str, Any]:
+                       train_entries: ZooEntries | None = None) -> dict[str, Any]:
     """x̂0 error (model / identity / oracle) and x̂0 accuracy per noise level, on training and held-out entries.
 
     Args:
@@ -218,11 +218,11 @@ def noise_level_report(gen: Any, zoo: Any, model_fn: Callable[[torch.Tensor, tor
     schedule, ptype = gen.schedule, gen.schedule.prediction_type
     valid = sample_valid(gen)
     into, back = diffusion_space(gen, condition)
-    all_train = train_entries if train_entries is not None else _Entries(gen, zoo, "train", into)
+    all_train = train_entries if train_entries is not None else ZooEntries(gen, zoo, "train", into)
     by_task = {name: all_train.tokens[all_train.of_task(name)] for name in dict.fromkeys(all_train.tasks)}
     splits = {"train": all_train.subset(max_entries, seed)}
     if zoo.rows("heldout"):
-        splits["heldout"] = _Entries(gen, zoo, "heldout", into).subset(max_entries, seed + 1)
+        splits["heldout"] = ZooEntries(gen, zoo, "heldout", into).subset(max_entries, seed + 1)
     score = _Scorer(gen, back)
     report: dict[str, Any] = {"timesteps": [int(t) for t in timesteps], "prediction_type": ptype,
                               "objective": schedule.objective}
@@ -416,7 +416,7 @@ def diagnose_generator(gen: Any, zoo: Any, *, paths: Sequence[tuple[str, int]] |
     was_training = net.training
     net.eval()
     space = diffusion_space(gen, condition)
-    train = _Entries(gen, zoo, "train", space[0])  # encoded once: the noise levels and the paths' distances use it
+    train = ZooEntries(gen, zoo, "train", space[0])  # encoded once: the noise levels and the paths' distances use it
     levels = noise_level_report(gen, zoo, model_fn, condition, timesteps=timesteps, max_entries=max_entries,
                                 seed=seed, train_entries=train)
     zoo_tokens = train.tokens

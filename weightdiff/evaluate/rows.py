@@ -282,8 +282,7 @@ def task_rows(z: ZooState, task: Task, seen: bool, generated: dict[str, torch.Te
     rows["average"] = Models(["average"], average_params(avg_src))
     runs = run_groups(z, own) if seen and z.kind == "full" else {}
     if any(len(ix) > 1 for ix in runs.values()):  # what averaging a run's own checkpoints gives, no generator
-        rows[RUN_AVERAGE_ROW] = Models([f"{run}/average" for run in runs],
-                                       {k: torch.stack([v[ix].mean(0) for ix in runs.values()]) for k, v in z.params.items()})
+        rows[RUN_AVERAGE_ROW] = Models([f"{run}/average" for run in runs], run_average_params(z, runs))
     rows["gaussian"] = Models([f"gaussian_{i:04d}" for i in range(z.num)], gaussian_params(z.canon, z.num, z.seed))
     src = near[:z.num]
     for scale in noise_scales:
@@ -308,6 +307,11 @@ def run_groups(z: ZooState, indices: Sequence[int]) -> dict[str, list[int]]:
         if run is not None:
             runs[run].append(i)
     return dict(runs)
+
+
+def run_average_params(z: ZooState, runs: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """One network per run of ``runs`` (:func:`run_groups`): the mean of its checkpoints, stacked."""
+    return {k: torch.stack([v[ix].mean(0) for ix in runs.values()]) for k, v in z.params.items()}
 
 
 def polish_row(start: str, steps: int) -> str:
